@@ -1,0 +1,80 @@
+"""``deo inspect SCENE...``: what deo sees in a scene (bands, grid, unit, what it satisfies)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from deo_cli.cli import options as opt
+from deo_cli.cli.common import print_json, stdout_console
+
+
+def inspect_cmd(
+    scenes: Annotated[
+        list[str],
+        typer.Argument(
+            help="Scenes: a raster file, a folder of band files, a glob, @list.txt, a URL, or sample:paris.",
+            show_default=False,
+        ),
+    ],
+    band_names: opt.BandNames = None,
+    nodata: opt.Nodata = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (a list, one object per scene).")] = False,
+) -> None:
+    """Show CRS, grid, bands (with the names deo gives them), value ranges, unit and band-set fit."""
+    from deo_cli.io.inspect import inspect_scene
+
+    reports = [inspect_scene(s, band_names=band_names, nodata=nodata) for s in scenes]
+    if as_json:
+        print_json(reports)
+        return
+    console = stdout_console()
+    for r in reports:
+        _print_report(console, r)
+
+
+def _fmt(v, nd=4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def _print_report(console, r: dict) -> None:
+    from rich.table import Table
+
+    res = r["resolution"]
+    console.print(f"[bold]{r['scene']}[/bold]  ({len(r['paths'])} file{'s' if len(r['paths']) > 1 else ''})")
+    console.print(f"  CRS         {r['crs'] or 'none (pixel coordinates only)'}")
+    console.print(f"  size        {r['width']} x {r['height']} px, resolution {_fmt(res[0], 6)} x {_fmt(res[1], 6)}")
+    console.print(f"  bounds      {', '.join(_fmt(v, 10) for v in r['bounds'])}")
+    if r["bounds_wgs84"]:
+        console.print(f"  WGS84       {', '.join(_fmt(v, 9) for v in r['bounds_wgs84'])}")
+    console.print(f"  dtype       {', '.join(r['dtype'])}   nodata {', '.join(map(str, r['nodata'])) or 'none'}")
+    console.print(f"  date        {r['datetime'] or 'unknown'}")
+    console.print(f"  valid       {100 * r['valid_fraction']:.1f}% of sampled pixels")
+    console.print(f"  unit        {r['unit']['label']}  ({r['unit']['reason']})")
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("#", "band", "named by", "description", "nm", "res", "min", "max", "unit"):
+        t.add_column(col)
+    for b in r["bands"]:
+        t.add_row(
+            str(b["index"]),
+            b["name"] or "[red]?[/red]",
+            b["named_by"],
+            b["description"] or (b["label"] or ""),
+            _fmt(b["wavelength_nm"]),
+            _fmt(b["resolution"][0], 4),
+            _fmt(b["min"]),
+            _fmt(b["max"]),
+            b["unit"],
+        )
+    console.print(t)
+    for title, rows in (("band sets", r["band_sets"]), ("model inputs", r["manifests"])):
+        parts = []
+        for name, fit in rows.items():
+            parts.append(f"[green]{name} ok[/green]" if fit["satisfied"] else f"[yellow]{name} missing {','.join(fit['missing'])}[/yellow]")
+        console.print(f"  {title:<11} " + "; ".join(parts))
+    console.print()

@@ -1,0 +1,422 @@
+"""Read scenes band by name, window by window, with georeference and a valid mask.
+
+:func:`open_scene` turns a scene (see :mod:`deo_cli.io.sources`) into a :class:`Scene`: the
+bands it holds, each with the name deo gives it, and one pixel grid. The grid is the finest
+band's (coarser bands are resampled onto it inside the same windowed read, through a GDAL
+``WarpedVRT``), or a grid you pass (``grid=``; ``detect-change`` reprojects the second date
+onto the first date's grid this way).
+
+Band names come from, in this order: an explicit ``band_names`` list (file order), the band
+descriptions in the file, the file name (``..._B8A.tif``). Bands with no name can be inspected
+but never selected: deo does not guess a band from its position.
+
+A :class:`Scene` pickles without its open files, so it can be handed to DataLoader workers;
+each process opens its own handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError, WindowError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from deo_cli.errors import BandError, GeoreferenceError, RasterReadError
+from deo_cli.io.env import configure_gdal, gdal_path
+from deo_cli.io.grid import Grid, RasterSample
+from deo_cli.io.sources import resolve_source
+from deo_cli.sensors import BAND_SETS, band_name_from_filename, canonical_band_name, match_bands
+
+log = logging.getLogger(__name__)
+
+_DATETIME = re.compile(r"(20\d{6})T?(\d{6})?")
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """One band of a scene: where it lives, what deo calls it, and its native grid."""
+
+    path: str
+    index: int  # 1-based band index in the file
+    name: str  # canonical name (B04, B8A, red...), a raw label deo does not know, or "" if unnamed
+    label: str  # the text the name came from
+    named_by: str  # "explicit" | "description" | "filename" | "none"
+    grid: Grid
+    dtype: str
+    nodata: float | None
+
+    @property
+    def known(self) -> bool:
+        return canonical_band_name(self.name) == self.name
+
+
+def _open(path: str):
+    try:
+        return rasterio.open(gdal_path(path))
+    except RasterioIOError as e:
+        msg = str(e).split("\n")[0]
+        if not Path(path).exists() and not path.startswith("/vsi") and "://" not in path:
+            raise RasterReadError(f"cannot open {path}: file not found", "check the path") from e
+        raise RasterReadError(
+            f"cannot read {path} as a raster ({msg})",
+            "give a GeoTIFF/COG, JPEG2000 or VRT file GDAL can open",
+        ) from e
+
+
+def _explicit_names(band_names: Sequence[str] | str, total: int) -> list[str]:
+    if isinstance(band_names, str):
+        key = band_names.strip().upper()
+        if key in BAND_SETS:
+            items = list(BAND_SETS[key].bands)
+        else:
+            items = [s for s in re.split(r"[,\s]+", band_names) if s]
+    else:
+        items = list(band_names)
+    if len(items) != total:
+        raise BandError(
+            f"--band-names lists {len(items)} names but the scene has {total} bands",
+            f"give exactly {total} names, in file order",
+        )
+    return [canonical_band_name(s) or s for s in items]
+
+
+def _datetime(paths: Sequence[str], tags: dict) -> str | None:
+    """Acquisition time: the TIFF DATETIME tag, else a date in the file names (S2 naming)."""
+    dt = tags.get("TIFFTAG_DATETIME")
+    if dt and re.match(r"\d{4}:\d\d:\d\d \d\d:\d\d:\d\d", dt):
+        return dt[:10].replace(":", "-") + "T" + dt[11:] + "Z"
+    for p in paths:
+        m = _DATETIME.search(Path(p).name)
+        if m:
+            d, t = m.group(1), m.group(2) or "000000"
+            return f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:]}Z"
+    return None
+
+
+class Scene:
+    """The bands of one scene on one grid. Use :func:`open_scene` to make one."""
+
+    def __init__(
+        self,
+        name: str,
+        sources: Sequence[BandSource],
+        grid: Grid,
+        nodata: float | None = None,
+        resampling: str = "bilinear",
+        datetime: str | None = None,
+        tags: dict | None = None,
+    ):
+        self.name = name
+        self.sources = tuple(sources)
+        self.grid = grid
+        self.nodata = nodata  # user override, applied on top of each file's own nodata/mask
+        self.resampling = resampling
+        self.datetime = datetime
+        self.tags = dict(tags or {})
+        self._handles: dict = {}
+        self._pid = os.getpid()
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        """Names of all bands, in scene order (``band_3`` for a band that has no name)."""
+        return tuple(s.name or f"band_{i + 1}" for i, s in enumerate(self.sources))
+
+    @property
+    def crs(self):
+        return self.grid.crs
+
+    @property
+    def transform(self):
+        return self.grid.transform
+
+    @property
+    def width(self) -> int:
+        return self.grid.width
+
+    @property
+    def height(self) -> int:
+        return self.grid.height
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.path for s in self.sources))
+
+    def __repr__(self) -> str:
+        return f"Scene({self.name!r}, {self.width}x{self.height}, bands={list(self.band_names)})"
+
+    def select(self, bands: Sequence[str]) -> list[int]:
+        """Indices of ``bands`` (canonical names) in this scene; a clear error for missing ones."""
+        names = [s.name for s in self.sources]
+        idx, missing = match_bands(tuple(bands), names)
+        if missing:
+            unnamed = [i for i, s in enumerate(self.sources) if not s.name]
+            have = ", ".join(n for n in names if n) or "no named bands"
+            if unnamed:
+                fix = (
+                    f"{len(unnamed)} of its bands carry no name: pass --band-names with all "
+                    f"{len(names)} names in file order (e.g. --band-names S2_L1C)"
+                )
+            else:
+                fix = "use a scene that has them, or choose another band set (--bands) or model"
+            raise BandError(f"scene {self.name} lacks band(s) {', '.join(missing)} (it has {have})", fix)
+        return idx
+
+    # -- reading -----------------------------------------------------------------------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        for ds in self._handles.values():
+            ds.close()
+        self._handles = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _dataset(self, src: BandSource):
+        if self._pid != os.getpid():  # forked: never share GDAL handles across processes
+            self._handles = {}
+            self._pid = os.getpid()
+        warp = not src.grid.same_as(self.grid)
+        key = (src.path, warp)
+        ds = self._handles.get(key)
+        if ds is None:
+            configure_gdal()
+            base = self._handles.get((src.path, False)) or _open(src.path)
+            self._handles[(src.path, False)] = base
+            if warp:
+                ds = WarpedVRT(
+                    base,
+                    crs=self.grid.crs if self.grid.crs is not None else base.crs,
+                    transform=self.grid.transform,
+                    width=self.grid.width,
+                    height=self.grid.height,
+                    resampling=Resampling[self.resampling],
+                )
+                self._handles[key] = ds
+            else:
+                ds = base
+        return ds
+
+    def read(
+        self,
+        bands: Sequence[str] | None = None,
+        window: Window | None = None,
+    ) -> RasterSample:
+        """Pixels of ``bands`` (all when ``None``) in ``window`` (the whole scene when ``None``).
+
+        The window may reach outside the scene: those pixels are 0 and invalid. Values are
+        float32 in the file's unit; ``valid`` is False where any selected band is nodata (file
+        nodata, internal mask, the ``nodata`` override) or NaN, or outside the scene.
+        """
+        idx = self.select(bands) if bands is not None else list(range(len(self.sources)))
+        names = tuple(self.sources[i].name or f"band_{i + 1}" for i in idx)
+        if window is None:
+            window = Window(0, 0, self.width, self.height)
+        window = Window(int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+        h, w = int(window.height), int(window.width)
+        data = np.zeros((len(idx), h, w), dtype=np.float32)
+        valid = np.zeros((h, w), dtype=bool)
+        try:
+            inner = window.intersection(Window(0, 0, self.width, self.height))
+        except WindowError:
+            inner = None
+        if inner is not None and inner.width > 0 and inner.height > 0:
+            r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+            ih, iw = int(inner.height), int(inner.width)
+            sub_valid = np.ones((ih, iw), dtype=bool)
+            # group the requested bands by dataset so a multi-band file is read in one call
+            groups: dict[tuple[str, bool], list[tuple[int, BandSource]]] = {}
+            for pos, i in enumerate(idx):
+                src = self.sources[i]
+                groups.setdefault((src.path, not src.grid.same_as(self.grid)), []).append((pos, src))
+            for items in groups.values():
+                ds = self._dataset(items[0][1])
+                indexes = [s.index for _, s in items]
+                try:
+                    arr = ds.read(indexes=indexes, window=inner, out_dtype="float32")
+                    masks = ds.read_masks(indexes=indexes, window=inner)
+                except RasterioIOError as e:
+                    raise RasterReadError(
+                        f"reading {items[0][1].path} failed ({str(e).splitlines()[0]})",
+                        "check the file is complete and readable (gdalinfo -checksum)",
+                    ) from e
+                sub_valid &= (masks > 0).all(axis=0)
+                sub_valid &= np.isfinite(arr).all(axis=0)
+                if self.nodata is not None:
+                    sub_valid &= (arr != self.nodata).all(axis=0)
+                for k, (pos, _) in enumerate(items):
+                    data[pos, r0 : r0 + ih, c0 : c0 + iw] = arr[k]
+            block = data[:, r0 : r0 + ih, c0 : c0 + iw]  # a view: zero invalid pixels (no NaN leaves io/)
+            block[:, ~sub_valid] = 0.0
+            valid[r0 : r0 + ih, c0 : c0 + iw] = sub_valid
+        return RasterSample(
+            data=data,
+            valid=valid,
+            transform=self.grid.window_transform(window),
+            crs=self.grid.crs,
+            band_names=names,
+            window=window,
+        )
+
+    def overview(self, bands: Sequence[str] | None = None, max_pixels: int = 512 * 512) -> RasterSample:
+        """The whole scene decimated to about ``max_pixels`` (nearest; uses overviews when present).
+
+        For statistics and quick looks (unit inference, value ranges, scene-level scaling).
+        """
+        idx = self.select(bands) if bands is not None else list(range(len(self.sources)))
+        f = max(1, int(np.ceil(np.sqrt(self.width * self.height / max_pixels))))
+        h, w = -(-self.height // f), -(-self.width // f)
+        data = np.zeros((len(idx), h, w), dtype=np.float32)
+        valid = np.ones((h, w), dtype=bool)
+        for pos, i in enumerate(idx):
+            src = self.sources[i]
+            ds = self._dataset(src)
+            arr = ds.read(indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest, out_dtype="float32")
+            m = ds.read_masks(indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest)
+            valid &= (m[0] > 0) & np.isfinite(arr[0])
+            if self.nodata is not None:
+                valid &= arr[0] != self.nodata
+            data[pos] = arr[0]
+        data[:, ~valid] = 0.0
+        window = Window(0, 0, self.width, self.height)
+        from affine import Affine
+
+        transform = self.transform * Affine.scale(self.width / w, self.height / h)
+        names = tuple(self.sources[i].name or f"band_{i + 1}" for i in idx)
+        return RasterSample(data, valid, transform, self.crs, names, window)
+
+    def windows(self, size: int, stride: int | None = None):
+        """Row-major windows of ``size`` px stepping ``stride`` px, covering the whole scene."""
+        stride = stride or size
+        rows = range(0, max(self.height - size, 0) + stride, stride)
+        cols = range(0, max(self.width - size, 0) + stride, stride)
+        for r in rows:
+            for c in cols:
+                if r < self.height and c < self.width:
+                    yield Window(c, r, size, size)
+
+
+def _grid_of(ds) -> Grid:
+    return Grid(ds.crs, ds.transform, ds.width, ds.height)
+
+
+def open_scene(
+    source,
+    band_names: Sequence[str] | str | None = None,
+    grid: Grid | None = None,
+    allow_no_crs: bool = False,
+    nodata: float | None = None,
+    resampling: str = "bilinear",
+) -> Scene:
+    """Open a scene (file, folder, glob, ``@list``, URL or ``sample:NAME``) for reading by band name.
+
+    ``band_names`` names every band in file order (a list or a band-set name such as
+    ``S2_L1C``), overriding descriptions and file names. ``grid`` reads the scene on another
+    grid (reprojected/resampled). ``nodata`` marks an extra nodata value (e.g. 0 for L1C DN).
+    Raises :class:`GeoreferenceError` for a raster without CRS unless ``allow_no_crs``.
+    """
+    if resampling not in Resampling.__members__:
+        raise BandError(f"unknown resampling {resampling!r}", f"use one of {', '.join(Resampling.__members__)}")
+    resolved = resolve_source(source)
+    configure_gdal()
+    sources: list[BandSource] = []
+    tags: dict = {}
+    for path in resolved.paths:
+        with _open(path) as ds:
+            if not tags:
+                tags = ds.tags()
+            fname_band = band_name_from_filename(path) if ds.count == 1 else None
+            for i in range(1, ds.count + 1):
+                desc = ds.descriptions[i - 1] or ""
+                name, label, by = "", "", "none"
+                if desc:
+                    name, label, by = canonical_band_name(desc) or desc, desc, "description"
+                if (not name or by == "description" and canonical_band_name(desc) is None) and fname_band:
+                    name, label, by = fname_band, Path(path).name, "filename"
+                sources.append(
+                    BandSource(
+                        path=path,
+                        index=i,
+                        name=name,
+                        label=label,
+                        named_by=by,
+                        grid=_grid_of(ds),
+                        dtype=ds.dtypes[i - 1],
+                        nodata=ds.nodatavals[i - 1],
+                    )
+                )
+    if band_names is not None:
+        names = _explicit_names(band_names, len(sources))
+        for i, (s, n) in enumerate(zip(sources, names)):
+            if s.name and canonical_band_name(s.name) and s.name != n:
+                log.warning("band %d of %s is labelled %r in the file; using %r as --band-names says", s.index, s.path, s.label, n)
+            sources[i] = BandSource(s.path, s.index, n, n, "explicit", s.grid, s.dtype, s.nodata)
+    seen: dict[str, int] = {}
+    for s in sources:
+        if s.name and canonical_band_name(s.name):
+            seen[s.name] = seen.get(s.name, 0) + 1
+    dupes = [n for n, c in seen.items() if c > 1]
+    if dupes:
+        raise BandError(
+            f"scene {resolved.name} has band(s) {', '.join(dupes)} more than once",
+            "fix the band descriptions or pass --band-names in file order",
+        )
+
+    crs_set = {s.grid.crs is not None for s in sources}
+    if grid is None:
+        finest = min(sources, key=lambda s: (max(s.grid.res), -s.grid.width * s.grid.height))
+        grid = finest.grid
+        if len(crs_set) > 1:
+            raise GeoreferenceError(
+                f"scene {resolved.name} mixes files with and without a CRS",
+                "give every band file a CRS (gdal_edit.py -a_srs) or use files from one product",
+            )
+    if grid.crs is None and not allow_no_crs:
+        raise GeoreferenceError(
+            f"scene {resolved.name} has no CRS, so its outputs could not be placed on a map",
+            "add one (gdal_edit.py -a_srs EPSG:XXXX -a_ullr ...) or pass --allow-no-crs to work in pixel coordinates",
+        )
+    if grid.crs is not None:
+        left, bottom, right, top = grid.bounds
+        for s in sources:
+            if s.grid.crs is None:
+                raise GeoreferenceError(
+                    f"band file {s.path} has no CRS but must be placed on a georeferenced grid",
+                    "give it a CRS (gdal_edit.py -a_srs) first",
+                )
+            if s.grid.crs == grid.crs:
+                l2, b2, r2, t2 = s.grid.bounds
+                if l2 >= right or r2 <= left or b2 >= top or t2 <= bottom:
+                    raise GeoreferenceError(
+                        f"band file {Path(s.path).name} does not overlap the scene grid",
+                        "check that all band files belong to the same scene",
+                    )
+    return Scene(
+        resolved.name,
+        sources,
+        grid,
+        nodata=nodata,
+        resampling=resampling,
+        datetime=_datetime(resolved.paths, tags),
+        tags=tags,
+    )

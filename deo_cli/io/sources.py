@@ -1,0 +1,168 @@
+"""Turn what a user types as a scene into the raster files that make it up.
+
+A scene is one of:
+
+- a multi-band raster file (GeoTIFF/COG, JPEG2000, GDAL VRT, ...), local or remote
+  (``https://``, ``s3://``, ``gs://`` or a ``/vsi...`` path);
+- a folder of single-band files whose names carry the band (``..._B8A.tif``, ``B04.jp2``, as in
+  BigEarthNet and OSCD); a folder with no rasters at its top level (a ``.SAFE`` product) is
+  searched below for band files;
+- a glob (``'scenes/T31UDQ_*_B??.tif'``), or ``@list.txt`` (one path per line);
+- ``sample:NAME``: a real Sentinel-2 scene that ships with deo (``sample:list`` in
+  ``deo inspect`` lists them).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from deo_cli.errors import BandError, InputNotFoundError
+from deo_cli.io.env import is_remote
+from deo_cli.sensors import S2_BANDS, band_name_from_filename
+
+log = logging.getLogger(__name__)
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt", ".img", ".nc")
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+
+#: Scenes shipped inside the package (see deo_cli/samples/SOURCE.md).
+SAMPLES: dict[str, str] = {
+    "paris-2016": "oscd_paris_20161130_l1c.tif",
+    "paris-2017": "oscd_paris_20171107_l1c.tif",
+}
+SAMPLES["paris"] = SAMPLES["paris-2016"]
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """The files of one scene and a short name to show for it."""
+
+    name: str
+    paths: tuple[str, ...]
+    stacked: bool  # True: several single-band files that together form the scene
+
+
+def sample_path(name: str) -> Path:
+    """Path of a packaged sample scene (``paris``, ``paris-2016``, ``paris-2017``)."""
+    key = name.strip().lower()
+    if key not in SAMPLES:
+        raise InputNotFoundError(
+            f"no sample scene named {name!r}",
+            f"use one of: {', '.join('sample:' + k for k in SAMPLES)}",
+        )
+    path = SAMPLES_DIR / SAMPLES[key]
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"sample scene file {path} is missing from this installation",
+            "reinstall deo (pip install -e .) so the package data is present",
+        )
+    return path
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _rasters_in(folder: Path, recursive: bool) -> list[Path]:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+
+
+def _band_files(files: list[Path], where: str) -> list[Path]:
+    """Keep the files whose names carry a band; for a band found several times keep the first
+    of the finest resolution suffix (``_10m`` < ``_20m`` < ``_60m``, as in .SAFE products)."""
+    named = [(f, band_name_from_filename(f.name)) for f in files]
+    unnamed = [f for f, b in named if b is None]
+    named = [(f, b) for f, b in named if b is not None]
+    if not named:
+        raise BandError(
+            f"{where} holds {len(files)} rasters but none of their file names names a band",
+            "give one multi-band file, or single-band files named like ..._B04.tif (or pass a glob)",
+        )
+    if unnamed:
+        log.warning(
+            "%s: ignoring %d raster(s) whose names carry no band: %s",
+            where,
+            len(unnamed),
+            ", ".join(f.name for f in unnamed[:5]) + (" ..." if len(unnamed) > 5 else ""),
+        )
+
+    def res_rank(p: Path) -> int:
+        for i, tag in enumerate(("_10m", "_20m", "_60m")):
+            if tag in p.name.lower():
+                return i
+        return 0
+
+    chosen: dict[str, Path] = {}
+    for f, b in sorted(named, key=lambda fb: res_rank(fb[0])):
+        if b in chosen:
+            if res_rank(chosen[b]) == res_rank(f):
+                raise BandError(
+                    f"{where} holds band {b} twice ({chosen[b].name} and {f.name})",
+                    "keep one file per band, or pass a glob that selects one",
+                )
+            continue
+        chosen[b] = f
+    order = {name: i for i, name in enumerate(S2_BANDS)}
+    return [chosen[b] for b in sorted(chosen, key=lambda b: (order.get(b, len(order)), b))]
+
+
+def resolve_source(source: str | os.PathLike | list | tuple) -> ResolvedSource:
+    """Files making up one scene (see the module docstring for the accepted forms)."""
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise InputNotFoundError("an empty list of files was given as a scene", "pass at least one file")
+        paths: list[str] = []
+        for s in source:
+            paths.extend(resolve_source(s).paths)
+        first = Path(str(source[0]))
+        return ResolvedSource(first.parent.name or first.name, tuple(paths), len(paths) > 1)
+
+    text = os.fspath(source)
+    if text.startswith("sample:"):
+        p = sample_path(text.split(":", 1)[1])
+        return ResolvedSource(text, (str(p),), False)
+    if text.startswith("@"):
+        listing = Path(text[1:])
+        if not listing.is_file():
+            raise InputNotFoundError(f"file list {listing} not found", "check the path after '@'")
+        lines = [ln.strip() for ln in listing.read_text().splitlines()]
+        items = [ln if is_remote(ln) or Path(ln).is_absolute() else str(listing.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+        if not items:
+            raise InputNotFoundError(f"file list {listing} is empty", "write one raster path per line")
+        res = resolve_source(items)
+        return ResolvedSource(listing.stem, res.paths, len(res.paths) > 1)
+    if is_remote(text):
+        return ResolvedSource(text.rsplit("/", 1)[-1], (text,), False)
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = _rasters_in(path, recursive=False)
+        if not files:
+            files = _rasters_in(path, recursive=True)
+            if not files:
+                raise InputNotFoundError(
+                    f"folder {path} holds no raster files ({', '.join(RASTER_SUFFIXES)})",
+                    "point at a raster file, or a folder of single-band files",
+                )
+        if len(files) == 1:
+            return ResolvedSource(path.name, (str(files[0]),), False)
+        files = _band_files(files, f"folder {path}")
+        name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+        return ResolvedSource(name, tuple(str(f) for f in files), True)
+    if path.is_file():
+        return ResolvedSource(path.name, (str(path),), False)
+    if _has_glob(text):
+        files = [Path(f) for f in sorted(glob.glob(os.path.expanduser(text)))]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise InputNotFoundError(f"no files match {text!r}", "check the pattern (quote it so the shell leaves it alone)")
+        if len(files) == 1:
+            return ResolvedSource(files[0].name, (str(files[0]),), False)
+        files = _band_files(files, f"pattern {text!r}")
+        return ResolvedSource(Path(text).parent.name or text, tuple(str(f) for f in files), True)
+    raise InputNotFoundError(f"input {text} does not exist", "check the path, or use sample:paris to try deo")
