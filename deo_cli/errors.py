@@ -26,7 +26,8 @@ class DeoError(Exception):
     def one_line(self) -> str:
         text = self.problem + "."
         if self.fix:
-            text += " " + self.fix[0].upper() + self.fix[1:] + "."
+            text += " " + self.fix[0].upper() + self.fix[1:]
+            text += "" if text.endswith(("?", "!")) else "."
         return " ".join(text.split())
 
 

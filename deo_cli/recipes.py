@@ -102,10 +102,9 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             if value.lower() in low:
                 return low[value.lower()]
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
         raise RecipeError(
             f"recipe key {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}",
-            f"{hint}set a valid value",
+            f"did you mean {close[0]!r}?" if close else "choose one of those values",
         )
     if origin in (list, tuple):
         args = get_args(tp)
@@ -121,9 +120,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
                     f"recipe key {key!r} expects {len(args)} values, got {len(value)} ({value!r})",
                     f"pass exactly {len(args)} values, e.g. --set {key}=[{', '.join('...' for _ in args)}]",
                 )
-            return [_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value))]
+            return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
         item = args[0] if args else Any
-        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+        out = [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _bad(key, tp, value)
@@ -178,11 +178,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 def _unknown_key(prefix: str, key: str, valid: Sequence[str]) -> RecipeError:
     full = prefix + key
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    hint = f"did you mean {prefix + close[0]!r}? " if close else ""
+    hint = f"did you mean {prefix + close[0]!r}? V" if close else "V"
     where = f"under {prefix[:-1]!r}" if prefix else "at the top level"
     return RecipeError(
         f"unknown recipe key {full!r}",
-        f"{hint}valid keys {where}: {', '.join(valid)}",
+        f"{hint}alid keys {where}: {', '.join(valid)}",
     )
 
 
@@ -196,10 +196,15 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _coerce(prefix + name, hints[name], data[name])
+        elif f.default is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default):
+            # defaults go through the same coercion (an int default of a float key becomes float)
+            kwargs[name] = _coerce(prefix + name, hints[name], f.default)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ validation
-        raise RecipeError(f"invalid recipe section {prefix[:-1] or cls.__name__!r}: {e}", "fix the value") from e
+        raise RecipeError(
+            f"invalid recipe section {prefix[:-1] or cls.__name__!r}: {e}", "fix the value"
+        ) from e
 
 
 def _deep_merge(base: dict, over: Mapping) -> dict:
@@ -260,10 +265,10 @@ def find_recipe(name: str | os.PathLike, command: str | None = None) -> Path:
         for q in (RECIPES_DIR.rglob("*.yaml") if RECIPES_DIR.is_dir() else [])
     )
     close = difflib.get_close_matches(stem, shipped, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint = f"did you mean {close[0]!r}? P" if close else "P"
     raise RecipeError(
         f"recipe {stem!r} not found",
-        f"{hint}pass a YAML path or one of: {', '.join(shipped) or '(none shipped)'}",
+        f"{hint}ass a YAML path or one of: {', '.join(shipped) or '(none shipped)'}",
     )
 
 
@@ -399,3 +404,261 @@ class RuntimeSection:
             raise ValueError("batch_size must be >= 1")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+
+
+@dataclass
+class InputSection:
+    """How scenes are read (``--band-names``, ``--nodata``, ``--allow-no-crs``, ``--unit``)."""
+
+    band_names: str | None = None
+    nodata: float | None = None
+    allow_no_crs: bool = False
+    #: ``auto`` infers the unit from the values and checks it against the model's manifest.
+    unit: Literal["auto", "dn", "reflectance", "byte"] = "auto"
+    #: Resampling of coarser bands onto the finest grid (and of a second date onto the first).
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+
+
+@dataclass
+class TilingSection:
+    """Chips cut from a scene for a model (``--chip-size``, ``--overlap``)."""
+
+    chip_size: int | None = None  # None: the model's input size
+    overlap: int | None = None  # None: a quarter of the chip
+    #: Weights for blending overlapping chips: ``cosine`` falls to ~0 at the chip edge,
+    #: ``linear`` likewise, ``center`` keeps only each chip's central part.
+    blend: Literal["cosine", "linear", "center"] = "cosine"
+    #: Features whose footprint has more than this fraction of nodata are written as nodata.
+    max_nodata_fraction: float = 0.5
+
+    def __post_init__(self):
+        if self.chip_size is not None and self.chip_size < 8:
+            raise ValueError("chip_size must be >= 8")
+        if self.overlap is not None and self.overlap < 0:
+            raise ValueError("overlap must be >= 0")
+        if self.chip_size is not None and self.overlap is not None and self.overlap * 2 >= self.chip_size:
+            raise ValueError("overlap must be less than half the chip size")
+        if not 0.0 <= self.max_nodata_fraction <= 1.0:
+            raise ValueError("max_nodata_fraction must be within 0-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# deo embed
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedOutputSection:
+    pool: Literal["none", "mean", "cls"] = "none"
+    dtype: Literal["float32", "float16", "int8"] = "float32"
+    compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
+
+
+@dataclass
+class EmbedRecipe:
+    """``deo embed``: dense embedding rasters or chip vectors."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    #: Feature level (0-based stage/block index) or ``default`` (the model's documented choice).
+    layer: str = "default"
+    input: InputSection = field(default_factory=InputSection)
+    tiling: TilingSection = field(default_factory=TilingSection)
+    output: EmbedOutputSection = field(default_factory=EmbedOutputSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# deo segment / deo detect-change / deo bench (filled in by their issues)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentTrainRecipe:
+    """``deo segment train``: frozen encoder + UPerNet/linear head (method.md §3.1)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    head: Literal["upernet", "linear"] = "upernet"
+    input: InputSection = field(default_factory=InputSection)
+    chip_size: int | None = None
+    epochs: int = 50
+    warmup_epochs: int = 5
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    ignore_index: int | None = None
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+@dataclass
+class SegmentPredictRecipe:
+    """``deo segment predict``: a class mask COG from a trained head."""
+
+    input: InputSection = field(default_factory=InputSection)
+    tiling: TilingSection = field(default_factory=TilingSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+@dataclass
+class ChangeRecipe:
+    """``deo detect-change``: change score, mask and polygons from two dates."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    layer: str = "default"
+    input: InputSection = field(default_factory=InputSection)
+    tiling: TilingSection = field(default_factory=TilingSection)
+    threshold_method: Literal["otsu", "fixed", "percentile"] = "otsu"
+    threshold: float | None = None
+    percentile: float | None = None
+    min_area: float = 0.0
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+@dataclass
+class ChangeTrainRecipe:
+    """``deo detect-change train``: siamese head on OSCD-format pairs."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    finetune: bool = False
+    chip_size: int = 96
+    epochs: int = 50
+    lr: float = 1e-4
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+@dataclass
+class BenchRecipe:
+    """``deo bench``: suites of the paper's frozen-encoder protocols (method.md §3)."""
+
+    suite: Literal["geobench", "oscd", "throughput"] = "geobench"
+    tasks: list[str] = field(default_factory=list)
+    model: ModelSection = field(default_factory=ModelSection)
+    protocol: Literal["paper", "linear", "knn", "upernet"] = "paper"
+    partition: str = "default"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    limit: int | None = None
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# deo pretrain (numbers: reference/method.md §2.2-2.9)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainModelSection:
+    name: str = "deo_swin_b"
+    #: Stochastic depth; None keeps the model's default (0.5 for Swin-B, method.md §2.5).
+    drop_path: float | None = None
+    #: Student initialisation: ``random`` (the paper, §2.1) or weights as for ``--weights``.
+    init: str = "random"
+
+
+@dataclass
+class TeacherSection:
+    """The frozen optical teacher (method.md §2.7)."""
+
+    name: str = "vit_base_patch16_dinov3"
+    weights: str = "default"
+    #: 0-based blocks whose normed patch tokens are distilled; empty: (8, 11) base, (15, 23) large.
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PretrainDataSection:
+    """Training data (``--data``, ``--bands``)."""
+
+    path: str | None = None
+    bands: str = "S2"
+    band_names: str | None = None
+    nodata: float | None = None
+    #: Manifest columns (CSV/Parquet): the multispectral path and an optional co-registered RGB path.
+    ms_column: str = "ms_path"
+    rgb_column: str = "rgb_path"
+    #: Scenes larger than this many pixels a side are sampled by random windows of this size.
+    window_size: int = 256
+    #: Random windows drawn from each large scene per epoch.
+    windows_per_scene: int = 16
+    #: Windows with more nodata than this fraction are skipped.
+    max_nodata_fraction: float = 0.5
+    #: Use only this many samples (the paper's --data_split 500000), 0 = all.
+    limit: int = 0
+    num_workers: int = 8
+
+
+@dataclass
+class CropsSection:
+    """Multi-crop and augmentations (method.md §2.4); blur/solarize probabilities per crop kind."""
+
+    global_number: int = 2
+    global_size: int = 224
+    global_scale: tuple[float, float] = field(default_factory=lambda: (0.4, 1.0))
+    local_number: int = 10
+    local_size: int = 96
+    local_scale: tuple[float, float] = field(default_factory=lambda: (0.05, 0.4))
+    hflip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_kernel: int = 23
+    blur_sigma: tuple[float, float] = field(default_factory=lambda: (0.1, 2.0))
+    #: Gaussian-blur probability for (global 1, global 2, each local crop).
+    blur_p: tuple[float, float, float] = field(default_factory=lambda: (1.0, 0.1, 0.5))
+    #: Solarize probability for (global 1, global 2, each local crop).
+    solarize_p: tuple[float, float, float] = field(default_factory=lambda: (0.0, 0.2, 0.0))
+
+
+@dataclass
+class LossSection:
+    """Weights of the loss terms (0 switches a term off) and the coding-rate epsilon (§2.6-2.8)."""
+
+    compression: float = 1.0
+    expansion: float = 1.0
+    distill_cls: float = 1.0
+    distill_patch: float = 1.0
+    eps: float = 0.05
+    #: Compute the coding rate on chunks of this many samples (the paper: 64 per GPU); 0 = the batch.
+    expansion_chunk: int = 0
+
+
+@dataclass
+class OptimSection:
+    """AdamW and schedules (method.md §2.9); ``lr`` is for a global batch of 256 and scales linearly."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum: float = 0.996
+    momentum_end: float = 1.0
+    clip_grad: float = 3.0
+    betas: tuple[float, float] = field(default_factory=lambda: (0.9, 0.999))
+    fused: bool = True
+
+
+@dataclass
+class PretrainRecipe:
+    """``deo pretrain``: the DEO objective (method.md §2)."""
+
+    seed: int = 0
+    model: PretrainModelSection = field(default_factory=PretrainModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: PretrainDataSection = field(default_factory=PretrainDataSection)
+    crops: CropsSection = field(default_factory=CropsSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    epochs: int = 100
+    #: Per process (GPU); the paper: 64 x 4 GPUs = 256.
+    batch_size: int = 64
+    #: Stop after this many steps (0 = run all epochs); schedules keep their full length.
+    max_steps: int = 0
+    gpus: int = 1
+    device: Device = "auto"
+    precision: Precision = "auto"
+    compile: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10

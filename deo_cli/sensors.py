@@ -214,7 +214,7 @@ def resolve_bands(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         name = canonical_band_name(item)
         if name is None:
             known = sorted(set(BAND_SETS) | set(S2_BANDS) | set(RGB_BANDS))
-            close = difflib.get_close_matches(item, known, n=1)
+            close = difflib.get_close_matches(item.upper(), known, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise BandError(
                 f"unknown band or band set {item!r}",
@@ -254,7 +254,9 @@ class BandManifest:
     def __post_init__(self):
         n = len(self.bands)
         if len(self.mean) != n or len(self.std) != n:
-            raise ValueError(f"manifest {self.name}: {n} bands but {len(self.mean)} means, {len(self.std)} stds")
+            raise ValueError(
+                f"manifest {self.name}: {n} bands but {len(self.mean)} means, {len(self.std)} stds"
+            )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"manifest {self.name}: std must be positive")
         if self.unit not in UNITS:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import default_group, not_built
+from deo_cli.cli.common import default_group, load_recipe, not_built
 
 app = typer.Typer(
     cls=default_group("run"),
@@ -17,18 +17,58 @@ app = typer.Typer(
 )
 
 
-@app.command("run", epilog="Also: `deo bench download --suite geobench` fetches GEO-Bench into $GEO_BENCH_DIR.")
+@app.command(
+    "run", epilog="Also: `deo bench download --suite geobench` fetches GEO-Bench into $GEO_BENCH_DIR."
+)
 def run_cmd(
-    suite: Annotated[str, typer.Option("--suite", help="geobench, oscd or throughput.", rich_help_panel=opt.INPUT)],
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks of the suite (default: all the paper reports).", rich_help_panel=opt.INPUT)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Data folder (default: $GEO_BENCH_DIR for geobench).", rich_help_panel=opt.INPUT)] = None,
-    protocol: Annotated[Optional[str], typer.Option("--protocol", help="linear, knn or upernet (default: the paper's per task).", rich_help_panel=opt.INPUT)] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="default or 0.10x_train.", rich_help_panel=opt.INPUT)] = None,
-    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds.", rich_help_panel=opt.RUNTIME)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="At most N samples per split (smoke runs).", rich_help_panel=opt.RUNTIME)] = None,
+    suite: Annotated[
+        str, typer.Option("--suite", help="geobench, oscd or throughput.", rich_help_panel=opt.INPUT)
+    ],
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="Comma-separated tasks of the suite (default: all the paper reports).",
+            rich_help_panel=opt.INPUT,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="Data folder (default: $GEO_BENCH_DIR for geobench).", rich_help_panel=opt.INPUT
+        ),
+    ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            "--protocol",
+            help="linear, knn or upernet (default: the paper's per task).",
+            rich_help_panel=opt.INPUT,
+        ),
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option("--partition", help="default or 0.10x_train.", rich_help_panel=opt.INPUT)
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Comma-separated seeds.", rich_help_panel=opt.RUNTIME)
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", help="At most N samples per split (smoke runs).", rich_help_panel=opt.RUNTIME
+        ),
+    ] = None,
     model: opt.Model = None,
     weights: opt.Weights = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.csv, results.json, recipe and log.", rich_help_panel=opt.OUTPUT)] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for results.csv, results.json, recipe and log.",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = None,
     resume: opt.Resume = False,
     overwrite: opt.Overwrite = False,
     device: opt.Device = None,
@@ -39,14 +79,40 @@ def run_cmd(
     set_: opt.Set = None,
 ) -> None:
     """Run a benchmark suite and print our numbers beside the paper's."""
+    from deo_cli.recipes import BenchRecipe
+
+    load_recipe(
+        BenchRecipe,
+        recipe,
+        set_,
+        {
+            "suite": suite,
+            "tasks": tasks,
+            "protocol": protocol,
+            "partition": partition,
+            "seeds": seeds,
+            "limit": limit,
+            "model.name": model,
+            "model.weights": weights,
+            "runtime.device": device,
+            "runtime.precision": precision,
+            "runtime.batch_size": batch_size,
+            "runtime.num_workers": num_workers,
+        },
+        "bench",
+    )
     raise not_built("deo bench", 8)
 
 
 @app.command("download")
 def download_cmd(
     suite: Annotated[str, typer.Option("--suite", help="Benchmark data to fetch (geobench).")] = "geobench",
-    dest: Annotated[Optional[Path], typer.Option("--dest", help="Target folder (default: $GEO_BENCH_DIR).")] = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated tasks (default: all).")] = None,
+    dest: Annotated[
+        Path | None, typer.Option("--dest", help="Target folder (default: $GEO_BENCH_DIR).")
+    ] = None,
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="Comma-separated tasks (default: all).")
+    ] = None,
 ) -> None:
     """Fetch benchmark data (restartable, checksummed)."""
     raise not_built("deo bench download", 8)

@@ -72,7 +72,10 @@ class DeoGroup(TyperGroup):
             report_error(err)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("error: interrupted. Outputs in progress were removed; rerun (with --resume where offered).", err=True)
+            typer.echo(
+                "error: interrupted. Outputs in progress were removed; rerun (with --resume where offered).",
+                err=True,
+            )
             raise typer.Exit(130) from None
 
 

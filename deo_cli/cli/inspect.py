@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,12 +21,32 @@ def inspect_cmd(
     ],
     band_names: opt.BandNames = None,
     nodata: opt.Nodata = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (a list, one object per scene).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (a list, one object per scene).")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Also write the JSON report to this file.", dir_okay=False),
+    ] = None,
+    overwrite: opt.Overwrite = False,
+    bands: Annotated[
+        str | None,
+        typer.Option(
+            "--bands",
+            help="Fail (exit 1) unless every scene has these bands (a set such as S2, or B04,B08,...).",
+        ),
+    ] = None,
 ) -> None:
     """Show CRS, grid, bands (with the names deo gives them), value ranges, unit and band-set fit."""
-    from deo_cli.io.inspect import inspect_scene
+    from deo_cli.io.inspect import inspect_scene, write_report
 
-    reports = [inspect_scene(s, band_names=band_names, nodata=nodata) for s in scenes]
+    if output is not None:
+        from deo_cli.io.atomic import check_output
+
+        check_output(output, overwrite)
+    reports = [inspect_scene(s, band_names=band_names, nodata=nodata, require=bands) for s in scenes]
+    if output is not None:
+        write_report(reports, output, overwrite=overwrite)
     if as_json:
         print_json(reports)
         return
@@ -48,11 +69,15 @@ def _print_report(console, r: dict) -> None:
     res = r["resolution"]
     console.print(f"[bold]{r['scene']}[/bold]  ({len(r['paths'])} file{'s' if len(r['paths']) > 1 else ''})")
     console.print(f"  CRS         {r['crs'] or 'none (pixel coordinates only)'}")
-    console.print(f"  size        {r['width']} x {r['height']} px, resolution {_fmt(res[0], 6)} x {_fmt(res[1], 6)}")
+    console.print(
+        f"  size        {r['width']} x {r['height']} px, resolution {_fmt(res[0], 6)} x {_fmt(res[1], 6)}"
+    )
     console.print(f"  bounds      {', '.join(_fmt(v, 10) for v in r['bounds'])}")
     if r["bounds_wgs84"]:
         console.print(f"  WGS84       {', '.join(_fmt(v, 9) for v in r['bounds_wgs84'])}")
-    console.print(f"  dtype       {', '.join(r['dtype'])}   nodata {', '.join(map(str, r['nodata'])) or 'none'}")
+    console.print(
+        f"  dtype       {', '.join(r['dtype'])}   nodata {', '.join(map(str, r['nodata'])) or 'none'}"
+    )
     console.print(f"  date        {r['datetime'] or 'unknown'}")
     console.print(f"  valid       {100 * r['valid_fraction']:.1f}% of sampled pixels")
     console.print(f"  unit        {r['unit']['label']}  ({r['unit']['reason']})")
@@ -75,6 +100,10 @@ def _print_report(console, r: dict) -> None:
     for title, rows in (("band sets", r["band_sets"]), ("model inputs", r["manifests"])):
         parts = []
         for name, fit in rows.items():
-            parts.append(f"[green]{name} ok[/green]" if fit["satisfied"] else f"[yellow]{name} missing {','.join(fit['missing'])}[/yellow]")
-        console.print(f"  {title:<11} " + "; ".join(parts))
+            parts.append(
+                f"[green]{name} ok[/green]"
+                if fit["satisfied"]
+                else f"[yellow]{name} missing {','.join(fit['missing'])}[/yellow]"
+            )
+        console.print(f"  {title:<12}" + "; ".join(parts))
     console.print()

@@ -6,7 +6,7 @@ Grouped in help panels: Input, Model, Tiling, Output, Runtime, Recipe (STYLE.md 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,7 +14,7 @@ INPUT, MODEL, TILING, OUTPUT, RUNTIME, RECIPE = "Input", "Model", "Tiling", "Out
 
 # -- input ------------------------------------------------------------------------------------
 BandNames = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--band-names",
         help="Names of all bands in file order (e.g. B04,B03,B02 or a set name such as S2_L1C); "
@@ -23,15 +23,21 @@ BandNames = Annotated[
     ),
 ]
 Nodata = Annotated[
-    Optional[float],
-    typer.Option("--nodata", help="Treat this value as nodata too (e.g. 0 for L1C DN).", rich_help_panel=INPUT),
+    float | None,
+    typer.Option(
+        "--nodata", help="Treat this value as nodata too (e.g. 0 for L1C DN).", rich_help_panel=INPUT
+    ),
 ]
 AllowNoCrs = Annotated[
     bool,
-    typer.Option("--allow-no-crs", help="Accept rasters without a CRS (outputs stay in pixel coordinates).", rich_help_panel=INPUT),
+    typer.Option(
+        "--allow-no-crs",
+        help="Accept rasters without a CRS (outputs stay in pixel coordinates).",
+        rich_help_panel=INPUT,
+    ),
 ]
 Unit = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--unit",
         help="Unit of the pixel values: dn (reflectance x 10^4), reflectance (0-1) or byte (0-255). "
@@ -42,11 +48,16 @@ Unit = Annotated[
 
 # -- model ------------------------------------------------------------------------------------
 Model = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="Encoder name (deo_swin_b, deo_swin_t, deo_vit_b16, ...).", rich_help_panel=MODEL),
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Encoder name (deo_swin_b, deo_swin_t, deo_vit_b16, ...).",
+        rich_help_panel=MODEL,
+    ),
 ]
 Weights = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--weights",
         "-w",
@@ -56,18 +67,26 @@ Weights = Annotated[
     ),
 ]
 Layer = Annotated[
-    Optional[str],
-    typer.Option("--layer", help="Feature level to use (0-based stage/block index, or 'last').", rich_help_panel=MODEL),
+    str | None,
+    typer.Option(
+        "--layer", help="Feature level to use (0-based stage/block index, or 'last').", rich_help_panel=MODEL
+    ),
 ]
 
 # -- tiling -----------------------------------------------------------------------------------
 ChipSize = Annotated[
-    Optional[int],
-    typer.Option("--chip-size", help="Chip size in input pixels (default: the model's input size).", rich_help_panel=TILING),
+    int | None,
+    typer.Option(
+        "--chip-size",
+        help="Chip size in input pixels (default: the model's input size).",
+        rich_help_panel=TILING,
+    ),
 ]
 Overlap = Annotated[
-    Optional[int],
-    typer.Option("--overlap", help="Overlap between neighbouring chips, in input pixels.", rich_help_panel=TILING),
+    int | None,
+    typer.Option(
+        "--overlap", help="Overlap between neighbouring chips, in input pixels.", rich_help_panel=TILING
+    ),
 ]
 
 # -- output -----------------------------------------------------------------------------------
@@ -77,42 +96,60 @@ Overwrite = Annotated[
 ]
 Resume = Annotated[
     bool,
-    typer.Option("--resume", help="Skip finished outputs and continue interrupted ones.", rich_help_panel=OUTPUT),
+    typer.Option(
+        "--resume", help="Skip finished outputs and continue interrupted ones.", rich_help_panel=OUTPUT
+    ),
 ]
 Preview = Annotated[
-    Optional[Path],
-    typer.Option("--preview", help="Also write a PNG quick-look here.", dir_okay=False, rich_help_panel=OUTPUT),
+    Path | None,
+    typer.Option(
+        "--preview", help="Also write a PNG quick-look here.", dir_okay=False, rich_help_panel=OUTPUT
+    ),
 ]
 
 # -- runtime ----------------------------------------------------------------------------------
 Device = Annotated[
-    Optional[str],
-    typer.Option("--device", help="auto (GPU when there is one), cpu, cuda, cuda:N or mps.", rich_help_panel=RUNTIME),
+    str | None,
+    typer.Option(
+        "--device", help="auto (GPU when there is one), cpu, cuda, cuda:N or mps.", rich_help_panel=RUNTIME
+    ),
 ]
 Precision = Annotated[
-    Optional[str],
-    typer.Option("--precision", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", rich_help_panel=RUNTIME),
+    str | None,
+    typer.Option(
+        "--precision",
+        help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.",
+        rich_help_panel=RUNTIME,
+    ),
 ]
 BatchSize = Annotated[
-    Optional[int],
+    int | None,
     typer.Option("--batch-size", "-b", help="Chips per forward pass (per GPU).", rich_help_panel=RUNTIME),
 ]
 NumWorkers = Annotated[
-    Optional[int],
-    typer.Option("--num-workers", help="DataLoader worker processes reading rasters.", rich_help_panel=RUNTIME),
+    int | None,
+    typer.Option(
+        "--num-workers", help="DataLoader worker processes reading rasters.", rich_help_panel=RUNTIME
+    ),
 ]
 Gpus = Annotated[
-    Optional[int],
-    typer.Option("--gpus", help="Processes to start on this node (one per GPU; gloo on CPU).", rich_help_panel=RUNTIME),
+    int | None,
+    typer.Option(
+        "--gpus", help="Processes to start on this node (one per GPU; gloo on CPU).", rich_help_panel=RUNTIME
+    ),
 ]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", rich_help_panel=RUNTIME)]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed.", rich_help_panel=RUNTIME)]
 
 # -- recipe -----------------------------------------------------------------------------------
 Recipe = Annotated[
-    Optional[str],
-    typer.Option("--recipe", "-r", help="Recipe YAML (a path, or a name under recipes/).", rich_help_panel=RECIPE),
+    str | None,
+    typer.Option(
+        "--recipe", "-r", help="Recipe YAML (a path, or a name under recipes/).", rich_help_panel=RECIPE
+    ),
 ]
 Set = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a recipe key: --set optim.lr=1e-4 (repeatable).", rich_help_panel=RECIPE),
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a recipe key: --set optim.lr=1e-4 (repeatable).", rich_help_panel=RECIPE
+    ),
 ]

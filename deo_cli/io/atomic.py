@@ -21,7 +21,9 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early, before any work, when ``path`` exists and ``overwrite`` is off."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} already exists", "pass --overwrite to replace it, or choose another -o")
+        raise OutputExistsError(
+            f"output {path} already exists", "pass --overwrite to replace it, or choose another -o"
+        )
     if path.exists() and path.is_dir() and path.suffix.lower() not in (".zarr",) and overwrite:
         raise UsageError(f"output {path} is a folder", "give a file name for -o")
     parent = path.parent

@@ -39,8 +39,18 @@ class Grid:
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in CRS units."""
         t = self.transform
-        xs = [t.c, t.c + t.a * self.width, t.c + t.b * self.height, t.c + t.a * self.width + t.b * self.height]
-        ys = [t.f, t.f + t.d * self.width, t.f + t.e * self.height, t.f + t.d * self.width + t.e * self.height]
+        xs = [
+            t.c,
+            t.c + t.a * self.width,
+            t.c + t.b * self.height,
+            t.c + t.a * self.width + t.b * self.height,
+        ]
+        ys = [
+            t.f,
+            t.f + t.d * self.width,
+            t.f + t.e * self.height,
+            t.f + t.d * self.width + t.e * self.height,
+        ]
         return (min(xs), min(ys), max(xs), max(ys))
 
     def window_transform(self, window: Window) -> Affine:
@@ -50,11 +60,11 @@ class Grid:
         """The grid of a feature map with stride ``factor``: transform scaled, size ceil-divided.
 
         The feature pixel (i, j) covers input pixels [i*f, (i+1)*f) x [j*f, (j+1)*f), so its
-        transform is ``transform * Affine.scale(f)`` exactly (DESIGN.md §4).
+        transform is ``transform @ Affine.scale(f)`` exactly (DESIGN.md §4).
         """
         return Grid(
             self.crs,
-            self.transform * Affine.scale(factor),
+            self.transform @ Affine.scale(factor),
             -(-self.width // factor),
             -(-self.height // factor),
         )

@@ -15,7 +15,7 @@ from rasterio.warp import transform_bounds
 
 from deo_cli.io.raster import open_scene
 from deo_cli.io.units import infer_unit
-from deo_cli.sensors import BAND_SETS, MANIFESTS, band_info, match_bands
+from deo_cli.sensors import BAND_SETS, MANIFESTS, band_info, match_bands, resolve_bands
 
 
 def _crs_text(crs) -> str | None:
@@ -36,9 +36,15 @@ def inspect_scene(
     band_names: Sequence[str] | str | None = None,
     nodata: float | None = None,
     max_pixels: int = 256 * 256,
+    require: str | Sequence[str] | None = None,
 ) -> dict:
-    """A JSON-ready description of one scene (see the module docstring)."""
+    """A JSON-ready description of one scene (see the module docstring).
+
+    ``require`` (a band set or band names) raises :class:`BandError` when the scene lacks any.
+    """
     scene = open_scene(source, band_names=band_names, allow_no_crs=True, nodata=nodata)
+    if require is not None:
+        scene.select(resolve_bands(require))
     with scene:
         ov = scene.overview(max_pixels=max_pixels)
         bands = []
@@ -86,7 +92,9 @@ def inspect_scene(
         wgs84 = None
         if scene.crs is not None:
             try:
-                wgs84 = [_round(v, 7) for v in transform_bounds(scene.crs, "EPSG:4326", *bounds, densify_pts=21)]
+                wgs84 = [
+                    _round(v, 7) for v in transform_bounds(scene.crs, "EPSG:4326", *bounds, densify_pts=21)
+                ]
             except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: report it as unknown
                 wgs84 = None
         valid_fraction = float(ov.valid.mean()) if ov.valid.size else 0.0
@@ -102,7 +110,10 @@ def inspect_scene(
             "bounds_wgs84": wgs84,
             "datetime": scene.datetime,
             "dtype": sorted({s.dtype for s in scene.sources}),
-            "nodata": sorted({s.nodata for s in scene.sources if s.nodata is not None} | ({nodata} if nodata is not None else set())),
+            "nodata": sorted(
+                {s.nodata for s in scene.sources if s.nodata is not None}
+                | ({nodata} if nodata is not None else set())
+            ),
             "valid_fraction": _round(valid_fraction, 4),
             "unit": {"unit": unit.unit, "label": unit.label, "reason": unit.reason},
             "bands": bands,
@@ -111,3 +122,12 @@ def inspect_scene(
             "value_sample_pixels": int(ov.valid.sum()),
         }
 
+
+def write_report(reports: list[dict], path, overwrite: bool = False) -> None:
+    """Write inspect reports as JSON, atomically."""
+    import json
+
+    from deo_cli.io.atomic import atomic_output
+
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(reports, indent=2, default=str))

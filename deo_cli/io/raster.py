@@ -157,7 +157,8 @@ class Scene:
     def select(self, bands: Sequence[str]) -> list[int]:
         """Indices of ``bands`` (canonical names) in this scene; a clear error for missing ones."""
         names = [s.name for s in self.sources]
-        idx, missing = match_bands(tuple(bands), names)
+        bands = tuple(canonical_band_name(b) or b for b in bands)
+        idx, missing = match_bands(bands, names)
         if missing:
             unnamed = [i for i, s in enumerate(self.sources) if not s.name]
             have = ", ".join(n for n in names if n) or "no named bands"
@@ -211,6 +212,7 @@ class Scene:
                     width=self.grid.width,
                     height=self.grid.height,
                     resampling=Resampling[self.resampling],
+                    dtype="float32",  # warp in float: no rounding of interpolated DN
                 )
                 self._handles[key] = ds
             else:
@@ -291,7 +293,9 @@ class Scene:
         for pos, i in enumerate(idx):
             src = self.sources[i]
             ds = self._dataset(src)
-            arr = ds.read(indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest, out_dtype="float32")
+            arr = ds.read(
+                indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest, out_dtype="float32"
+            )
             m = ds.read_masks(indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest)
             valid &= (m[0] > 0) & np.isfinite(arr[0])
             if self.nodata is not None:
@@ -301,7 +305,7 @@ class Scene:
         window = Window(0, 0, self.width, self.height)
         from affine import Affine
 
-        transform = self.transform * Affine.scale(self.width / w, self.height / h)
+        transform = self.transform @ Affine.scale(self.width / w, self.height / h)
         names = tuple(self.sources[i].name or f"band_{i + 1}" for i in idx)
         return RasterSample(data, valid, transform, self.crs, names, window)
 
@@ -336,7 +340,9 @@ def open_scene(
     Raises :class:`GeoreferenceError` for a raster without CRS unless ``allow_no_crs``.
     """
     if resampling not in Resampling.__members__:
-        raise BandError(f"unknown resampling {resampling!r}", f"use one of {', '.join(Resampling.__members__)}")
+        raise BandError(
+            f"unknown resampling {resampling!r}", f"use one of {', '.join(Resampling.__members__)}"
+        )
     resolved = resolve_source(source)
     configure_gdal()
     sources: list[BandSource] = []
@@ -369,7 +375,13 @@ def open_scene(
         names = _explicit_names(band_names, len(sources))
         for i, (s, n) in enumerate(zip(sources, names)):
             if s.name and canonical_band_name(s.name) and s.name != n:
-                log.warning("band %d of %s is labelled %r in the file; using %r as --band-names says", s.index, s.path, s.label, n)
+                log.warning(
+                    "band %d of %s is labelled %r in the file; using %r as --band-names says",
+                    s.index,
+                    s.path,
+                    s.label,
+                    n,
+                )
             sources[i] = BandSource(s.path, s.index, n, n, "explicit", s.grid, s.dtype, s.nodata)
     seen: dict[str, int] = {}
     for s in sources:

@@ -131,7 +131,11 @@ def resolve_source(source: str | os.PathLike | list | tuple) -> ResolvedSource:
         if not listing.is_file():
             raise InputNotFoundError(f"file list {listing} not found", "check the path after '@'")
         lines = [ln.strip() for ln in listing.read_text().splitlines()]
-        items = [ln if is_remote(ln) or Path(ln).is_absolute() else str(listing.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+        items = [
+            ln if is_remote(ln) or Path(ln).is_absolute() else str(listing.parent / ln)
+            for ln in lines
+            if ln and not ln.startswith("#")
+        ]
         if not items:
             raise InputNotFoundError(f"file list {listing} is empty", "write one raster path per line")
         res = resolve_source(items)
@@ -160,7 +164,9 @@ def resolve_source(source: str | os.PathLike | list | tuple) -> ResolvedSource:
         files = [Path(f) for f in sorted(glob.glob(os.path.expanduser(text)))]
         files = [f for f in files if f.is_file()]
         if not files:
-            raise InputNotFoundError(f"no files match {text!r}", "check the pattern (quote it so the shell leaves it alone)")
+            raise InputNotFoundError(
+                f"no files match {text!r}", "check the pattern (quote it so the shell leaves it alone)"
+            )
         if len(files) == 1:
             return ResolvedSource(files[0].name, (str(files[0]),), False)
         files = _band_files(files, f"pattern {text!r}")

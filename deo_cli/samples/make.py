@@ -55,7 +55,14 @@ def build(shared_data: Path) -> None:
                 "contains modified Copernicus Sentinel data",
                 PRODUCT="Sentinel-2 L1C TOA DN (reflectance x 10^4); 20/60 m bands bilinear to 10 m",
             )
-        rio_copy(tmp, HERE / SAMPLES[key], driver="COG", compress="DEFLATE", predictor=2, overview_resampling="average")
+        rio_copy(
+            tmp,
+            HERE / SAMPLES[key],
+            driver="COG",
+            compress="DEFLATE",
+            predictor=2,
+            overview_resampling="average",
+        )
         tmp.unlink()
         print(HERE / SAMPLES[key], (HERE / SAMPLES[key]).stat().st_size // 1024, "KiB")
 

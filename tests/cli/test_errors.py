@@ -1,0 +1,95 @@
+"""Every user mistake: a non-zero exit, one line naming the problem and the fix, no output left."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deo_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def run(args):
+    result = runner.invoke(app, args)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    return result, lines
+
+
+def assert_one_line_error(result, lines, code, *needles):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def scene(make_raster):
+    return make_raster("scene.tif", np.full((3, 8, 8), 1000, np.uint16), descriptions=["B04", "B03", "B02"])
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "report.json"
+    result, lines = run(["inspect", str(tmp_path / "missing.tif"), "-o", str(out)])
+    assert_one_line_error(result, lines, 1, "missing.tif does not exist", "Check the path")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_raster(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster at all")
+    out = tmp_path / "report.json"
+    result, lines = run(["inspect", str(bad), "-o", str(out)])
+    assert_one_line_error(result, lines, 1, "cannot read", "bad.tif", "GeoTIFF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tif"]
+
+
+def test_missing_band(scene, tmp_path):
+    out = tmp_path / "report.json"
+    result, lines = run(["inspect", str(scene), "--bands", "S2", "-o", str(out)])
+    assert_one_line_error(
+        result, lines, 1, "lacks band(s) B05, B06, B07, B08, B8A, B11, B12", "(it has B04, B03, B02)"
+    )
+    assert not out.exists()
+
+
+def test_output_exists_without_overwrite(scene, tmp_path):
+    out = tmp_path / "report.json"
+    out.write_text("keep me")
+    result, lines = run(["inspect", str(scene), "-o", str(out)])
+    assert_one_line_error(result, lines, 1, "already exists", "--overwrite")
+    assert out.read_text() == "keep me"
+    result = runner.invoke(app, ["inspect", str(scene), "-o", str(out), "--overwrite"])
+    assert result.exit_code == 0 and '"B04"' in out.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "scene.tif"]
+
+
+def test_bad_recipe_key(scene, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tiling:\n  chip_sise: 128\n")
+    out = tmp_path / "emb.tif"
+    result, lines = run(["embed", str(scene), "-o", str(out), "--recipe", str(recipe)])
+    assert_one_line_error(
+        result, lines, 2, "unknown recipe key 'tiling.chip_sise'", "Did you mean 'tiling.chip_size'?"
+    )
+    assert not out.exists()
+    result, lines = run(["embed", str(scene), "-o", str(out), "--set", "output.dtype=float33"])
+    assert_one_line_error(result, lines, 2, "'output.dtype' must be one of")
+
+
+def test_no_crs_reported_not_fatal_for_inspect(make_raster):
+    path = make_raster("nocrs.tif", np.ones((1, 4, 4), np.uint16), crs=None, descriptions=["B04"])
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0 and '"crs": null' in result.output
+
+
+def test_verbose_adds_traceback(tmp_path):
+    result = runner.invoke(app, ["-v", "inspect", str(tmp_path / "missing.tif")])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "error: input" in result.stderr
+
+
+def test_unbuilt_commands_exit_2_with_one_line():
+    for argv in (["bench", "download"],):
+        result, lines = run(argv)
+        assert_one_line_error(result, lines, 2, "not built yet")

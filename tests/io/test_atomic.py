@@ -1,0 +1,44 @@
+import pytest
+
+from deo_cli.errors import OutputExistsError
+from deo_cli.io.atomic import atomic_output, check_output
+
+
+def test_atomic_output_commits_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    with atomic_output(target) as tmp:
+        tmp.write_text("done")
+        assert not target.exists() and tmp.name.startswith(".out.partial-")
+    assert target.read_text() == "done"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_output_removes_partial_file_on_error(tmp_path):
+    target = tmp_path / "out.tif"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half")
+            (tmp.parent / (tmp.name + ".aux.xml")).write_text("side file")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(OutputExistsError, match="already exists. Pass --overwrite"):
+        check_output(target)
+    with atomic_output(target, overwrite=True) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_atomic_output_replaces_folders(tmp_path):
+    target = tmp_path / "emb.zarr"
+    target.mkdir()
+    (target / "old").write_text("x")
+    with atomic_output(target, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("y")
+    assert [p.name for p in target.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["emb.zarr"]
