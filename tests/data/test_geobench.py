@@ -11,7 +11,6 @@ import pickletools
 import h5py
 import numpy as np
 import pytest
-from make_geobench_task import RGBN_BANDS, S2_12_CLOUD_BANDS, SO2SAT_BANDS, write_geobench_task
 
 from deo_cli.data.geobench import (
     GEO_BENCH_ENV,
@@ -24,6 +23,7 @@ from deo_cli.data.geobench import (
 from deo_cli.data.geobench_pickle import TaskSpecifications
 from deo_cli.errors import BandError, DataError
 from deo_cli.sensors import BAND_SETS, DEO_RGB_MANIFEST, DEO_S2_MANIFEST
+from tests.data.make_geobench_task import RGBN_BANDS, S2_12_CLOUD_BANDS, SO2SAT_BANDS, write_geobench_task
 
 FIXTURE_IDS = ["examples_0_9", "examples_0_12", "examples_0_19", "examples_0_37", "examples_0_40"]
 
