@@ -1,0 +1,82 @@
+"""Where and how to compute: device, precision, seeds. Shared by train/, infer/ and bench/.
+
+``--device auto`` takes a CUDA GPU when there is one (then Apple's MPS), else the CPU.
+``--precision auto`` is bf16 autocast on GPUs that support it, fp16 autocast (with a gradient
+scaler when training) on older GPUs, and fp32 on the CPU (method.md §2.9 trains in fp16 AMP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from deo_cli.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """A torch device for ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; clear errors otherwise."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise UsageError(f"unknown device {spec!r}", "use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA GPU is visible", "use --device auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible",
+                "pick an index below that, or set CUDA_VISIBLE_DEVICES",
+            )
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps was asked for but MPS is not available", "use --device auto or cpu")
+    return dev
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``spec`` on ``device`` (``None`` = fp32, no autocast)."""
+    spec = (spec or "auto").strip().lower()
+    if spec not in ("auto", *_DTYPES):
+        raise UsageError(f"unknown precision {spec!r}", "use auto, fp32, bf16 or fp16")
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    dtype = _DTYPES[spec]
+    if dtype is torch.float16 and device.type == "cpu":
+        raise UsageError("fp16 autocast is not supported on the CPU", "use --precision bf16 or fp32 on the CPU")
+    return dtype
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from deo_cli.errors import UsageError
+from deo_cli.runtime import autocast, precision_name, resolve_device, resolve_precision, seed_everything
+
+
+def test_auto_device_and_precision_on_this_machine():
+    dev = resolve_device("auto")
+    assert dev.type in ("cpu", "cuda", "mps")
+    if dev.type == "cpu":
+        assert resolve_precision("auto", dev) is None  # fp32 on the CPU
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    assert precision_name(None) == "fp32"
+
+
+def test_bad_device_and_precision():
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(UsageError, match="fp16 autocast is not supported on the CPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(UsageError, match="unknown precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_autocast_and_seed():
+    seed_everything(3)
+    a = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        y = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
+    assert y.dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), None):
+        assert torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4)).dtype == torch.float32
