@@ -1,0 +1,201 @@
+"""DEO's dual-stem Swin Transformer (method.md §2.5), built from torchvision's Swin blocks.
+
+The trunk is torchvision's ``SwinTransformer`` with its patch-embedding block deleted, exactly
+as in the official release: torchvision, not timm, because timm's Swin pads and masks a 56x56
+grid with window 12 differently and does not reproduce the official network (DESIGN.md §2).
+Two stems replace the patch embedding, each ``Conv2d(k=4, s=4) -> permute to NHWC ->
+LayerNorm(eps=1e-5)``: ``conv_ms`` (10 bands) and ``conv_rgb`` (3 bands).
+
+Module names equal the official ``feat_extr`` module's, so the released ``DEO_swin_b.pth`` maps
+onto this module by stripping prefixes only (method.md §2.13)::
+
+    features.{0..6}.*     stages 1-4 at indices 0, 2, 4, 6; patch merging at 1, 3, 5
+    conv_ms.{0,2}.*       multispectral stem (conv, layer norm)
+    conv_rgb.{0,2}.*      RGB stem
+    norm.*                final LayerNorm (pooled vector only)
+
+Output grid for an ``H`` x ``W`` input (zero-padded right/bottom to a multiple of 4 inside
+``forward``; odd grids are padded by torchvision's patch merging): stage 1 is
+``ceil(H/4)``, and each later stage is ``ceil(previous/2)``. At 224 px: 56, 28, 14, 7; at
+250 px: 63, 32, 16, 8. Stochastic depth (0.5 for Swin-B, 0.2 for Swin-T, torchvision's
+defaults, method.md §2.5/§2.9) is active only in ``train()`` mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+from torch import Tensor, nn
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.ops.misc import Permute
+
+from deo_cli.models.encoder import DeoEncoder, ceil_div
+from deo_cli.models.registry import DEO_SWIN_B_WEIGHTS, register_model
+from deo_cli.sensors import DEO_S2_MANIFEST
+
+#: Indices of the four stages inside ``features`` (after deleting the patch embedding).
+STAGE_INDICES = (0, 2, 4, 6)
+PATCH_SIZE = 4
+
+
+def _stem(in_chans: int, embed_dim: int) -> nn.Sequential:
+    """Conv 4x4 stride 4, permute to NHWC, LayerNorm(eps 1e-5) (method.md §2.5)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, embed_dim, kernel_size=PATCH_SIZE, stride=PATCH_SIZE),
+        Permute([0, 2, 3, 1]),
+        nn.LayerNorm(embed_dim, eps=1e-5),
+    )
+
+
+class DeoSwin(DeoEncoder):
+    """Dual-stem Swin Transformer returning the four stage maps (NCHW, no final norm).
+
+    Args:
+        in_chans: bands of the multispectral stem (10 for DEO).
+        embed_dim: stage-1 width (128 for Swin-B, 96 for Swin-T).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: attention window (12 for DEO's Swin-B, method.md §2.5).
+        drop_path_rate: stochastic depth of the last block (torchvision scales it linearly).
+        mlp_ratio: MLP width over block width.
+    """
+
+    ms_stem_name = "conv_ms"
+    rgb_stem_name = "conv_rgb"
+
+    def __init__(
+        self,
+        in_chans: int = 10,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int = 12,
+        drop_path_rate: float = 0.5,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__(in_chans=in_chans, stem_stride=PATCH_SIZE)
+        if len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError("DeoSwin needs four stages (depths and num_heads of length 4)")
+        trunk = SwinTransformer(
+            patch_size=[PATCH_SIZE, PATCH_SIZE],
+            embed_dim=embed_dim,
+            depths=list(depths),
+            num_heads=list(num_heads),
+            window_size=[window_size, window_size],
+            mlp_ratio=mlp_ratio,
+            stochastic_depth_prob=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-5),
+        )
+        del trunk.features[0]  # the 3-band patch embedding; the stems replace it
+        self.features = trunk.features
+        self.norm = trunk.norm
+        self.conv_ms = _stem(in_chans, embed_dim)
+        self.conv_rgb = _stem(3, embed_dim)
+        self._channels = tuple(embed_dim * 2**i for i in range(4))
+
+    @property
+    def feature_channels(self) -> tuple[int, ...]:
+        return self._channels
+
+    @property
+    def feature_strides(self) -> tuple[int, ...]:
+        return (4, 8, 16, 32)
+
+    @property
+    def pooled_dim(self) -> int:
+        return self._channels[-1]
+
+    def feature_grid(self, height: int, width: int) -> list[tuple[int, int]]:
+        h, w = ceil_div(height, PATCH_SIZE), ceil_div(width, PATCH_SIZE)
+        grid = [(h, w)]
+        for _ in range(3):
+            h, w = ceil_div(h, 2), ceil_div(w, 2)
+            grid.append((h, w))
+        return grid
+
+    def _forward_levels(
+        self, x: Tensor, stem: nn.Module, need_maps: bool, need_pooled: bool
+    ) -> tuple[list[Tensor], Tensor | None]:
+        x = stem(x)  # (B, H/4, W/4, C), NHWC as torchvision's blocks want
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if need_maps and i in STAGE_INDICES:
+                maps.append(x.permute(0, 3, 1, 2))
+        pooled = self.norm(x).mean(dim=(1, 2)) if need_pooled else None
+        return maps, pooled
+
+
+@register_model(
+    "deo_swin_b",
+    family="swin",
+    feature_channels=(128, 256, 512, 1024),
+    feature_strides=(4, 8, 16, 32),
+    pooled_dim=1024,
+    input_size=224,
+    default_layer=3,
+    distill_levels=(2, 3),
+    default_weights=DEO_SWIN_B_WEIGHTS,
+    description="DEO Swin-B (87 M parameters, window 12), the paper's main model (method.md §2.5)",
+)
+def deo_swin_b(**kwargs) -> DeoSwin:
+    """Swin-B: embed 128, depths 2,2,18,2, heads 4,8,16,32, window 12, drop path 0.5."""
+    args = dict(
+        in_chans=DEO_S2_MANIFEST.num_bands,
+        embed_dim=128,
+        depths=(2, 2, 18, 2),
+        num_heads=(4, 8, 16, 32),
+        window_size=12,
+        drop_path_rate=0.5,
+    )
+    return DeoSwin(**{**args, **kwargs})
+
+
+@register_model(
+    "deo_swin_t",
+    family="swin",
+    feature_channels=(96, 192, 384, 768),
+    feature_strides=(4, 8, 16, 32),
+    pooled_dim=768,
+    input_size=224,
+    default_layer=3,
+    distill_levels=(2, 3),
+    description="DEO Swin-T (torchvision defaults: window 7, drop path 0.2), the ablation size",
+)
+def deo_swin_t(**kwargs) -> DeoSwin:
+    """Swin-T: embed 96, depths 2,2,6,2, heads 3,6,12,24, window 7, drop path 0.2."""
+    args = dict(
+        in_chans=DEO_S2_MANIFEST.num_bands,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        drop_path_rate=0.2,
+    )
+    return DeoSwin(**{**args, **kwargs})
+
+
+@register_model(
+    "deo_swin_test",
+    family="swin",
+    feature_channels=(16, 32, 64, 128),
+    feature_strides=(4, 8, 16, 32),
+    pooled_dim=128,
+    input_size=64,
+    default_layer=3,
+    distill_levels=(2, 3),
+    description="tiny Swin for tests (same code paths: two stems, shifted and padded windows)",
+    test_only=True,
+)
+def deo_swin_test(**kwargs) -> DeoSwin:
+    """Tiny Swin (about 0.6 M parameters): embed 16, depths 2,2,2,2, window 6."""
+    args = dict(
+        in_chans=DEO_S2_MANIFEST.num_bands,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 2, 4),
+        window_size=6,
+        drop_path_rate=0.1,
+    )
+    return DeoSwin(**{**args, **kwargs})
