@@ -21,10 +21,10 @@ def test_upernet_shapes_and_ppm_scales():
 
 
 def test_upernet_for_vit_levels_builds_a_pyramid():
-    feats = [torch.randn(1, 24, 8, 8) for _ in range(4)]  # ViT: 4 blocks, one stride
+    feats = [torch.randn(2, 24, 8, 8) for _ in range(4)]  # ViT: 4 blocks, one stride
     head = UPerNetHead([24] * 4, [16] * 4, num_classes=3, channels=16)
     assert head.neck is not None
-    assert head(feats, out_size=(128, 128)).shape == (1, 3, 128, 128)
+    assert head(feats, out_size=(128, 128)).shape == (2, 3, 128, 128)
 
 
 def test_gradients_reach_every_level_and_not_a_frozen_encoder():
