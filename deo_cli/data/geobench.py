@@ -75,6 +75,7 @@ __all__ = [
     "open_task",
     "safe_loads",
     "select_bands",
+    "task_key",
     "zscore",
 ]
 
@@ -114,6 +115,10 @@ TASK_ALIASES = {
     "m-neon-tree": "m-NeonTree",
 }
 
+_ALIAS_KEYS = {
+    alias.lower().removeprefix("m-"): target.lower().removeprefix("m-")
+    for alias, target in TASK_ALIASES.items()
+}
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid", "valid": "valid", "train": "train", "test": "test"}
 _DOWNLOAD_HINT = "download it with `deo bench download --suite geobench{tasks}`"
 
@@ -123,10 +128,11 @@ _DOWNLOAD_HINT = "download it with `deo bench download --suite geobench{tasks}`"
 # ---------------------------------------------------------------------------------------------
 
 
-def _task_key(name: str) -> str:
+def task_key(name: str) -> str:
+    """A task name reduced for matching: ``m-cashew-plantation``, ``Cashew_Plant`` -> ``cashew-plant``."""
     key = name.strip().lower().replace("_", "-")
-    key = TASK_ALIASES.get(key, key).lower()
-    return key[2:] if key.startswith("m-") else key
+    key = key[2:] if key.startswith("m-") else key
+    return _ALIAS_KEYS.get(key, key)
 
 
 def geobench_root(root: str | os.PathLike | None = None, task: str | None = None) -> Path:
@@ -162,9 +168,9 @@ def list_tasks(root: str | os.PathLike | None = None) -> list[Path]:
 
 def _find_task_dir(name: str, root: str | os.PathLike | None) -> Path:
     base = geobench_root(root, task=name)
-    wanted = _task_key(name)
+    wanted = task_key(name)
     folders = list_tasks(base)
-    hits = [p for p in folders if _task_key(p.name) == wanted]
+    hits = [p for p in folders if task_key(p.name) == wanted]
     if len(hits) > 1:
         # The same task name in two benchmarks (never in v1.0): prefer the v1.0 folders.
         preferred = [p for p in hits if p.parent.name in BENCHMARKS]
@@ -172,7 +178,7 @@ def _find_task_dir(name: str, root: str | os.PathLike | None) -> Path:
     if not hits:
         have = ", ".join(p.name for p in folders) or "none"
         canonical = next(
-            (t for tasks in BENCHMARKS.values() for t in tasks if _task_key(t) == wanted),
+            (t for tasks in BENCHMARKS.values() for t in tasks if task_key(t) == wanted),
             name,
         )
         raise DataError(
