@@ -579,6 +579,9 @@ def extract_zip(archive: Path, target: Path, progress: ProgressFn | None = None)
                 f"{archive.name} unpacks to {total / 1e9:.1f} GB but {target} has {free / 1e9:.1f} GB free",
                 "free some space or choose another --dest",
             )
+        if paths and all(len(p.parts) > 1 and p.parts[0] == target.name for p in paths):
+            # zipped together with its benchmark folder: unpack beside, not inside, a second one
+            paths = [PurePosixPath(*p.parts[1:]) for p in paths]
         flat = all(len(p.parts) == 1 for p in paths)
         target.mkdir(parents=True, exist_ok=True)
         tmp = target / f".{archive.name}.extracting"

@@ -35,6 +35,7 @@ import datetime
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,15 +270,49 @@ def _deo_band_name(info: Any) -> str:
     return raw
 
 
+#: Descriptions GEO-Bench gives Sentinel-2 bands (``"04 - Red"``); other ``"NN - ..."`` names
+#: (Sentinel-1 ``"01 - VH.Real"``, Landsat ``"06 - SWIR1"``) are not S2 bands.
+_S2_DESCRIPTIONS = {
+    "coastal aerosol",
+    "blue",
+    "green",
+    "red",
+    "vegetation red edge",
+    "nir",
+    "water vapour",
+    "swir - cirrus",
+    "swir",
+}
+_NUMBERED = re.compile(r"^\s*\d{1,2}a?\s*-\s*(.+?)\s*$", re.IGNORECASE)
+
+
+def _name_from_text(text: str) -> str:
+    """deo's name for a band label without its GEO-Bench class: S2 names only when they are S2."""
+    m = _NUMBERED.match(text)
+    if m and m.group(1).lower() not in _S2_DESCRIPTIONS:
+        return text
+    return canonical_band_name(text) or text
+
+
 def select_bands(image: np.ndarray, band_names: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
     """The channels of ``image`` (``(..., C, H, W)``) named ``wanted``, in that order.
 
-    Names match canonically (``B4`` is ``B04``, ``red`` matches ``B04``); a missing band raises
-    :class:`BandError`.
+    ``band_names`` may be deo names or GEO-Bench names; names match canonically (``B4`` is
+    ``B04``, ``red`` matches ``B04``, ``04 - Red`` is ``B04`` but ``01 - VH.Real`` stays a
+    Sentinel-1 band). A missing band raises :class:`BandError`.
     """
-    names = [canonical_band_name(n) or n for n in band_names]
-    want = [canonical_band_name(w) or w for w in wanted]
-    idx, missing = match_bands(want, names)
+    names = [_name_from_text(str(n)) for n in band_names]
+    idx = []
+    missing = []
+    for want in wanted:
+        if want in band_names:
+            idx.append(list(band_names).index(want))
+            continue
+        hit, miss = match_bands([_name_from_text(str(want))], names)
+        if miss:
+            missing.append(want)
+        else:
+            idx.append(hit[0])
     if missing:
         raise BandError(
             f"bands {missing} are not among {list(band_names)}",
@@ -552,7 +587,7 @@ class GeoBenchTask:
             if want in self.raw_band_names:
                 out.append(self.raw_band_names.index(want))
                 continue
-            idx, miss = match_bands([canonical_band_name(want) or want], self.band_names)
+            idx, miss = match_bands([_name_from_text(want)], self.band_names)
             if miss:
                 missing.append(want)
             else:

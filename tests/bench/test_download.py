@@ -287,6 +287,16 @@ def test_extract_flat_archive_goes_into_its_own_folder(tmp_path):
     ]
 
 
+def test_extract_archive_holding_its_benchmark_folder(tmp_path):
+    target = tmp_path / "classification_v1.0"
+    target.mkdir()
+    archive = target / "m-x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("classification_v1.0/m-x/task_specs.pkl", b"x")
+    assert extract_zip(archive, target) == [target / "m-x"]
+    assert (target / "m-x" / "task_specs.pkl").read_bytes() == b"x"
+
+
 def test_unsafe_member_in_downloaded_zip_is_refused(mirror, tmp_path):
     server, root = mirror
     buf = io.BytesIO()
