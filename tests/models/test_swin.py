@@ -1,0 +1,104 @@
+"""DEO's dual-stem Swin (tiny test size; Swin-B is in test_official_weights.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deo_cli.errors import UsageError
+from deo_cli.models import build_encoder, get_model_spec
+from deo_cli.models.swin import DeoSwin
+
+
+@pytest.fixture
+def swin():
+    torch.manual_seed(0)
+    return build_encoder("deo_swin_test", weights=None)
+
+
+def test_module_names_match_the_official_layout(swin):
+    keys = swin.state_dict().keys()
+    assert {k.split(".")[1] for k in keys if k.startswith("features.")} == {str(i) for i in range(7)}
+    assert {k for k in keys if k.startswith(("conv_ms", "conv_rgb", "norm"))} == {
+        "conv_ms.0.weight", "conv_ms.0.bias", "conv_ms.2.weight", "conv_ms.2.bias",
+        "conv_rgb.0.weight", "conv_rgb.0.bias", "conv_rgb.2.weight", "conv_rgb.2.bias",
+        "norm.weight", "norm.bias",
+    }  # fmt: skip
+    assert swin.conv_ms[0].in_channels == 10 and swin.conv_rgb[0].in_channels == 3
+    assert swin.conv_ms[0].kernel_size == (4, 4) and swin.conv_ms[0].stride == (4, 4)
+    assert swin.conv_ms[2].eps == 1e-5
+
+
+def test_routing_by_channel_count(swin):
+    x10, x3 = torch.randn(2, 10, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before10, before3 = swin(x10), swin(x3)
+        swin.conv_rgb[0].weight.add_(1.0)  # touching the RGB stem changes only 3-band output
+        after10, after3 = swin(x10), swin(x3)
+    assert all(torch.equal(a, b) for a, b in zip(before10, after10, strict=True))
+    assert not torch.allclose(before3[0], after3[0])
+    with pytest.raises(UsageError, match="input has 5 bands but deo_swin_test takes 10 .*B04"):
+        swin(torch.randn(1, 5, 64, 64))
+    with pytest.raises(UsageError, match="4-D batch"):
+        swin(torch.randn(10, 64, 64))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 66), (33, 97)])
+def test_any_input_size_gives_the_documented_grid(swin, size):
+    h, w = size
+    grid = swin.feature_grid(h, w)
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    assert grid[0] == (ceil(h, 4), ceil(w, 4))
+    for prev, nxt in zip(grid, grid[1:]):
+        assert nxt == (ceil(prev[0], 2), ceil(prev[1], 2))
+    with torch.no_grad():
+        maps = swin(torch.randn(1, 10, h, w))
+    assert [tuple(m.shape[-2:]) for m in maps] == grid
+    assert [m.shape[1] for m in maps] == list(swin.feature_channels) == [16, 32, 64, 128]
+
+
+def test_padding_is_right_bottom_zeros(swin):
+    x = torch.randn(1, 10, 62, 61)
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 2))
+    with torch.no_grad():
+        a, b = swin(x), swin(padded)
+    assert all(torch.equal(m, n) for m, n in zip(a, b, strict=True))
+
+
+def test_pooled_is_final_norm_then_average(swin):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, pooled = swin.forward_with_pooled(x)
+        alone = swin.forward_pooled(x)
+        want = swin.norm(maps[-1].permute(0, 2, 3, 1)).mean(dim=(1, 2))
+    assert pooled.shape == (2, 128)
+    torch.testing.assert_close(pooled, want)
+    torch.testing.assert_close(alone, pooled)
+    assert all(torch.equal(m, n) for m, n in zip(maps, swin(x), strict=True))
+
+
+def test_drop_path_only_in_train_mode():
+    torch.manual_seed(0)
+    swin = build_encoder("deo_swin_test", weights=None, drop_path_rate=0.5)
+    x = torch.randn(2, 10, 64, 64)
+    with torch.no_grad():
+        assert not swin.training  # build_encoder returns eval mode
+        assert torch.equal(swin(x)[-1], swin(x)[-1])
+        swin.train()
+        assert not torch.equal(swin(x)[-1], swin(x)[-1])
+
+
+def test_swin_b_and_t_configuration():
+    with torch.device("meta"):
+        b = build_encoder("deo_swin_b", weights=None)
+        t = build_encoder("deo_swin_t", weights=None)
+    blk_b, blk_t = b.features[0][0], t.features[0][0]
+    assert blk_b.attn.window_size == [12, 12] and blk_t.attn.window_size == [7, 7]
+    assert [len(b.features[i]) for i in (0, 2, 4, 6)] == [2, 2, 18, 2]
+    assert [b.features[i][0].attn.num_heads for i in (0, 2, 4, 6)] == [4, 8, 16, 32]
+    assert [len(t.features[i]) for i in (0, 2, 4, 6)] == [2, 2, 6, 2]
+    # torchvision scales stochastic depth linearly; the last block has the configured rate.
+    assert b.features[6][-1].stochastic_depth.p == pytest.approx(0.5)
+    assert t.features[6][-1].stochastic_depth.p == pytest.approx(0.2)
+    assert b.feature_channels == (128, 256, 512, 1024) and t.feature_channels == (96, 192, 384, 768)
+    assert isinstance(b, DeoSwin) and get_model_spec("deo_swin_b").pooled_dim == b.pooled_dim == 1024
