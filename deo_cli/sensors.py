@@ -104,6 +104,7 @@ for _band in RGB_BANDS.values():
 
 _TOKEN = re.compile(r"(?:^|[^a-z0-9])(b0?(?:1[0-2]|[1-9])a?)(?=$|[^a-z0-9])", re.IGNORECASE)
 _GEOBENCH = re.compile(r"^\s*(0?\d{1,2}a?)\s*-\s*", re.IGNORECASE)
+_S2_WORDS = re.compile(r"coastal|aerosol|blue|green|red|edge|nir|vapou?r|swir|cirrus", re.IGNORECASE)
 
 
 def band_info(name: str) -> Band | None:
@@ -125,7 +126,7 @@ def canonical_band_name(text: str | None) -> str | None:
     if hit:
         return hit
     m = _GEOBENCH.match(t)
-    if m:
+    if m and _S2_WORDS.search(t[m.end() :]):  # "04 - Red" yes, "01 - VH.Real" (Sentinel-1) no
         return _ALIASES.get("b" + m.group(1).lower())
     return None
 

@@ -26,6 +26,7 @@ from deo_cli.sensors import (
         ("04 - Red", "B04"),  # GEO-Bench descriptions
         ("08A - Vegetation Red Edge", "B8A"),
         ("10 - SWIR - Cirrus", "B10"),
+        ("01 - VH.Real", None),  # GEO-Bench so2sat Sentinel-1 band, not B01
         ("swir16", "B11"),
         ("R", "red"),
         ("4", None),  # a bare number is an index, not a band

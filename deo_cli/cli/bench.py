@@ -113,6 +113,65 @@ def download_cmd(
     tasks: Annotated[
         str | None, typer.Option("--tasks", help="Comma-separated tasks (default: all).")
     ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source",
+            help="hf://datasets/REPO (default: recursix/geo-bench-1.0), or a mirror URL with SHA256SUMS.",
+        ),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub revision (default: the pinned commit).")
+    ] = None,
+    keep_archives: Annotated[
+        bool, typer.Option("--keep-archives", help="Keep the zip files after extracting.")
+    ] = False,
 ) -> None:
-    """Fetch benchmark data (restartable, checksummed)."""
-    raise not_built("deo bench download", 8)
+    """Fetch benchmark data: restartable (rerun to resume), every file checked against its checksum."""
+    from deo_cli.bench.download import DEFAULT_BASE_URL, GEOBENCH_HF_REVISION, download_geobench
+    from deo_cli.errors import UsageError
+
+    if suite.lower() != "geobench":
+        raise UsageError(
+            f"deo bench download knows no suite {suite!r}",
+            "use --suite geobench (OSCD: rcdaudt.github.io/oscd)",
+        )
+    bar = _DownloadBar()
+    try:
+        result = download_geobench(
+            dest,
+            [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+            base_url=source or DEFAULT_BASE_URL,
+            progress=bar,
+            revision=revision or GEOBENCH_HF_REVISION,
+            keep_archives=keep_archives,
+        )
+    finally:
+        bar.close()
+    typer.echo(
+        f"GEO-Bench in {result.dest}: {len(result.fetched)} file(s) fetched, {len(result.skipped)} already complete; "
+        f"tasks: {', '.join(str(t) for t in result.tasks) or 'none'}"
+    )
+
+
+class _DownloadBar:
+    """Adapts the downloader's ``progress(stage, path, done, total)`` calls to a rich bar per file."""
+
+    def __init__(self):
+        from deo_cli.cli.progress import RichProgress
+
+        self.bar = RichProgress("MB")
+        self.key = None
+        self.done = 0
+
+    def __call__(self, stage: str, path: str, done: int, total: int | None) -> None:
+        if (stage, path) != self.key:
+            self.bar.start(None if total is None else max(total // 2**20, 1), f"{stage} {path}")
+            self.key, self.done = (stage, path), 0
+        mb = done // 2**20
+        if mb > self.done:
+            self.bar.advance(mb - self.done)
+            self.done = mb
+
+    def close(self) -> None:
+        self.bar.finish()

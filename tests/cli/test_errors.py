@@ -89,7 +89,7 @@ def test_verbose_adds_traceback(tmp_path):
     assert "Traceback" in result.stderr and "error: input" in result.stderr
 
 
-def test_unbuilt_commands_exit_2_with_one_line():
-    for argv in (["bench", "download"],):
+def test_unbuilt_commands_exit_2_with_one_line(scene):
+    for argv in (["bench", "--suite", "geobench"],):
         result, lines = run(argv)
         assert_one_line_error(result, lines, 2, "not built yet")
