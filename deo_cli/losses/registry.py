@@ -39,9 +39,9 @@ def get_loss_class(name: str) -> type[nn.Module]:
         return _LOSSES[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_LOSSES), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(
-            f"unknown loss {name!r}", f"{hint}choose one of {', '.join(list_losses())}"
+            f"unknown loss {name!r}{hint}", f"choose one of {', '.join(list_losses())}"
         ) from None
 
 

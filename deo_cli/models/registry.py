@@ -100,10 +100,10 @@ def _lookup(name: str) -> _Entry:
         return _MODELS[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_MODELS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(
-            f"unknown model {name!r}",
-            f"{hint}choose one of {', '.join(list_models())}",
+            f"unknown model {name!r}{hint}",
+            f"choose one of {', '.join(list_models())}",
         ) from None
 
 

@@ -148,9 +148,9 @@ def get_teacher_spec(name: str) -> TeacherSpec:
         return _TEACHERS[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_TEACHERS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(
-            f"unknown teacher {name!r}", f"{hint}choose one of {', '.join(list_teachers())}"
+            f"unknown teacher {name!r}{hint}", f"choose one of {', '.join(list_teachers())}"
         ) from None
 
 
@@ -246,7 +246,8 @@ def build_teacher(
                 f"cannot get the {name} teacher weights ({spec.timm_name}) from the Hugging Face cache or hub "
                 f"(offline? {_first_line(exc)})",
                 f"on a machine with internet download timm/{spec.timm_name} (model.safetensors) or Meta's "
-                "original checkpoint and pass the file as the teacher weights",
+                "original checkpoint and pass the file as the teacher weights (gated repositories need their "
+                "licence accepted on huggingface.co and a login)",
             ) from exc
         teacher = OpticalTeacher(model, spec.blocks, name)
         teacher.weights_uri = f"timm:{spec.timm_name}"

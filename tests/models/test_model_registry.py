@@ -27,7 +27,10 @@ def test_names():
 
 
 def test_unknown_name_suggests_the_closest():
-    with pytest.raises(UsageError, match="unknown model 'deo_swin_bb'. Did you mean 'deo_swin_b'"):
+    with pytest.raises(
+        UsageError,
+        match=r"unknown model 'deo_swin_bb' \(did you mean 'deo_swin_b'\?\)\. Choose one of deo_swin_b, ",
+    ):
         get_model_spec("deo_swin_bb")
 
 
