@@ -10,7 +10,8 @@ The feature API (all families):
 
 - ``forward(x) -> list[Tensor]``: one NCHW map per level (``feature_channels`` /
   ``feature_strides``), without the final norm (as the official feature extractor,
-  method.md §2.13).
+  method.md §2.13). The maps are permuted views (channels-last in memory); call
+  ``.contiguous()`` before ``.view``.
 - ``forward_pooled(x) -> Tensor (B, pooled_dim)``: the global vector (final norm, then global
   average pool for Swin; the normed CLS token for ViT).
 - ``forward_with_pooled(x) -> (maps, pooled)``: both from one pass (DEO's student RGB pass

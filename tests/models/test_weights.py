@@ -209,6 +209,18 @@ def test_official_checkpoint_with_training_args_loads(tmp_path):
     assert _same_outputs(build_encoder("deo_swin_test", weights=path), enc)
 
 
+def test_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    enc = _tiny(4)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, path)
+    assert _same_outputs(build_encoder("deo_swin_test", weights=path), enc)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    assert "cannot read weights file bad.safetensors" in _one_line_error(bad)
+
+
 # -- bad files: one clear line each --------------------------------------------------------------
 
 
