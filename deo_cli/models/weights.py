@@ -281,6 +281,29 @@ def _strip_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _has_tensor(obj) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_has_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_tensor(v) for v in obj)
+    return False
+
+
+def _unwrap_deo(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Tolerate wrapped encoders in deo checkpoints: drop ``module.`` / ``_orig_mod.`` (DDP,
+    torch.compile) and, for a whole teacher/student module, keep what sits under ``encoder.``."""
+    out = {}
+    for key, value in sd.items():
+        for token in ("module.", "_orig_mod."):
+            key = key.replace(token, "")
+        out[key] = value
+    if any(k.startswith("encoder.") for k in out):
+        out = {k[len("encoder.") :]: v for k, v in out.items() if k.startswith("encoder.")}
+    return out
+
+
 def _rgb_prefixes() -> tuple[str, ...]:
     from deo_cli.models.swin import DeoSwin
     from deo_cli.models.vit import DeoViT
@@ -317,22 +340,25 @@ def read_encoder_weights(path: str | os.PathLike, which: str | None = None) -> L
             manifest=ckpt.get("manifest"),
             rgb_manifest=ckpt.get("rgb_manifest"),
         )
-        meta = {k: v for k, v in ckpt.items() if not _is_state_dict(v) and k not in ident}
+        # Small fields only (recipe, epoch, version); optimiser states stay behind.
+        meta = {k: v for k, v in ckpt.items() if k not in ident and not _has_tensor(v)}
         if fmt == ENCODER_FORMAT:
             if not _is_state_dict(ckpt.get("state_dict")):
                 raise WeightsError(f"{path.name} ({fmt}) has no 'state_dict'", "export the encoder again")
-            return LoadedWeights(dict(ckpt["state_dict"]), fmt, **ident, meta=meta)
+            return LoadedWeights(_unwrap_deo(ckpt["state_dict"]), fmt, **ident, meta=meta)
         if fmt == PRETRAIN_FORMAT:
             which = which or "teacher"
             key = f"{which}_encoder"
             if not _is_state_dict(ckpt.get(key)):
+                other = "student" if which == "teacher" else "teacher"
                 raise WeightsError(
                     f"pretraining checkpoint {path.name} has no '{key}'",
-                    "pick the other encoder with ?student",
+                    f"pick the other encoder with ?{other}",
                 )
-            sd = dict(ckpt[key])
+            sd = _unwrap_deo(ckpt[key])
             if which == "teacher":
-                sd = _teacher_with_student_rgb(sd, ckpt.get("student_encoder"))
+                student = ckpt.get("student_encoder")
+                sd = _teacher_with_student_rgb(sd, _unwrap_deo(student) if _is_state_dict(student) else None)
             return LoadedWeights(sd, fmt, **ident, which=which, meta=meta)
         raise WeightsError(
             f"{path.name} has deo format {fmt!r}, which this deo does not know",

@@ -189,6 +189,27 @@ def test_pretrain_checkpoint_teacher_by_default_student_on_request(tmp_path):
     )  # borrowed from the student
     assert _same_outputs(build_encoder("deo_swin_test", weights=f"{path}?student"), student)
     assert _same_outputs(build_encoder("deo_swin_test", weights=str(path), which="student"), student)
+    assert read_encoder_weights(path).meta["epoch"] == 7
+
+
+def test_pretrain_checkpoint_with_wrapped_modules(tmp_path):
+    # A trainer that saved whole modules (DDP-wrapped student, EMA teacher with its head_ms).
+    student, teacher = _tiny(0), _tiny(1)
+    ckpt = {
+        "deo_format": PRETRAIN_FORMAT,
+        **encoder_meta(student),
+        "student_encoder": {f"module.{k}": v for k, v in student.state_dict().items()},
+        "teacher_encoder": {
+            **{f"encoder.{k}": v for k, v in teacher.state_dict().items() if not k.startswith("conv_rgb")},
+            "head_ms.mlp.0.weight": torch.zeros(2, 2),
+        },
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}},
+    }
+    path = tmp_path / "wrapped.pt"
+    torch.save(ckpt, path)
+    got = build_encoder("deo_swin_test", weights=path)
+    assert _same_outputs(got, teacher) and torch.equal(got.conv_rgb[0].weight, student.conv_rgb[0].weight)
+    assert "optimizer" not in read_encoder_weights(path).meta
 
 
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
