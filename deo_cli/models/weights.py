@@ -482,3 +482,10 @@ def save_encoder(encoder: nn.Module, path: str | os.PathLike, **meta) -> Path:
     body["state_dict"] = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     body.update(meta)
     return atomic_torch_save(body, path)
+
+
+def load_encoder(weights: str | os.PathLike, *, which: str | None = None, **overrides) -> nn.Module:
+    """:func:`deo_cli.models.build.load_encoder`, importable beside the other weight helpers."""
+    from deo_cli.models.build import load_encoder as _load_encoder
+
+    return _load_encoder(weights, which=which, **overrides)
