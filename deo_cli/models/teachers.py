@@ -240,7 +240,25 @@ def build_teacher(
                 "pass random teacher weights (tests only) or a local file",
             )
         try:
-            model = _create(spec, pretrained=True)
+            # through deo's resolver: the cache first, then a fast reachability check (no long
+            # retries offline), then the hub; timm then loads that file
+            path = resolve_weights(f"hf://timm/{spec.timm_name}/model.safetensors")
+            model = timm.create_model(
+                spec.timm_name,
+                pretrained=True,
+                pretrained_cfg_overlay={"file": str(path)},
+                num_classes=0,
+                dynamic_img_size=True,
+                **spec.kwargs,
+            )
+        except WeightsError as exc:
+            raise WeightsError(
+                f"cannot get the {name} teacher weights ({spec.timm_name}) from the Hugging Face cache or hub "
+                f"({exc.problem})",
+                f"on a machine with internet download timm/{spec.timm_name} (model.safetensors) or Meta's "
+                "original checkpoint and pass the file as the teacher weights (gated repositories need their "
+                "licence accepted on huggingface.co and a login)",
+            ) from exc
         except _network_errors() as exc:
             raise WeightsError(
                 f"cannot get the {name} teacher weights ({spec.timm_name}) from the Hugging Face cache or hub "

@@ -131,11 +131,41 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether a download from ``host`` can possibly work: ``HF_HUB_OFFLINE`` unset and the host
+    answers on port 443 within ``timeout`` (skipped, i.e. True, when a proxy is configured).
+
+    Without this probe an offline machine waits through the hub client's retries (~25 s of
+    back-off) before the clear error.
+    """
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _download_hf(uri: str) -> Path:
     ref = parse_hf_uri(uri)
     import huggingface_hub
 
+    try:  # the local cache first: no network needed for a file fetched before
+        return Path(
+            huggingface_hub.hf_hub_download(
+                ref.repo_id, ref.filename, revision=ref.revision, local_files_only=True
+            )
+        )
+    except _network_errors():
+        pass
     try:
+        if not hub_reachable():
+            raise OSError("huggingface.co is not reachable from this machine")
         path = huggingface_hub.hf_hub_download(ref.repo_id, ref.filename, revision=ref.revision)
     except _network_errors() as exc:
         at = f" at revision {ref.revision[:12]}" if ref.revision else ""
@@ -156,6 +186,9 @@ def _download_url(url: str) -> Path:
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
+        host = urlparse(url).hostname or ""
+        if not hub_reachable(host):
+            raise OSError(f"{host} is not reachable from this machine")
         torch.hub.download_url_to_file(url, str(dst), progress=False)
     except _network_errors() as exc:
         raise WeightsError(

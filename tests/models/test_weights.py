@@ -92,6 +92,9 @@ def test_default_weights_offline_give_one_clear_line(monkeypatch, error):
 
 
 def test_https_offline_and_cached(monkeypatch, tmp_path):
+    from deo_cli.models import weights as weights_mod
+
+    monkeypatch.setattr(weights_mod, "hub_reachable", lambda host="", timeout=3.0: True)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     calls = []
 
@@ -308,3 +311,27 @@ def test_unsafe_pickles_are_refused(tmp_path):
     path = tmp_path / "pickled.pth"
     torch.save({"state_dict": _tiny().state_dict(), "obj": logging.getLogger("x")}, path)
     assert "holds Python objects other than tensors" in _one_line_error(path)
+
+
+def test_offline_fails_fast_without_network_retries(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE (or an unreachable host) skips the hub client's ~25 s of retries; the cache
+    is still used."""
+    from deo_cli.models import weights as weights_mod
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not weights_mod.hub_reachable()
+    cached = tmp_path / "DEO_swin_b.pth"
+    cached.write_bytes(b"x")
+    calls = []
+
+    def download(repo_id, filename, revision=None, local_files_only=False, **kw):
+        calls.append(local_files_only)
+        if local_files_only and filename == "DEO_swin_b.pth":
+            return str(cached)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert resolve_weights("hf://SolaireTheSun/DEO/DEO_swin_b.pth@abc") == cached
+    with pytest.raises(WeightsError, match="not reachable from this machine"):
+        resolve_weights("hf://SolaireTheSun/DEO/other.pth@abc")
+    assert calls == [True, True]  # cache lookups only: no network attempt while offline
