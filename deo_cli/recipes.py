@@ -417,6 +417,9 @@ class InputSection:
     unit: Literal["auto", "dn", "reflectance", "byte"] = "auto"
     #: Resampling of coarser bands onto the finest grid (and of a second date onto the first).
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+    #: Scene-level value the max-scaled (RGB) bands are divided by, in scene units; None: the
+    #: 99.9th percentile of the scene's valid RGB values (deo_cli.data.normalize.scene_rgb_max).
+    rgb_max: float | None = None
 
 
 @dataclass
@@ -452,6 +455,8 @@ class EmbedOutputSection:
     pool: Literal["none", "mean", "cls"] = "none"
     dtype: Literal["float32", "float16", "int8"] = "float32"
     compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
+    #: ``auto``: from -o (``.zarr`` -> zarr, a chip pool -> parquet, else a COG).
+    format: Literal["auto", "cog", "zarr", "parquet"] = "auto"
 
 
 @dataclass
@@ -465,6 +470,12 @@ class EmbedRecipe:
     tiling: TilingSection = field(default_factory=TilingSection)
     output: EmbedOutputSection = field(default_factory=EmbedOutputSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    #: Processes (one per GPU; gloo on CPU), each computing a band of output rows.
+    gpus: int = 1
+
+    def __post_init__(self):
+        if self.gpus < 1:
+            raise ValueError("gpus must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,17 +537,125 @@ class ChangeTrainRecipe:
 
 
 @dataclass
+class BenchLinearSection:
+    """Linear probe on cached frozen features (classification; method.md §3.1).
+
+    ``lr: null`` takes the paper's per-task value (1e-3 BigEarthNet/So2Sat, 1e-2 EuroSAT).
+    Warm-up, cosine floor and AdamW's default weight decay are read in the authors' evaluation
+    code (the same schedule as segmentation). ``augment: flips`` caches features of the four
+    flips of every training image (the paper trains with random flips); ``pool: mean`` averages
+    the last feature map without the final norm (as the paper's code), ``model`` uses the
+    encoder's own pooled vector.
+    """
+
+    epochs: int = 50
+    warmup_epochs: float = 5
+    batch_size: int = 64
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    augment: Literal["none", "flips"] = "flips"
+    pool: Literal["mean", "model"] = "mean"
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+@dataclass
+class BenchSegmentationSection:
+    """Frozen encoder + segmentation head through ``fit_dense`` (method.md §3.1).
+
+    The paper's effective batch is 64 (16 x 4 gradient-accumulation steps); ``fit_dense`` does
+    not accumulate, so the default is 16 per step (set 64 where memory allows).
+    """
+
+    head: Literal["upernet", "linear"] = "upernet"
+    epochs: int = 50
+    warmup_epochs: float = 5
+    batch_size: int = 16
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    augment: Literal["none", "flips"] = "flips"
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+@dataclass
+class BenchKnnSection:
+    """kNN on L2-normalised pooled features (cosine similarity), a fast extra protocol."""
+
+    k: int = 5
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError("k must be >= 1")
+
+
+@dataclass
+class BenchOscdSection:
+    """Zero-shot change detection on OSCD: per-pixel cosine distance of the two dates'
+    features (levels ``layers``, averaged after upsampling to the label grid), Otsu threshold."""
+
+    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    #: Square chips of this many pixels (a multiple of 32); null runs each city whole.
+    chip_size: int | None = None
+
+
+@dataclass
+class BenchThroughputSection:
+    """Timing of the encoder forward: ``warmup`` untimed, then ``iterations`` timed batches."""
+
+    warmup: int = 5
+    iterations: int = 20
+    #: ``ms`` feeds the multispectral stem, ``rgb`` the RGB stem.
+    input: Literal["ms", "rgb"] = "ms"
+
+    def __post_init__(self):
+        if self.warmup < 0 or self.iterations < 1:
+            raise ValueError("warmup must be >= 0 and iterations >= 1")
+
+
+@dataclass
 class BenchRecipe:
     """``deo bench``: suites of the paper's frozen-encoder protocols (method.md §3)."""
 
     suite: Literal["geobench", "oscd", "throughput"] = "geobench"
     tasks: list[str] = field(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
-    protocol: Literal["paper", "linear", "knn", "upernet"] = "paper"
+    protocol: Literal["paper", "linear", "knn", "upernet", "all"] = "paper"
     partition: str = "default"
     seeds: list[int] = field(default_factory=lambda: [0])
     limit: int | None = None
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    #: GEO-Bench folder or one task folder (default: $GEO_BENCH_DIR); the OSCD folder for oscd.
+    data: str | None = None
+    #: Input size in pixels; null: the paper's size per task (method.md §3.1), the model's
+    #: input size for throughput.
+    image_size: int | None = None
+    #: ``task``: per-task z-score from band_stats.json (the paper); ``model``: the model's
+    #: band manifest (DEO's pretraining normalisation, RGB max-scaled per image).
+    normalization: Literal["task", "model"] = "task"
+    #: Bootstrap resamples of the test samples for the 95 % interval.
+    bootstrap: int = 1000
+    linear: BenchLinearSection = field(default_factory=BenchLinearSection)
+    segmentation: BenchSegmentationSection = field(default_factory=BenchSegmentationSection)
+    knn: BenchKnnSection = field(default_factory=BenchKnnSection)
+    oscd: BenchOscdSection = field(default_factory=BenchOscdSection)
+    throughput: BenchThroughputSection = field(default_factory=BenchThroughputSection)
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError("image_size must be >= 8")
+        if self.bootstrap < 0:
+            raise ValueError("bootstrap must be >= 0")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,6 +670,13 @@ class PretrainModelSection:
     drop_path: float | None = None
     #: Student initialisation: ``random`` (the paper, §2.1) or weights as for ``--weights``.
     init: str = "random"
+    #: Width of the multispectral self-distillation space (SimDINO ``z_dim`` 256, method.md §2.5).
+    ms_dim: int = 256
+    #: Hidden width of the 3-layer projection heads (2048, method.md §2.5).
+    head_hidden_dim: int = 2048
+    #: Keep stochastic depth active in the EMA teacher's forward: the official code never puts its
+    #: teacher in eval mode (method.md §2.6). False runs the teacher in eval mode.
+    ema_drop_path: bool = True
 
 
 @dataclass
@@ -583,6 +709,8 @@ class PretrainDataSection:
     #: Use only this many samples (the paper's --data_split 500000), 0 = all.
     limit: int = 0
     num_workers: int = 8
+    #: Unit of the multispectral values: ``auto`` infers it (DN or 0-1 reflectance) from the data.
+    unit: Literal["auto", "dn", "reflectance"] = "auto"
 
 
 @dataclass
@@ -608,6 +736,10 @@ class CropsSection:
     blur_p: tuple[float, float, float] = field(default_factory=lambda: (1.0, 0.1, 0.5))
     #: Solarize probability for (global 1, global 2, each local crop).
     solarize_p: tuple[float, float, float] = field(default_factory=lambda: (0.0, 0.2, 0.0))
+    #: Range of the solarize threshold (Kornia ``thresholds=0.5`` draws it from (0, 1), method.md §2.4).
+    solarize_threshold: tuple[float, float] = field(default_factory=lambda: (0.0, 1.0))
+    #: Half-width of Kornia's random addition before solarizing (its default ``additions=0.1``).
+    solarize_addition: float = 0.1
 
 
 @dataclass
@@ -662,3 +794,5 @@ class PretrainRecipe:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
+    #: Record the dataset indices every process trained on in metrics.jsonl (checks data sharding).
+    log_samples: bool = False
