@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import default_group, load_recipe, not_built
+from deo_cli.cli.common import default_group, load_recipe, stdout_console
 
 app = typer.Typer(
     cls=default_group("run"),
@@ -86,7 +86,9 @@ def run_cmd(
     """Train a DEO student against its EMA teacher (SimDINO) and a frozen optical teacher (DINOv3)."""
     from deo_cli.recipes import PretrainRecipe
 
-    load_recipe(
+    if resume and recipe is None and out is not None and (out / "recipe.yaml").is_file():
+        recipe = str(out / "recipe.yaml")  # continue with the run's own recipe; flags still win
+    r = load_recipe(
         PretrainRecipe,
         recipe,
         set_,
@@ -106,7 +108,20 @@ def run_cmd(
         },
         "pretrain",
     )
-    raise not_built("deo pretrain", 5)
+    from deo_cli.cli.progress import RichProgress
+    from deo_cli.train.loop import run_pretrain
+
+    result = run_pretrain(r, out, resume=resume, overwrite=overwrite, progress=RichProgress("steps"))
+    console = stdout_console()
+    console.print(f"[bold]run[/bold]         {result.out}")
+    console.print(f"  steps       {result.steps} of {result.total_steps}")
+    if result.first_loss is not None:
+        console.print(f"  loss        {result.first_loss:.4f} -> {result.last_loss:.4f}")
+    if result.images_per_s:
+        console.print(f"  images/s    {result.images_per_s:.1f}")
+    if result.checkpoint is not None:
+        console.print(f"  checkpoint  {result.checkpoint}")
+    console.print(f"  metrics     {result.metrics}")
 
 
 @app.command("export")
@@ -121,4 +136,9 @@ def export_cmd(
     overwrite: opt.Overwrite = False,
 ) -> None:
     """Write the backbone + stems + band manifest that embed, segment and bench load with --weights."""
-    raise not_built("deo pretrain export", 5)
+    from deo_cli.train.checkpoint import export_encoder
+
+    path = export_encoder(checkpoint, output, student=student, overwrite=overwrite)
+    stdout_console().print(
+        f"wrote {path} ({'student' if student else 'EMA teacher'} encoder of {checkpoint.name})"
+    )

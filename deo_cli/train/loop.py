@@ -1,0 +1,603 @@
+"""``deo pretrain``: DEO's dual-teacher pretraining loop (method.md §2.6-2.9), top to bottom.
+
+:func:`run_pretrain` is the one entry point (the command line and notebooks call it):
+
+1. :func:`plan_pretrain` checks everything that can be wrong *before* anything is written: the
+   model, teacher, bands, device, the data (paths readable, bands present, unit) and the run
+   folder (an existing run needs ``--resume`` or ``--overwrite``).
+2. One process (:func:`train` in this process), ``--gpus N`` processes on this machine
+   (:func:`deo_cli.train.distributed.spawn`), or one rank of a ``torchrun`` launch.
+3. :func:`train` builds the student (encoder + four heads), the EMA teacher, the frozen optical
+   teacher and the loss (:mod:`deo_cli.train.meta_arch`), the optimiser and schedules
+   (:mod:`deo_cli.train.optim`), the data loader (:mod:`deo_cli.data.pretrain`), restores a
+   checkpoint when resuming, and runs the loop below.
+
+Each step: set lr / weight decay from the schedules; forward all crops (autocast: bf16 where the
+GPU supports it, else fp16 with a gradient scaler; fp32 on the CPU); backward; clip every
+gradient to norm 3.0 on its own; AdamW step; EMA update of the teacher with this step's momentum.
+Rank 0 writes metrics (``metrics.jsonl``), checkpoints (every ``checkpoint_every`` steps and at the
+end, atomically, the newest ``keep_checkpoints`` kept) and the resolved recipe (``recipe.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deo_cli.data.multicrop import build_multicrop
+from deo_cli.data.pretrain import PretrainData, PretrainDataset, build_pretrain_loader, scan_pretrain_data
+from deo_cli.errors import BandError, DeoError, OutputExistsError, RecipeError, UsageError
+from deo_cli.losses import DeoLoss
+from deo_cli.models import OpticalTeacher, build_encoder, build_teacher, ema_update, get_model_spec
+from deo_cli.models.teachers import get_teacher_spec, list_teachers
+from deo_cli.models.weights import resolve_weights
+from deo_cli.progress import NullProgress
+from deo_cli.recipes import PretrainRecipe, recipe_hash, recipe_to_dict, save_recipe
+from deo_cli.runtime import autocast, precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.sensors import resolve_bands
+from deo_cli.train import distributed as ddp
+from deo_cli.train.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_training_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from deo_cli.train.meta_arch import DeoMetaArch, build_student, build_teacher_from_student, distill_active
+from deo_cli.train.metrics import MetricsLog, read_metrics
+from deo_cli.train.optim import apply_schedules, build_optimizer, build_schedules, clip_gradients
+
+log = logging.getLogger(__name__)
+
+#: Files of a run folder that ``--overwrite`` removes (nothing else in the folder is touched).
+RUN_FILES = ("metrics.jsonl", "recipe.yaml")
+
+
+class TrainingError(DeoError):
+    """Training cannot go on (the loss became NaN or infinite)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: every check before anything is written
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """A validated run; pickled to every spawned process."""
+
+    recipe: PretrainRecipe
+    out: Path
+    resume_from: Path | None
+    overwrite: bool
+    data: PretrainData
+    bands: tuple[str, ...]
+    teacher_name: str
+    device: torch.device
+    precision: torch.dtype | None
+    world_size: int
+
+
+@dataclass
+class PretrainResult:
+    """What a finished (or stopped) run left in its folder."""
+
+    out: Path
+    steps: int
+    total_steps: int
+    checkpoint: Path | None
+    metrics: Path
+    first_loss: float | None
+    last_loss: float | None
+    images_per_s: float | None
+    seconds: float
+
+
+def resolve_teacher_name(name: str) -> str:
+    """A registered teacher (``dinov3_vitb16``) from its name or its timm architecture
+    (``vit_base_patch16_dinov3``, the recipe default)."""
+    if name in list_teachers():
+        return name
+    for registered in list_teachers(include_test=False):
+        spec = get_teacher_spec(registered)
+        if name in (spec.arch, spec.timm_name):
+            return spec.name
+    return get_teacher_spec(name).name  # raises UsageError with a did-you-mean
+
+
+def _run_has_outputs(out: Path) -> bool:
+    return out.is_dir() and (bool(list_checkpoints(out)) or any((out / f).exists() for f in RUN_FILES))
+
+
+def plan_pretrain(
+    recipe: PretrainRecipe, out: str | os.PathLike | None, *, resume: bool = False, overwrite: bool = False
+) -> RunPlan:
+    """Validate a run without writing anything (module docstring, step 1)."""
+    if recipe.data.path is None:
+        raise UsageError("no training data given", "pass --data FOLDER|GLOB|MANIFEST.csv")
+    if out is None:
+        raise UsageError("no run folder given", "pass --out RUN (checkpoints and logs go there)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"run folder {out} is a file", "choose another --out")
+    spec = get_model_spec(recipe.model.name)
+    bands = resolve_bands(recipe.data.bands)
+    if tuple(bands) != tuple(spec.manifest.bands):
+        raise BandError(
+            f"--bands {recipe.data.bands} gives {','.join(bands)} but {spec.name}'s multispectral stem takes "
+            f"{','.join(spec.manifest.bands)} (DEO's S2 set, method.md §2.2)",
+            "pass --bands S2",
+        )
+    teacher_name = resolve_teacher_name(recipe.teacher.name)
+    if recipe.teacher.layers and len(recipe.teacher.layers) != 2:
+        raise RecipeError(
+            f"teacher.layers must name two blocks (mid, late), got {recipe.teacher.layers}",
+            "e.g. --set teacher.layers=[8,11], or [] for the teacher's default",
+        )
+    if recipe.teacher.weights not in ("default", "random"):
+        resolve_weights(recipe.teacher.weights)  # a missing file fails here; hf:// is fetched once
+    chunk = recipe.loss.expansion_chunk
+    if chunk and recipe.batch_size % chunk:
+        raise RecipeError(
+            f"loss.expansion_chunk {chunk} does not divide batch_size {recipe.batch_size}",
+            "pick a chunk that divides the per-process batch",
+        )
+    device = resolve_device(recipe.device)
+    precision = resolve_precision(recipe.precision, device)
+    world = int(os.environ["WORLD_SIZE"]) if ddp.launched_by_torchrun() else recipe.gpus
+    if not ddp.launched_by_torchrun():
+        ddp.check_gpus(recipe.gpus, device)
+    data = scan_pretrain_data(
+        recipe.data.path,
+        bands,
+        band_names=recipe.data.band_names,
+        nodata=recipe.data.nodata,
+        ms_column=recipe.data.ms_column,
+        rgb_column=recipe.data.rgb_column,
+        limit=recipe.data.limit,
+        seed=recipe.seed,
+        unit=recipe.data.unit,
+    )
+    n = sum(s.items(recipe.data.window_size, recipe.data.windows_per_scene) for s in data.sources)
+    if n // world < recipe.batch_size:
+        raise UsageError(
+            f"the data gives {n} samples per epoch, {n // world} per process: fewer than one batch of {recipe.batch_size}",
+            "add data, raise data.windows_per_scene, or lower --batch-size",
+        )
+    resume_from = None
+    if _run_has_outputs(out):
+        if resume:
+            resume_from = latest_checkpoint(out)
+        elif not overwrite:
+            raise OutputExistsError(
+                f"run folder {out} already holds a run",
+                "pass --resume to continue it, --overwrite to start over, or choose another --out",
+            )
+    if resume and resume_from is None:
+        log.info("nothing to resume in %s: starting a new run", out)
+    return RunPlan(
+        recipe,
+        out,
+        resume_from,
+        overwrite and not resume,
+        data,
+        bands,
+        teacher_name,
+        device,
+        precision,
+        world,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def run_pretrain(
+    recipe: PretrainRecipe,
+    out: str | os.PathLike | None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress=None,
+) -> PretrainResult:
+    """Train (or continue) a DEO run in ``out``; returns what the run folder holds afterwards."""
+    plan = plan_pretrain(recipe, out, resume=resume, overwrite=overwrite)
+    t0 = time.time()
+    if ddp.launched_by_torchrun():
+        env = ddp.torchrun_env(plan.device)
+        ddp.init_process_group(env, "env://")
+        if not env.is_main:
+            logging.getLogger("deo_cli").setLevel(logging.WARNING)
+        try:
+            train(env, progress if env.is_main else None, plan)
+        finally:
+            ddp.cleanup()
+    elif plan.world_size > 1:
+        ddp.spawn(train, (plan,), plan.world_size, plan.device, progress)
+    else:
+        train(ddp.DistEnv(0, 1, 0, plan.device), progress, plan)
+    return summarize_run(plan.out, time.time() - t0)
+
+
+def summarize_run(out: str | os.PathLike, seconds: float = 0.0) -> PretrainResult:
+    """A :class:`PretrainResult` from a run folder's metrics log and checkpoints."""
+    out = Path(out)
+    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    steps = [r for r in rows if "loss" in r]
+    end = [r for r in rows if r.get("event") == "end"]
+    speeds = [r["img_per_s"] for r in steps if r.get("img_per_s")]
+    return PretrainResult(
+        out=out,
+        steps=int(end[-1]["step"]) if end else (int(steps[-1]["step"]) if steps else 0),
+        total_steps=int(end[-1]["total_steps"]) if end else 0,
+        checkpoint=latest_checkpoint(out),
+        metrics=out / "metrics.jsonl",
+        first_loss=steps[0]["loss"] if steps else None,
+        last_loss=steps[-1]["loss"] if steps else None,
+        images_per_s=sum(speeds) / len(speeds) if speeds else None,
+        seconds=seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def build_loss(recipe: PretrainRecipe, world_size: int) -> DeoLoss:
+    """DEO's loss from the recipe: all weights 1 (method.md §2.8); the coding rate uses each
+    process's covariance with N = processes x chunks (method.md §2.6)."""
+    c = recipe.loss
+    chunks = recipe.batch_size // c.expansion_chunk if c.expansion_chunk else 1
+    return DeoLoss(
+        compression=c.compression,
+        coding_rate=c.expansion,
+        distill_cls=c.distill_cls,
+        distill_patch_mid=c.distill_patch,
+        distill_patch_late=c.distill_patch,
+        eps=c.eps,
+        world_size=world_size * chunks,
+        chunks=chunks,
+    )
+
+
+def build_optical_teacher(plan: RunPlan) -> OpticalTeacher:
+    """The frozen optical teacher with the recipe's weights (``random`` for tests) and blocks."""
+    t = plan.recipe.teacher
+    teacher = build_teacher(plan.teacher_name, weights=t.weights)
+    if t.layers:
+        uri, sha = teacher.weights_uri, teacher.weights_sha256
+        teacher = OpticalTeacher(teacher.model, tuple(t.layers), plan.teacher_name)
+        teacher.weights_uri, teacher.weights_sha256 = uri, sha
+    return teacher
+
+
+def build_models(plan: RunPlan, world_size: int):
+    """Student (encoder + heads), EMA teacher, optical teacher (or None) and loss, on the CPU."""
+    r = plan.recipe
+    overrides = {} if r.model.drop_path is None else {"drop_path_rate": r.model.drop_path}
+    init = None if r.model.init == "random" else r.model.init
+    encoder = build_encoder(r.model.name, weights=init, **overrides)
+    loss = build_loss(r, world_size)
+    optical = build_optical_teacher(plan) if distill_active(loss) else None
+    teacher_dim = optical.embed_dim if optical is not None else 768
+    student = build_student(
+        encoder,
+        teacher_dim,
+        ms_dim=r.model.ms_dim,
+        hidden_dim=r.model.head_hidden_dim,
+        distill=optical is not None,
+    )
+    ema = build_teacher_from_student(student)
+    return student, ema, optical, loss
+
+
+def build_data(plan: RunPlan, env: ddp.DistEnv):
+    """The dataset and this process's loader over its shard."""
+    r = plan.recipe
+    dataset = PretrainDataset(
+        plan.data.sources,
+        plan.bands,
+        build_multicrop(r.crops, get_model_spec(r.model.name).manifest),
+        band_names=r.data.band_names,
+        nodata=r.data.nodata,
+        unit_factor=plan.data.unit_factor,
+        window_size=r.data.window_size,
+        windows_per_scene=r.data.windows_per_scene,
+        max_nodata_fraction=r.data.max_nodata_fraction,
+        seed=r.seed,
+    )
+    loader, sampler = build_pretrain_loader(
+        dataset,
+        r.batch_size,
+        num_workers=r.data.num_workers,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=r.seed,
+        pin_memory=env.device.type == "cuda",
+    )
+    return dataset, loader, sampler
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {
+        k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+    }
+
+
+def _param_digest(module: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes (ranks must end with identical weights)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _prepare_run_folder(plan: RunPlan) -> None:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.overwrite:
+        for p in list_checkpoints(plan.out):
+            p.unlink()
+        for f in RUN_FILES:
+            (plan.out / f).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop (one process / rank)
+# ---------------------------------------------------------------------------------------------
+
+
+def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
+    """Train as rank ``env.rank`` of ``env.world_size`` (module docstring)."""
+    r = plan.recipe
+    device = env.device
+    progress = progress if (progress is not None and env.is_main) else NullProgress()
+
+    # -- models: identical on every rank (same seed), then moved to the device -----------------
+    seed_everything(r.seed)
+    student, ema, optical, loss_fn = build_models(plan, env.world_size)
+    student.to(device)
+    ema.to(device)
+    if optical is not None:
+        optical.to(device)
+    optimizer = build_optimizer(student, betas=r.optim.betas, fused=r.optim.fused, device=device)
+    scaler = torch.amp.GradScaler(device.type) if plan.precision is torch.float16 else None
+
+    # -- data and schedules --------------------------------------------------------------------
+    dataset, loader, sampler = build_data(plan, env)
+    steps_per_epoch = sampler.num_samples // r.batch_size
+    global_batch = r.batch_size * env.world_size
+    schedules = build_schedules(
+        lr=r.optim.lr,
+        min_lr=r.optim.min_lr,
+        warmup_epochs=r.optim.warmup_epochs,
+        weight_decay=r.optim.weight_decay,
+        weight_decay_end=r.optim.weight_decay_end,
+        momentum=r.optim.momentum,
+        momentum_end=r.optim.momentum_end,
+        epochs=r.epochs,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+    )
+    total_steps = schedules.total_steps
+    stop_step = min(total_steps, r.max_steps) if r.max_steps else total_steps
+
+    # -- resume: weights, optimiser, scaler, step, RNG states -----------------------------------
+    step = 0
+    if plan.resume_from is not None:
+        ckpt = load_checkpoint(plan.resume_from)
+        restore_training_state(ckpt, student=student, teacher=ema, optimizer=optimizer, scaler=scaler)
+        step = int(ckpt["step"])
+        if ckpt.get("data", {}).get("fingerprint") != plan.data.fingerprint:
+            log.warning(
+                "the data differs from the checkpoint's: the resumed run will not repeat the original"
+            )
+        if int(ckpt.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+            log.warning(
+                "steps per epoch changed (%s -> %d): schedules differ",
+                ckpt.get("steps_per_epoch"),
+                steps_per_epoch,
+            )
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == env.world_size:
+            set_rng_state(rngs[env.rank])
+        else:
+            log.warning(
+                "the checkpoint was written by %d processes, this run has %d: RNG reseeded",
+                len(rngs),
+                env.world_size,
+            )
+            seed_everything(r.seed + env.rank + step)
+        del ckpt
+    else:
+        seed_everything(r.seed + env.rank)  # stochastic depth differs between ranks
+
+    # -- wrap the student: DDP across processes, optionally torch.compile ------------------------
+    model: nn.Module = student
+    if env.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not all(loss_fn.active(t) for t in loss_fn.weights),
+            broadcast_buffers=False,
+        )
+    if r.compile:
+        model = torch.compile(model, dynamic=False)
+    meta = DeoMetaArch(model, student, ema, optical, loss_fn, ema_drop_path=r.model.ema_drop_path).train()
+
+    # -- the run folder (rank 0 only) -------------------------------------------------------------
+    if env.is_main:
+        _prepare_run_folder(plan)
+        save_recipe(r, plan.out / "recipe.yaml", "pretrain")
+    ddp.barrier()
+    metrics = MetricsLog(
+        plan.out / "metrics.jsonl", enabled=env.is_main, resume_step=step if plan.resume_from else None
+    )
+    metrics.write(
+        {
+            "event": "resume" if plan.resume_from else "start",
+            "step": step,
+            "total_steps": total_steps,
+            "stop_step": stop_step,
+            "steps_per_epoch": steps_per_epoch,
+            "world_size": env.world_size,
+            "global_batch": global_batch,
+            "samples": len(dataset),
+            "device": str(device),
+            "precision": precision_name(plan.precision),
+            "recipe_hash": recipe_hash(r),
+            "time": time.time(),
+        }
+    )
+    log.info(
+        "%s %s: %d samples, %d steps/epoch x %d epochs, global batch %d, %s %s, %d process(es)",
+        f"resuming at step {step}:" if step else "training",
+        r.model.name,
+        len(dataset),
+        steps_per_epoch,
+        r.epochs,
+        global_batch,
+        device,
+        precision_name(plan.precision),
+        env.world_size,
+    )
+
+    def checkpoint() -> None:
+        rngs = ddp.all_gather_object(rng_state())  # every rank takes part
+        if not env.is_main:
+            return
+        path = save_checkpoint(
+            checkpoint_path(plan.out, step),
+            student=student,
+            teacher=ema,
+            optimizer=optimizer,
+            scaler=scaler,
+            step=step,
+            epoch=step // steps_per_epoch,
+            step_in_epoch=step % steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            rng=rngs,
+            data={"samples": len(dataset), "fingerprint": plan.data.fingerprint, "unit": plan.data.unit},
+            recipe=recipe_to_dict(r),
+            world_size=env.world_size,
+            optical_teacher={
+                "name": plan.teacher_name,
+                "weights": getattr(optical, "weights_uri", None),
+                "sha256": getattr(optical, "weights_sha256", None),
+            },
+        )
+        prune_checkpoints(plan.out, r.keep_checkpoints)
+        metrics.write({"event": "checkpoint", "step": step, "path": path.name, "time": time.time()})
+        log.info("step %d: checkpoint %s", step, path.name)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    sampler.set_epoch(epoch, start=in_epoch * r.batch_size)
+    batches = iter(loader)
+    progress.start(stop_step - step, f"pretrain {r.model.name}")
+    window_start, window_steps = time.perf_counter(), 0
+    while step < stop_step:
+        try:
+            batch = next(batches)
+        except StopIteration:  # next epoch
+            epoch += 1
+            sampler.set_epoch(epoch)
+            batches = iter(loader)
+            continue
+
+        lr, wd = apply_schedules(optimizer, schedules, step)
+        momentum = float(schedules.momentum[step])
+        batch = _to_device(batch, device)
+        with autocast(device, plan.precision):
+            terms = meta(batch)
+        loss = terms["total"]
+        if not torch.isfinite(loss.detach()).item():
+            raise TrainingError(
+                f"the loss is {loss.item()} at step {step + 1}",
+                "lower optim.lr or use --precision fp32; resume from the last checkpoint with --resume",
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            clip_gradients(student, r.optim.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            clip_gradients(student, r.optim.clip_grad)
+            optimizer.step()
+        ema_update(ema, student, momentum)
+        step += 1
+        window_steps += 1
+
+        if r.log_samples:
+            indices = ddp.all_gather_object(batch["index"].tolist())
+            metrics.write({"event": "samples", "step": step, "epoch": epoch, "indices": indices})
+        if step % r.log_every == 0 or step == stop_step:
+            values = ddp.all_reduce_mean({k: v for k, v in terms.items()})
+            elapsed = time.perf_counter() - window_start
+            img_s = window_steps * global_batch / elapsed if elapsed > 0 else None
+            row = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
+                "loss": values.pop("total"),
+                **values,
+                "lr": lr,
+                "wd": wd,
+                "momentum": momentum,
+                "img_per_s": img_s,
+                "time": time.time(),
+            }
+            if device.type == "cuda":
+                row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics.write(row)
+            progress.advance(window_steps, loss=row["loss"], lr=lr, img_s=img_s or 0.0)
+            window_start, window_steps = time.perf_counter(), 0
+        if step % r.checkpoint_every == 0 or step == stop_step:
+            checkpoint()
+    progress.finish()
+
+    digests = ddp.all_gather_object(_param_digest(student))
+    if len(set(digests)) > 1:
+        log.warning("processes ended with different weights: %s", digests)
+    metrics.write(
+        {
+            "event": "end",
+            "step": step,
+            "total_steps": total_steps,
+            "rank_param_digests": digests,
+            "time": time.time(),
+        }
+    )
+    log.info("finished at step %d of %d; run folder %s", step, total_steps, plan.out)
+
+
+__all__ = [
+    "PretrainResult",
+    "RunPlan",
+    "TrainingError",
+    "build_loss",
+    "build_models",
+    "plan_pretrain",
+    "resolve_teacher_name",
+    "run_pretrain",
+    "summarize_run",
+    "train",
+]
