@@ -35,7 +35,13 @@ import torch
 
 from deo_cli.errors import UsageError, WeightsError
 from deo_cli.models import load_encoder
-from deo_cli.models.weights import PRETRAIN_FORMAT, atomic_torch_save, encoder_meta, read_checkpoint, save_encoder
+from deo_cli.models.weights import (
+    PRETRAIN_FORMAT,
+    atomic_torch_save,
+    encoder_meta,
+    read_checkpoint,
+    save_encoder,
+)
 
 log = logging.getLogger(__name__)
 
