@@ -1,0 +1,110 @@
+"""Read the chips of a tile plan from a scene, ready for a model (in DataLoader workers).
+
+:class:`ChipReader` is picklable (a :class:`~deo_cli.io.raster.Scene` pickles without its open
+files; each worker opens its own). Per chip it reads the smallest window of the scene that
+holds the chip's pixels, replicates the scene edge for pixels outside the scene, fills invalid
+pixels from the nearest valid pixel (:func:`~deo_cli.infer.tiling.fill_invalid`: nodata values
+never reach the model), and normalises by the model's band manifest.
+
+The fill is documented behaviour: features near a nodata area see the nearest valid values
+continued into it, exactly as at a scene edge. Output pixels whose footprint is mostly nodata
+are written as nodata by the stitcher, using the per-feature-pixel invalid fraction computed
+here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from deo_cli.infer.tiling import Chip, TilePlan, edge_index, fill_invalid, invalid_fraction
+
+
+@dataclass
+class ChipSample:
+    """One chip read for a model.
+
+    ``x``: normalised float32 (bands, C, C); ``invalid``: (n, n) invalid fraction per feature
+    pixel; ``valid_fraction``: over the chip's in-scene pixels; ``empty``: no valid pixel at all
+    (``x`` is then zeros and the model is skipped).
+    """
+
+    chip: Chip
+    x: np.ndarray
+    invalid: np.ndarray
+    valid_fraction: float
+    empty: bool
+
+
+class ChipReader:
+    """Reads chips of ``plan`` from ``scene`` (bands by name), filled and normalised."""
+
+    def __init__(self, scene, bands: Sequence[str], normalizer, plan: TilePlan):
+        self.scene = scene
+        self.bands = tuple(bands)
+        self.normalizer = normalizer
+        self.plan = plan
+
+    def read(self, chip: Chip) -> ChipSample:
+        h, w = self.scene.height, self.scene.width
+        size, stride = self.plan.chip_size, self.plan.stride
+        ri = edge_index(chip.y, size, h)
+        ci = edge_index(chip.x, size, w)
+        r0, c0 = int(ri[0]), int(ci[0])
+        win = Window(c0, r0, int(ci[-1]) - c0 + 1, int(ri[-1]) - r0 + 1)
+        sample = self.scene.read(self.bands, win)
+        data, valid = sample.data, sample.valid
+        if data.shape[1:] != (size, size):  # an edge chip: replicate the scene edge
+            data = data[:, ri - r0][:, :, ci - c0]
+            valid = valid[np.ix_(ri - r0, ci - c0)]
+        rows_in = (np.arange(chip.y, chip.y + size) >= 0) & (np.arange(chip.y, chip.y + size) < h)
+        cols_in = (np.arange(chip.x, chip.x + size) >= 0) & (np.arange(chip.x, chip.x + size) < w)
+        inside = rows_in[:, None] & cols_in[None, :]
+        invalid = invalid_fraction(valid, inside, stride)
+        n_inside = int(inside.sum())
+        valid_fraction = float((valid & inside).sum() / n_inside) if n_inside else 0.0
+        if not valid.any():
+            return ChipSample(chip, np.zeros(data.shape, np.float32), invalid, 0.0, True)
+        if not valid.all():
+            data = fill_invalid(np.ascontiguousarray(data), valid)
+        x = self.normalizer(data)
+        return ChipSample(chip, np.ascontiguousarray(x, dtype=np.float32), invalid, valid_fraction, False)
+
+
+class ChipDataset(torch.utils.data.Dataset):
+    """A map-style dataset over a list of chips (row-major order is kept by the DataLoader)."""
+
+    def __init__(self, reader: ChipReader, chips: Sequence[Chip]):
+        self.reader = reader
+        self.chips = list(chips)
+
+    def __len__(self) -> int:
+        return len(self.chips)
+
+    def __getitem__(self, i: int) -> ChipSample:
+        return self.reader.read(self.chips[i])
+
+
+@dataclass
+class ChipBatch:
+    samples: list[ChipSample]
+    x: torch.Tensor  # (B_nonempty, bands, C, C): only the chips with valid pixels
+    keep: list[int]  # positions in ``samples`` of the rows of ``x``
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def collate_chips(samples: list[ChipSample]) -> ChipBatch:
+    keep = [i for i, s in enumerate(samples) if not s.empty]
+    if keep:
+        x = torch.from_numpy(np.stack([samples[i].x for i in keep]))
+    else:
+        x = torch.empty((0, *samples[0].x.shape), dtype=torch.float32)
+    for s in samples:  # the pixels travel in ``x``; keep the samples light
+        s.x = None
+    return ChipBatch(samples, x, keep)

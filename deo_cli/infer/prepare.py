@@ -1,0 +1,139 @@
+"""From a scene and a model to what the chips need: bands, stem, unit, normalisation.
+
+One decision per scene, logged and written into the output's tags (peers.md §5.3-§5.4):
+
+1. **Bands and stem.** The model's multispectral manifest is selected by band name. If the
+   scene lacks some of those bands but has red, green and blue, the RGB stem is used
+   (``rgb_manifest``) and the log says so; otherwise a :class:`~deo_cli.errors.BandError` lists
+   the missing bands.
+2. **Unit.** Inferred from a decimated read of the bands the manifest does not max-scale
+   (:func:`~deo_cli.io.units.infer_unit`), or stated with ``--unit``. Reflectance 0-1 is
+   converted to DN (x 10^4) for a DN model; 0-255 data is refused with one line; a unit deo
+   cannot tell is refused with a hint to pass ``--unit``.
+3. **RGB scale.** Max-scaled bands (DEO's RGB, method.md §2.3) are divided by one scene-level
+   value (:func:`~deo_cli.data.normalize.scene_rgb_max`, or ``input.rgb_max``), never per chip,
+   so neighbouring chips agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from deo_cli.data.normalize import Normalizer, scene_rgb_max
+from deo_cli.errors import BandError, DataError, UnitError
+from deo_cli.io.units import UnitGuess, conversion_factor, infer_unit
+from deo_cli.sensors import UNITS, BandManifest
+
+log = logging.getLogger(__name__)
+
+#: Pixels read (decimated) to infer the unit and the RGB scale.
+STATS_PIXELS = 512 * 512
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How one scene is fed to one model."""
+
+    bands: tuple[str, ...]  # manifest band names, read from the scene by name
+    scene_bands: tuple[str, ...]  # the scene's names for them (B04 for red, ...)
+    stem: str  # "ms" or "rgb"
+    manifest: BandManifest
+    normalizer: Normalizer
+    unit: str  # the scene's unit (inferred or stated)
+    unit_reason: str
+    unit_factor: float
+    rgb_max: float | None
+
+    def describe(self) -> dict:
+        return {
+            "stem": self.stem,
+            "input_bands": list(self.scene_bands),
+            "unit": self.unit,
+            "unit_reason": self.unit_reason,
+            "unit_factor": self.unit_factor,
+            "rgb_max": self.rgb_max,
+            **self.normalizer.to_dict(),
+        }
+
+
+def choose_stem(scene, manifest: BandManifest, rgb_manifest: BandManifest | None) -> tuple[str, BandManifest]:
+    """``("ms", manifest)`` when the scene has every band, else ``("rgb", rgb_manifest)`` when it
+    has red/green/blue and the model an RGB stem; else the :class:`BandError` of the MS bands."""
+    try:
+        scene.select(manifest.bands)
+        return "ms", manifest
+    except BandError as err:
+        if rgb_manifest is None:
+            raise
+        try:
+            scene.select(rgb_manifest.bands)
+        except BandError:
+            raise err from None
+        names = [s.name for s in scene.sources]
+        missing = [b for b in manifest.bands if b not in names]
+        msg = "scene %s lacks %s: using the model's RGB stem (%s)"
+        args = (scene.name, ", ".join(missing), ", ".join(rgb_manifest.bands))
+        if len(scene.sources) > 3:  # the user may have expected the multispectral stem
+            log.warning(msg, *args)
+        else:
+            log.info(msg, *args)
+        return "rgb", rgb_manifest
+
+
+def prepare_input(
+    scene,
+    manifest: BandManifest,
+    rgb_manifest: BandManifest | None = None,
+    unit: str = "auto",
+    rgb_max: float | None = None,
+) -> InputPlan:
+    """Decide stem, unit conversion and normalisation for ``scene`` (see the module docstring)."""
+    stem, man = choose_stem(scene, manifest, rgb_manifest)
+    idx = scene.select(man.bands)
+    scene_bands = tuple(scene.sources[i].name for i in idx)
+    ov = scene.overview(man.bands, max_pixels=STATS_PIXELS)
+    if not ov.valid.any():
+        raise DataError(
+            f"scene {scene.name} has no valid pixels", "check its nodata value and mask (--nodata)"
+        )
+    plain = [i for i, b in enumerate(man.bands) if b not in man.max_scaled]
+    factor = 1.0
+    if unit and unit != "auto":
+        found = UnitGuess(unit, "stated with --unit", np.nan, np.nan, np.nan, np.nan)
+    elif plain:
+        dtypes = {scene.sources[idx[i]].dtype for i in plain}
+        found = infer_unit(ov.data[plain][:, ov.valid], dtypes.pop() if len(dtypes) == 1 else None)
+    else:
+        found = UnitGuess("any", "every band is scaled per scene", np.nan, np.nan, np.nan, np.nan)
+    if man.unit != "any" and plain:
+        if found.unit == "unknown":
+            raise UnitError(
+                f"cannot tell the unit of scene {scene.name} (values {found.vmin:g} to {found.vmax:g}; "
+                f"{man.name} expects {UNITS[man.unit]})",
+                "pass --unit dn or --unit reflectance",
+            )
+        factor = conversion_factor(found.unit, man.unit, what=f"scene {scene.name}")
+        if factor != 1.0:
+            log.info(
+                "scene %s is %s (%s): multiplying by %g to get %s",
+                scene.name,
+                UNITS[found.unit],
+                found.reason,
+                factor,
+                UNITS[man.unit],
+            )
+    scale = None
+    if man.max_scaled:
+        if rgb_max is not None:
+            scale = float(rgb_max)
+        else:
+            pos = [i for i, b in enumerate(man.bands) if b in man.max_scaled]
+            scale = scene_rgb_max(ov.data[pos], ov.valid)
+        log.debug("scene %s: RGB scale %g", scene.name, scale)
+    normalizer = Normalizer.from_manifest(man, unit_factor=factor, rgb_max=scale)
+    return InputPlan(
+        tuple(man.bands), scene_bands, stem, man, normalizer, found.unit, found.reason, factor, scale
+    )

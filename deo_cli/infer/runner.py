@@ -1,0 +1,287 @@
+"""The generic streaming runner: scene chips -> model -> stitched rows -> a sink.
+
+Shared by ``deo embed``, ``deo segment predict`` and ``deo detect-change``::
+
+    plan = TilePlan.create(scene.height, scene.width, chip_size=224, stride=16)
+    reader = ChipReader(scene, bands, normalizer, plan)
+    sink = StreamingRasterWriter("out.tif", scene.grid.scaled(16), layout)
+    stats = run_dense(reader, model, sink, batch_size=16, num_workers=2)
+    sink.finish()
+
+- DataLoader workers read, fill and normalise chips (:class:`~deo_cli.infer.chips.ChipReader`;
+  the scene pickles and each worker opens its own files), ``prefetch`` batches ahead each.
+- The main process runs batches on the device under the resolved precision (autocast), skips
+  chips without any valid pixel, and stitches (:class:`~deo_cli.infer.tiling.RowStitcher`).
+- Finished row blocks go to the sink in a background thread (:class:`BackgroundSink`), so
+  compression and disk writes overlap the next forward pass. Memory is bounded by the
+  stitcher's band of rows, the prefetch queue and the GDAL cache (capped at
+  :data:`READ_CACHE_BYTES` per worker), none of which grows with the scene's height.
+
+A sink is anything with ``block_rows`` and ``write_rows(row0, data)``
+(:class:`~deo_cli.io.writers.StreamingRasterWriter`, :class:`~deo_cli.io.writers.ZarrWriter`,
+or a segmentation sink that turns logits into classes).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import rasterio
+import torch
+from torch.utils.data import DataLoader
+
+from deo_cli.infer.chips import ChipBatch, ChipDataset, ChipReader, collate_chips
+from deo_cli.infer.tiling import RowStitcher, round_up
+from deo_cli.progress import NullProgress, Progress
+from deo_cli.runtime import autocast
+
+log = logging.getLogger(__name__)
+
+#: GDAL block cache of each reading process (bytes): enough for the source tiles a few chips
+#: share, small enough that memory does not grow with the scene.
+READ_CACHE_BYTES = 96 * 1024 * 1024
+
+_worker_env = None
+
+
+def _worker_init(_worker_id: int) -> None:
+    global _worker_env
+    _worker_env = rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
+    _worker_env.__enter__()
+
+
+@dataclass
+class RunStats:
+    """What a run did: chips read and computed, timings (seconds)."""
+
+    chips: int = 0
+    computed: int = 0
+    skipped_empty: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    rows: tuple[int, int] = (0, 0)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def chips_per_second(self) -> float:
+        return self.chips / self.seconds if self.seconds > 0 else float("nan")
+
+
+class BackgroundSink:
+    """Run ``sink.write_rows`` in a thread (GDAL and zarr release the GIL while compressing).
+
+    At most ``depth`` blocks wait in the queue; an error in the thread is raised by the next
+    ``write_rows`` or by ``close``.
+    """
+
+    def __init__(self, sink, depth: int = 2):
+        self.sink = sink
+        self.block_rows = sink.block_rows
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="deo-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self.sink.write_rows(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+
+    def write_rows(self, row0: int, data: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((row0, data))
+
+    def close(self) -> None:
+        """Wait until every queued block is written; re-raise a writer error."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def make_loader(
+    reader: ChipReader,
+    chips,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    prefetch: int = 2,
+) -> DataLoader:
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": max(1, prefetch), "worker_init_fn": _worker_init}
+    return DataLoader(
+        ChipDataset(reader, chips),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_chips,
+        pin_memory=device.type == "cuda",
+        **kwargs,
+    )
+
+
+def _forward(model, x: torch.Tensor, device, precision, fn: Callable | None = None) -> np.ndarray:
+    x = x.to(device, non_blocking=True)
+    with torch.inference_mode(), autocast(device, precision):
+        y = (fn or model)(x)
+    return y.float().cpu().numpy()
+
+
+def block_rows_for(requested: int = 16) -> int:
+    """Output rows per block: a multiple of 16 (GeoTIFF tile heights must be)."""
+    return max(16, round_up(requested, 16))
+
+
+def split_rows(height: int, parts: int, block_rows: int) -> list[tuple[int, int]]:
+    """Split ``height`` output rows into ``parts`` contiguous ranges aligned to ``block_rows``
+    (some may be empty when there are more parts than blocks)."""
+    blocks = -(-height // block_rows)
+    out = []
+    for r in range(parts):
+        lo = min(height, (blocks * r // parts) * block_rows)
+        hi = min(height, (blocks * (r + 1) // parts) * block_rows)
+        out.append((lo, hi))
+    return out
+
+
+def run_dense(
+    reader: ChipReader,
+    model,
+    sink,
+    *,
+    blend: str = "cosine",
+    max_nodata_fraction: float = 0.5,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    device: torch.device | None = None,
+    precision: torch.dtype | None = None,
+    rows: tuple[int, int] | None = None,
+    progress: Progress | None = None,
+    description: str = "",
+    prefetch: int = 2,
+    background: bool = True,
+) -> RunStats:
+    """Stitch ``model`` maps over ``reader``'s plan into ``sink`` (output rows ``rows``, default all).
+
+    ``model(x)`` takes ``(B, bands, C, C)`` and returns ``(B, model.channels, C/stride, C/stride)``
+    with ``stride == reader.plan.stride``. The caller finishes the sink.
+    """
+    plan = reader.plan
+    device = device or torch.device("cpu")
+    progress = progress or NullProgress()
+    rows = rows or (0, plan.out_height)
+    stats = RunStats(rows=rows)
+    if model.stride != plan.stride:
+        raise ValueError(f"model stride {model.stride} differs from the plan's {plan.stride}")
+    out = BackgroundSink(sink) if background else sink
+    stitcher = RowStitcher(
+        plan,
+        model.channels,
+        out.write_rows,
+        blend=blend,
+        block_rows=sink.block_rows,
+        rows=rows,
+        max_nodata_fraction=max_nodata_fraction,
+    )
+    chips = plan.chips(rows)
+    t0 = time.perf_counter()
+    progress.start(len(chips), description)
+    expected = (model.channels, plan.n, plan.n)
+    try:
+        batch: ChipBatch
+        for batch in make_loader(reader, chips, batch_size, num_workers, device, prefetch):
+            y = None
+            if batch.keep:
+                tm = time.perf_counter()
+                y = _forward(model, batch.x, device, precision)
+                stats.model_seconds += time.perf_counter() - tm
+                if y.shape[1:] != expected:
+                    raise RuntimeError(f"model returned maps of shape {y.shape[1:]}, expected {expected}")
+            pos = {j: i for i, j in enumerate(batch.keep)}
+            for j, s in enumerate(batch.samples):
+                stitcher.add(s.chip, y[pos[j]] if j in pos else None, s.invalid)
+            stats.chips += len(batch)
+            stats.computed += len(batch.keep)
+            stats.skipped_empty += len(batch) - len(batch.keep)
+            progress.advance(len(batch))
+        stitcher.close()
+    finally:
+        if out is not sink:
+            out.close()
+        progress.finish()
+    stats.seconds = time.perf_counter() - t0
+    stats.extra["stitch_buffer_bytes"] = stitcher.buffer_bytes
+    return stats
+
+
+def run_pooled(
+    reader: ChipReader,
+    vectors: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    write: Callable[[list, np.ndarray], None],
+    *,
+    max_nodata_fraction: float = 0.5,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    device: torch.device | None = None,
+    precision: torch.dtype | None = None,
+    chips=None,
+    progress: Progress | None = None,
+    description: str = "",
+) -> RunStats:
+    """One vector per chip: ``vectors(x, invalid)`` -> ``(B, D)``; ``write(samples, vectors)``.
+
+    Chips whose in-scene pixels are more than ``max_nodata_fraction`` nodata are skipped.
+    ``invalid`` is the batch's (B, n, n) per-feature-pixel invalid fraction (numpy).
+    """
+    device = device or torch.device("cpu")
+    progress = progress or NullProgress()
+    chips = reader.plan.chips() if chips is None else chips
+    stats = RunStats()
+    t0 = time.perf_counter()
+    progress.start(len(chips), description)
+    try:
+        for batch in make_loader(reader, chips, batch_size, num_workers, device):
+            take = [
+                k
+                for k, j in enumerate(batch.keep)
+                if 1.0 - batch.samples[j].valid_fraction <= max_nodata_fraction
+            ]
+            if take:
+                x = batch.x[take].to(device, non_blocking=True)
+                inv = np.stack([batch.samples[batch.keep[k]].invalid for k in take])
+                tm = time.perf_counter()
+                with torch.inference_mode(), autocast(device, precision):
+                    v = vectors(x, inv)
+                v = v.float().cpu().numpy()
+                stats.model_seconds += time.perf_counter() - tm
+                write([batch.samples[batch.keep[k]] for k in take], v)
+            stats.chips += len(batch)
+            stats.computed += len(take)
+            progress.advance(len(batch))
+    finally:
+        progress.finish()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def masked_mean(maps: torch.Tensor, invalid: np.ndarray, max_nodata_fraction: float) -> torch.Tensor:
+    """Mean of ``maps`` (B, C, n, n) over feature pixels whose invalid fraction is within bounds."""
+    keep = torch.from_numpy(invalid <= max_nodata_fraction).to(maps.device, maps.dtype)[:, None]
+    den = keep.sum(dim=(2, 3)).clamp_min(1.0)
+    return (maps * keep).sum(dim=(2, 3)) / den
