@@ -1,4 +1,9 @@
-"""``deo embed SCENE... -o OUT``: georeferenced DEO embeddings from scenes of any size."""
+"""``deo embed SCENE... -o OUT``: georeferenced DEO embeddings from scenes of any size.
+
+The core is :func:`deo_cli.infer.embed.run_embed`; this module only parses options, passes a
+rich progress bar and prints one summary line per output (or one error line per failed scene;
+exit 1 when any scene failed).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import load_recipe, not_built
+from deo_cli.cli.common import exit_code_for, load_recipe, stderr_console, stdout_console
 
 
 def embed_cmd(
@@ -64,10 +69,16 @@ def embed_cmd(
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
-    """Write a dense embedding raster (COG or Zarr) or per-chip vectors (GeoParquet) for each scene."""
+    """Write a dense embedding raster (COG or Zarr) or per-chip vectors (GeoParquet) for each scene.
+
+    The default level is the model's stage 3 for DEO Swin (stride 16): the map DEO distils into
+    DINOv3's patch tokens. Tags name the model, weights, bands, normalisation and tiling.
+    """
+    from deo_cli.cli.progress import RichProgress
+    from deo_cli.infer.embed import run_embed, summary_line
     from deo_cli.recipes import EmbedRecipe
 
-    load_recipe(
+    cfg = load_recipe(
         EmbedRecipe,
         recipe,
         set_,
@@ -87,7 +98,27 @@ def embed_cmd(
             "runtime.precision": precision,
             "runtime.batch_size": batch_size,
             "runtime.num_workers": num_workers,
+            "gpus": gpus,
         },
         "embed",
     )
-    raise not_built("deo embed", 6)
+    results = run_embed(
+        scenes,
+        output,
+        cfg,
+        overwrite=overwrite,
+        resume=resume,
+        preview=preview,
+        progress=RichProgress("chips"),
+    )
+    console = stdout_console()
+    failed = 0
+    for r in results:
+        if r.error is not None:
+            failed += 1
+            typer.echo(f"error: {r.source}: {r.error.one_line()}", err=True)
+        else:
+            console.print(summary_line(r))
+    if failed and len(results) > 1:
+        stderr_console().print(f"{len(results) - failed} of {len(results)} scenes written, {failed} failed")
+    exit_code_for(failed)

@@ -1,0 +1,879 @@
+"""``deo embed``: georeferenced DEO embeddings from scenes of any size.
+
+:func:`run_embed` is what the command line calls (a notebook can too)::
+
+    from deo_cli.recipes import EmbedRecipe
+    results = run_embed(["scene.tif"], Path("emb.tif"), EmbedRecipe())
+
+For each scene it picks the stem, unit conversion and normalisation
+(:mod:`deo_cli.infer.prepare`), plans chips on the feature grid of the chosen level
+(:mod:`deo_cli.infer.tiling`), streams them through the model (:mod:`deo_cli.infer.runner`)
+and writes one of:
+
+- **COG** (default): one band per feature channel (``emb_0000`` ...), CRS of the input,
+  transform = input transform scaled by the feature stride (``Grid.scaled``), NaN nodata
+  (``-128`` for int8), overviews by averaging, tags naming the model, weights checksum, band
+  manifest, normalisation, tiling, layer, recipe hash, deo version and source scene;
+- **Zarr** (``-o emb.zarr``): the same values as ``(band, y, x)`` with the ``proj:``,
+  ``spatial:`` and ``geoemb:`` conventions;
+- **GeoParquet** (``--pool mean|cls``): one vector per chip (``mean``: the average of the
+  chosen level over the chip's valid feature pixels; ``cls``: the encoder's global vector,
+  final norm + average pool for Swin, the normed CLS token for ViT), footprint polygons in the
+  source CRS. Chips do not overlap unless ``--overlap`` says so; chips that are mostly nodata
+  are left out.
+
+Several scenes write one output each into a folder; a scene that fails does not stop the
+others (its error is in its :class:`EmbedResult`). ``--resume`` skips finished outputs and
+continues interrupted rasters from their last checkpointed row block (see
+:mod:`deo_cli.io.writers`). ``--gpus N`` runs N ranks, each computing a band of rows
+(:mod:`deo_cli.infer.distributed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from affine import Affine
+
+from deo_cli import __version__
+from deo_cli.errors import DeoError, UsageError
+from deo_cli.infer.chips import ChipReader
+from deo_cli.infer.distributed import RankInfo, run_ranks
+from deo_cli.infer.model import EncoderFeatures, resolve_layer
+from deo_cli.infer.prepare import InputPlan, prepare_input
+from deo_cli.infer.runner import _forward, block_rows_for, masked_mean, run_dense, run_pooled, split_rows
+from deo_cli.infer.tiling import TilePlan
+from deo_cli.io.atomic import check_output
+from deo_cli.io.grid import Grid
+from deo_cli.io.raster import open_scene
+from deo_cli.io.sources import resolve_source
+from deo_cli.io.writers import (
+    GeoParquetChipWriter,
+    LinearQuantization,
+    RasterLayout,
+    StreamingRasterWriter,
+    TiledWriter,
+    ZarrWriter,
+    finish_cog,
+    merge_parquet_parts,
+    partial_paths,
+    read_progress,
+)
+from deo_cli.progress import NullProgress, Progress
+from deo_cli.recipes import EmbedRecipe, recipe_hash, recipe_path_for, save_recipe
+from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+
+log = logging.getLogger(__name__)
+
+SUFFIX = {"cog": ".tif", "zarr": ".zarr", "parquet": ".parquet"}
+#: Chips run through the model to fit the int8 scale/offset.
+CALIBRATION_CHIPS = 8
+
+
+@dataclass
+class EmbedResult:
+    """What happened to one scene."""
+
+    source: str
+    output: Path | None = None
+    status: str = "failed"  # written | skipped | failed
+    error: DeoError | None = None
+    format: str = "cog"
+    crs: str | None = None
+    grid: tuple[int, int] | None = None  # (width, height) of the output grid (or chip grid)
+    resolution: tuple[float, float] | None = None
+    size_bytes: int = 0
+    seconds: float = 0.0
+    chips: int = 0
+    chips_per_second: float = 0.0
+    preview: Path | None = None
+    recipe: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def output_format(output: Path, pool: str, fmt: str = "auto") -> str:
+    """``cog``, ``zarr`` or ``parquet`` from the recipe and the output name."""
+    suffix = output.suffix.lower()
+    if fmt == "auto":
+        if pool != "none":
+            fmt = "parquet"
+        elif suffix == ".zarr":
+            fmt = "zarr"
+        elif suffix in (".parquet", ".geoparquet"):
+            raise UsageError(
+                f"-o {output.name} asks for chip vectors but no pooling was chosen",
+                "add --pool mean or --pool cls, or write a dense raster (-o emb.tif)",
+            )
+        else:
+            fmt = "cog"
+    if fmt == "parquet" and pool == "none":
+        raise UsageError("GeoParquet output holds one vector per chip", "add --pool mean or --pool cls")
+    if fmt != "parquet" and pool != "none":
+        raise UsageError(
+            f"--pool {pool} writes chip vectors to GeoParquet", "use -o NAME.parquet (or a folder)"
+        )
+    return fmt
+
+
+def scene_stem(name: str) -> str:
+    """A file-name stem for a scene name (``sample:paris`` -> ``paris``, ``a/b.tif`` -> ``b``)."""
+    text = name.split(":", 1)[1] if name.startswith("sample:") else name
+    text = text.rstrip("/").rsplit("/", 1)[-1]
+    for suf in (".tif", ".tiff", ".vrt", ".jp2"):
+        if text.lower().endswith(suf):
+            text = text[: -len(suf)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "scene"
+
+
+def plan_outputs(sources: list[str], output: Path, fmt: str) -> list[Path | None]:
+    """One output path per scene: ``output`` itself for one scene and a file name, else
+    ``output/<scene><suffix>`` (``None`` where the scene cannot be resolved; it fails later)."""
+    folder = len(sources) > 1 or (output.is_dir() and output.suffix.lower() != ".zarr") or not output.suffix
+    if not folder:
+        return [output]
+    out: list[Path | None] = []
+    seen: dict[str, str] = {}
+    for s in sources:
+        try:
+            stem = scene_stem(resolve_source(s).name)
+        except DeoError:
+            out.append(None)
+            continue
+        if stem in seen:
+            raise UsageError(
+                f"scenes {seen[stem]} and {s} would both be written to {output / (stem + SUFFIX[fmt])}",
+                "embed them in separate runs or rename one",
+            )
+        seen[stem] = s
+        out.append(output / (stem + SUFFIX[fmt]))
+    return out
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _crs_text(crs) -> str | None:
+    if crs is None:
+        return None
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(recipe: EmbedRecipe) -> EncoderFeatures:
+    """The encoder of ``recipe.model`` at level ``recipe.layer``, in eval mode."""
+    from deo_cli.models import build_encoder, get_model_spec
+
+    spec = get_model_spec(recipe.model.name)
+    layer = resolve_layer(spec, recipe.layer)
+    seed_everything(recipe.runtime.seed)  # random weights (--weights random) are reproducible
+    encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
+    return EncoderFeatures(encoder, layer)
+
+
+def _describe_model(model) -> dict:
+    return {
+        "model": getattr(model, "name", type(model).__name__),
+        "weights": getattr(model, "weights_uri", None) or "random",
+        "weights_sha256": getattr(model, "weights_sha256", None),
+        "layer": getattr(model, "layer", None),
+        "stride": int(model.stride),
+        "channels": int(model.channels),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def embedding_metadata(model, inp: InputPlan, plan: TilePlan, recipe: EmbedRecipe, scene, extra=None) -> dict:
+    """Provenance of an embedding output (plain JSON values)."""
+    meta = {
+        "deo_version": __version__,
+        **{f"deo_{k}": v for k, v in _describe_model(model).items()},
+        "deo_band_manifest": inp.manifest.to_dict(),
+        "deo_normalization": inp.describe(),
+        "deo_tiling": {
+            **plan.describe(),
+            "blend": recipe.tiling.blend,
+            "max_nodata_fraction": recipe.tiling.max_nodata_fraction,
+            "edges": "edge pixels replicated outside the scene, cropped back",
+            "nodata_fill": "nearest valid pixel of the chip (along rows, then columns)",
+        },
+        "deo_recipe_hash": recipe_hash(recipe),
+        "deo_source": {"scene": scene.name, "paths": list(scene.paths)},
+        "deo_datetime": scene.datetime,
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def _gdal_tags(meta: dict) -> dict[str, str]:
+    out = {}
+    for k, v in meta.items():
+        if v is None:
+            continue
+        out[k.upper()] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
+def _geoemb_attrs(model, scene, out_grid: Grid) -> dict:
+    weights = getattr(model, "weights_uri", None) or ""
+    if weights.startswith("hf://"):
+        repo = "/".join(weights[5:].split("@")[0].split("/")[:2])
+        ref = f"https://huggingface.co/{repo}"
+    else:
+        ref = f"https://github.com/wolfilip/DEO-FM#{getattr(model, 'name', 'model')}"
+    attrs = {
+        "geoemb:model": ref,
+        "geoemb:source_data": [str(p) for p in scene.paths],
+        "geoemb:build_version": f"deo {__version__}",
+    }
+    if out_grid.crs is not None and out_grid.crs.is_projected:
+        attrs["geoemb:gsd"] = float(out_grid.res[0])
+    return attrs
+
+
+def _fingerprint(recipe: EmbedRecipe, model, scene, plan: TilePlan, fmt: str, part: str = "") -> str:
+    blob = json.dumps(
+        {
+            "recipe": recipe_hash(recipe),
+            "model": _describe_model(model),
+            "paths": list(scene.paths),
+            "grid": [scene.width, scene.height, list(tuple(scene.transform)[:6])],
+            "plan": plan.describe(),
+            "format": fmt,
+            "part": part,
+        },
+        sort_keys=True,
+        default=str,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------
+# One scene
+# ---------------------------------------------------------------------------------------------
+
+
+def calibrate_int8(
+    reader: ChipReader, model, device, precision, max_nodata_fraction: float, n: int = CALIBRATION_CHIPS
+) -> LinearQuantization:
+    """Fit the global int8 scale/offset on features of up to ``n`` chips spread over the scene."""
+    chips = reader.plan.chips()
+    picks = np.unique(np.linspace(0, len(chips) - 1, min(len(chips), 4 * n)).round().astype(int))
+    values = []
+    for i in picks:
+        s = reader.read(chips[i])
+        if s.empty:
+            continue
+        y = _forward(model, torch.from_numpy(s.x)[None], device, precision)[0]
+        ok = s.invalid <= max_nodata_fraction
+        values.append(y[:, ok].ravel())
+        if len(values) >= n:
+            break
+    q = LinearQuantization.fit(np.concatenate(values) if values else np.zeros(0))
+    log.info("int8 scale %.6g, offset %.6g (fitted on %d chips)", q.scale, q.offset, len(values))
+    return q
+
+
+def _layout(model, recipe: EmbedRecipe, meta: dict, quant) -> RasterLayout:
+    dtype = recipe.output.dtype
+    return RasterLayout(
+        count=int(model.channels),
+        dtype="float32",
+        nodata=None,
+        descriptions=tuple(f"emb_{i:04d}" for i in range(model.channels)),
+        tags=_gdal_tags(meta),
+        quantization=quant if dtype == "int8" else None,
+        half=dtype == "float16",
+        compress=recipe.output.compress,
+        resampling="average",
+    )
+
+
+def _dense(
+    scene,
+    out: Path,
+    fmt: str,
+    model,
+    inp: InputPlan,
+    recipe: EmbedRecipe,
+    device,
+    precision,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: Progress,
+    ranks: RankInfo,
+) -> tuple[Grid, dict]:
+    t = recipe.tiling
+    chip = t.chip_size or model.input_size
+    try:
+        plan = TilePlan.create(scene.height, scene.width, chip, model.stride, t.overlap)
+    except ValueError as e:
+        raise UsageError(str(e), "change --chip-size or --overlap") from None
+    out_grid = scene.grid.scaled(model.stride)
+    assert (plan.out_height, plan.out_width) == (out_grid.height, out_grid.width)
+    reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
+    block_rows = block_rows_for(16)
+    rt = recipe.runtime
+    common = dict(
+        blend=t.blend,
+        max_nodata_fraction=t.max_nodata_fraction,
+        batch_size=rt.batch_size,
+        num_workers=rt.num_workers,
+        device=device,
+        precision=precision,
+        progress=progress,
+        description=f"embedding {scene.name}",
+    )
+    world, rank = ranks.world, ranks.rank
+    part = f"-{rank}of{world}" if world > 1 else ""
+    fingerprint = _fingerprint(recipe, model, scene, plan, fmt, part)
+
+    quant = None
+    if recipe.output.dtype == "int8":
+        if resume:
+            tmp, side = partial_paths(out, part)
+            if fmt == "zarr":
+                side = tmp / "deo-progress.json"
+            state = read_progress(side, fingerprint)
+            if state and state.get("quantization"):
+                quant = LinearQuantization.from_dict(state["quantization"])
+        if quant is None:
+            quant = (
+                calibrate_int8(reader, model, device, precision, t.max_nodata_fraction)
+                if ranks.is_main
+                else None
+            )
+            quant = ranks.broadcast(quant)
+    meta = embedding_metadata(
+        model,
+        inp,
+        plan,
+        recipe,
+        scene,
+        {
+            "deo_quantization": quant.to_dict()
+            if quant is not None and recipe.output.dtype == "int8"
+            else None
+        },
+    )
+    layout = _layout(model, recipe, meta, quant)
+
+    if world == 1:
+        if fmt == "zarr":
+            sink = ZarrWriter(
+                out,
+                out_grid,
+                layout,
+                geoemb_attrs=_geoemb_attrs(model, scene, out_grid),
+                block_rows=block_rows,
+                fingerprint=fingerprint,
+                resume=resume,
+                overwrite=overwrite,
+            )
+        else:
+            sink = StreamingRasterWriter(
+                out, out_grid, layout, block_rows, fingerprint=fingerprint, resume=resume, overwrite=overwrite
+            )
+        try:
+            stats = run_dense(reader, model, sink, rows=(sink.rows_done, out_grid.height), **common)
+            if fmt == "zarr":
+                save_recipe(recipe, sink.tmp / "recipe.yaml", "embed")
+            sink.finish()
+        except BaseException:
+            sink.abort(keep=True)
+            raise
+        return out_grid, {"stats": stats, "plan": plan}
+
+    # several ranks: each writes a row band into its own part file; rank 0 assembles the COG
+    if fmt == "zarr":
+        raise UsageError(
+            "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
+        )
+    lo, hi = split_rows(out_grid.height, world, block_rows)[rank]
+    parts = [partial_paths(out, f"-{r}of{world}")[0] for r in range(world)]
+    writer = None
+    ok = True
+    stats = None
+    try:
+        if hi > lo:
+            writer = TiledWriter(
+                parts[rank],
+                out_grid,
+                layout,
+                block_rows,
+                rows=(lo, hi),
+                fingerprint=fingerprint,
+                resume=resume,
+            )
+            stats = run_dense(reader, model, writer, rows=(writer.rows_done, hi), **common)
+            writer.close()
+    except BaseException:
+        ok = False
+        if writer is not None:
+            writer.close()
+        raise
+    finally:
+        all_ok = ranks.all_ok(ok)
+    if not all_ok:
+        raise RuntimeError("another rank failed; rerun with --resume to continue")
+    if ranks.is_main:
+        present = [p for p, (a, b) in zip(parts, split_rows(out_grid.height, world, block_rows)) if b > a]
+        finish_cog(present, out, out_grid, layout, overwrite=True)
+        for p in present:
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+    ranks.barrier()
+    return out_grid, {"stats": stats, "plan": plan}
+
+
+def _chip_polygon(grid: Grid, x: int, y: int, size: int):
+    from shapely.geometry import Polygon
+
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(grid.width, x + size), min(grid.height, y + size)
+    t = grid.transform
+    return Polygon([t * (x0, y0), t * (x1, y0), t * (x1, y1), t * (x0, y1)])
+
+
+def _pooled(
+    scene,
+    out: Path,
+    model,
+    inp: InputPlan,
+    recipe: EmbedRecipe,
+    device,
+    precision,
+    *,
+    overwrite: bool,
+    progress: Progress,
+    ranks: RankInfo,
+) -> tuple[Grid, dict]:
+    t = recipe.tiling
+    chip = t.chip_size or model.input_size
+    pool = recipe.output.pool
+    try:
+        plan = TilePlan.create(scene.height, scene.width, chip, model.stride, t.overlap or 0, pad_start=False)
+    except ValueError as e:
+        raise UsageError(str(e), "change --chip-size or --overlap") from None
+    if pool == "cls" and not hasattr(model, "pooled"):
+        raise UsageError(f"model {model.name} has no global vector", "use --pool mean")
+    dim = int(model.pooled_dim) if pool == "cls" else int(model.channels)
+    reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
+    meta = embedding_metadata(
+        model,
+        inp,
+        plan,
+        recipe,
+        scene,
+        {
+            "deo_pool": pool,
+            "deo_pool_rule": (
+                "mean of the chosen level over the chip's valid feature pixels"
+                if pool == "mean"
+                else "the encoder's global vector (Swin: final norm + average pool; ViT: normed CLS)"
+            ),
+            "geoemb:chip_layout": {
+                "layout_type": "regular_grid",
+                "chip_size": [plan.chip_size, plan.chip_size],
+                "stride": [plan.step, plan.step],
+            },
+        },
+    )
+    thr = t.max_nodata_fraction
+
+    def vectors(x, invalid):
+        if pool == "cls":
+            return model.pooled(x)
+        return masked_mean(model(x), invalid, thr)
+
+    world, rank = ranks.world, ranks.rank
+    if world == 1:
+        writer = GeoParquetChipWriter(out, scene.crs, dim, metadata=meta, overwrite=overwrite)
+        chips = plan.chips()
+    else:
+        part, _ = partial_paths(out, f"-{rank}of{world}")
+        writer = GeoParquetChipWriter(part, scene.crs, dim, metadata=meta, overwrite=True)
+        chips = [c for c in plan.chips() if c.row % world == rank]
+    stem = scene_stem(scene.name)
+
+    def write(samples, vecs):
+        ids = [f"{stem}_{s.chip.row:04d}_{s.chip.col:04d}" for s in samples]
+        polys = [_chip_polygon(scene.grid, s.chip.x, s.chip.y, plan.chip_size) for s in samples]
+        writer.write(ids, polys, vecs, [s.valid_fraction for s in samples], scene.name, scene.datetime)
+
+    ok = True
+    try:
+        stats = run_pooled(
+            reader,
+            vectors,
+            write,
+            max_nodata_fraction=thr,
+            batch_size=recipe.runtime.batch_size,
+            num_workers=recipe.runtime.num_workers,
+            device=device,
+            precision=precision,
+            chips=chips,
+            progress=progress,
+            description=f"embedding chips of {scene.name}",
+        )
+        writer.finish()
+    except BaseException:
+        ok = False
+        writer.abort()
+        raise
+    finally:
+        all_ok = ranks.all_ok(ok) if world > 1 else ok
+    if world > 1:
+        if not all_ok:
+            raise RuntimeError("another rank failed")
+        if ranks.is_main:
+            merge_parquet_parts([partial_paths(out, f"-{r}of{world}")[0] for r in range(world)], out)
+        ranks.barrier()
+    rows, cols = plan.shape
+    chip_grid = Grid(scene.crs, scene.transform @ Affine.scale(plan.step), cols, rows)
+    return chip_grid, {"stats": stats, "plan": plan}
+
+
+@dataclass
+class Prepared:
+    """A scene checked and ready to embed (see :func:`preflight`)."""
+
+    source: str
+    out: Path
+    scene: object
+    inp: InputPlan
+    manifests: tuple
+
+
+def preflight(
+    source: str,
+    out: Path,
+    recipe: EmbedRecipe,
+    manifest,
+    rgb_manifest,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    preview: Path | None = None,
+    is_main: bool = True,
+) -> Prepared | None:
+    """Check one scene before any model is loaded: the output may be written, the scene opens,
+    has a CRS, has the bands (or RGB for the RGB stem) and a usable unit. ``None``: the output
+    exists and ``resume`` skips it. Raises :class:`DeoError`."""
+    if out.exists() and resume:
+        log.info("%s exists: skipped (--resume)", out)
+        return None
+    if is_main:
+        check_output(out, overwrite)
+        if preview is not None:
+            check_output(preview, overwrite)
+    i = recipe.input
+    scene = open_scene(
+        source,
+        band_names=i.band_names,
+        allow_no_crs=i.allow_no_crs,
+        nodata=i.nodata,
+        resampling=i.resampling,
+    )
+    with scene:
+        inp = prepare_input(scene, manifest, rgb_manifest, i.unit, i.rgb_max)
+    return Prepared(str(source), out, scene, inp, (manifest, rgb_manifest))
+
+
+def embed_scene(
+    source: str,
+    out: Path,
+    model,
+    recipe: EmbedRecipe,
+    *,
+    fmt: str = "cog",
+    device: torch.device | None = None,
+    precision: torch.dtype | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    preview: Path | None = None,
+    progress: Progress | None = None,
+    ranks: RankInfo | None = None,
+    prepared: Prepared | None = None,
+) -> EmbedResult:
+    """Embed one scene into ``out`` (see the module docstring). Raises :class:`DeoError`.
+
+    ``prepared`` (from :func:`preflight` with this model's manifests) saves opening it again.
+    """
+    t0 = time.perf_counter()
+    ranks = ranks or RankInfo()
+    progress = progress or NullProgress()
+    device = device or torch.device("cpu")
+    res = EmbedResult(source=str(source), output=out, format=fmt)
+    manifests = (model.manifest, getattr(model, "rgb_manifest", None))
+    if prepared is None or prepared.manifests != manifests:
+        prepared = preflight(
+            source,
+            out,
+            recipe,
+            *manifests,
+            overwrite=overwrite,
+            resume=resume,
+            preview=preview,
+            is_main=ranks.is_main,
+        )
+        if prepared is None:
+            res.status = "skipped"
+            return res
+    scene, inp = prepared.scene, prepared.inp
+    with scene:
+        kw = dict(progress=progress if ranks.is_main else NullProgress(), ranks=ranks, overwrite=overwrite)
+        if fmt == "parquet":
+            out_grid, info = _pooled(scene, out, model, inp, recipe, device, precision, **kw)
+        else:
+            out_grid, info = _dense(
+                scene, out, fmt, model, inp, recipe, device, precision, resume=resume, **kw
+            )
+    if ranks.is_main:
+        if fmt != "zarr":
+            res.recipe = save_recipe(recipe, recipe_path_for(out), "embed")
+        else:
+            res.recipe = recipe_path_for(out)
+        if preview is not None and fmt != "parquet":
+            from deo_cli.infer.preview import write_preview
+
+            res.preview = write_preview(out, preview, overwrite=overwrite)
+    stats = info["stats"]
+    res.status = "written"
+    res.crs = _crs_text(out_grid.crs)
+    res.grid = (out_grid.width, out_grid.height)
+    res.resolution = out_grid.res
+    res.size_bytes = _size(out) if ranks.is_main else 0
+    res.seconds = time.perf_counter() - t0
+    res.chips = stats.chips if stats else 0
+    res.chips_per_second = stats.chips_per_second if stats else 0.0
+    res.extra = {"stem": inp.stem, "unit": inp.unit, "plan": info["plan"].describe()}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Several scenes
+# ---------------------------------------------------------------------------------------------
+
+
+def _preview_for(preview: Path | None, out: Path, many: bool) -> Path | None:
+    if preview is None or not many:
+        return preview
+    return preview.with_name(f"{preview.stem}_{out.stem}{preview.suffix or '.png'}")
+
+
+def _run(
+    sources: list[str],
+    output: Path,
+    recipe: EmbedRecipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    preview: Path | None = None,
+    progress: Progress | None = None,
+    model=None,
+    ranks: RankInfo | None = None,
+) -> list[EmbedResult]:
+    ranks = ranks or RankInfo()
+    fmt = output_format(output, recipe.output.pool, recipe.output.format)
+    if fmt != "parquet" and preview is not None and preview.suffix.lower() not in (".png", ""):
+        raise UsageError(f"--preview {preview.name} must be a .png file", "name it e.g. preview.png")
+    if fmt == "parquet" and preview is not None:
+        raise UsageError("--preview needs a dense output", "drop --preview, or embed without --pool")
+    outs = plan_outputs(sources, output, fmt)
+    many = len(sources) > 1
+    if model is not None:
+        manifests = (model.manifest, getattr(model, "rgb_manifest", None))
+    else:
+        from deo_cli.models import get_model_spec
+
+        spec = get_model_spec(recipe.model.name)
+        manifests = (spec.manifest, spec.rgb_manifest)
+    # check every scene before loading the model (and downloading its weights)
+    results: list[EmbedResult | None] = []
+    jobs: list[tuple[int, Prepared]] = []
+    for source, out in zip(sources, outs):
+        try:
+            if out is None:
+                resolve_source(source)  # raises the scene's error
+                raise UsageError(f"cannot name an output for {source}", "give one scene per run")
+            prep = preflight(
+                source,
+                out,
+                recipe,
+                *manifests,
+                overwrite=overwrite,
+                resume=resume,
+                preview=_preview_for(preview, out, many),
+                is_main=ranks.is_main,
+            )
+        except DeoError as e:
+            if not many:
+                raise
+            results.append(EmbedResult(source=str(source), output=out, error=e, format=fmt))
+            continue
+        if prep is None:
+            results.append(EmbedResult(source=str(source), output=out, status="skipped", format=fmt))
+            continue
+        results.append(None)
+        jobs.append((len(results) - 1, prep))
+    if not jobs:
+        return [r for r in results if r is not None]
+    if model is None:
+        model = build_model(recipe)
+    device = resolve_device(recipe.runtime.device)
+    precision = resolve_precision(recipe.runtime.precision, device)
+    if hasattr(model, "to"):
+        model = model.to(device)
+    if ranks.is_main:
+        d = _describe_model(model)
+        log.info(
+            "%s (level %s: stride %d, %d channels) on %s, %s",
+            d["model"],
+            d["layer"],
+            d["stride"],
+            d["channels"],
+            device,
+            precision_name(precision),
+        )
+    for k, prep in jobs:
+        try:
+            r = embed_scene(
+                prep.source,
+                prep.out,
+                model,
+                recipe,
+                fmt=fmt,
+                device=device,
+                precision=precision,
+                overwrite=overwrite,
+                resume=resume,
+                preview=_preview_for(preview, prep.out, many),
+                progress=progress,
+                ranks=ranks,
+                prepared=prep,
+            )
+        except DeoError as e:
+            if not many:
+                raise
+            log.debug("scene %s failed", prep.source, exc_info=True)
+            r = EmbedResult(source=prep.source, output=prep.out, error=e, format=fmt)
+        results[k] = r
+    return results
+
+
+def _run_rank(sources, output, recipe, *, overwrite, resume, preview, ranks, progress=None):
+    return _run(
+        sources,
+        output,
+        recipe,
+        overwrite=overwrite,
+        resume=resume,
+        preview=preview,
+        progress=progress,
+        ranks=ranks,
+    )
+
+
+def run_embed(
+    sources: list[str],
+    output: str | Path,
+    recipe: EmbedRecipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    preview: str | Path | None = None,
+    progress: Progress | None = None,
+    model=None,
+) -> list[EmbedResult]:
+    """Embed every scene of ``sources`` into ``output`` (a file for one scene, else a folder).
+
+    ``model``: a ready :class:`~deo_cli.infer.model.FeatureModel` (default: built from
+    ``recipe.model`` and ``recipe.layer``). With one scene a :class:`DeoError` is raised; with
+    several, each failure is recorded in its result and the other scenes are still written.
+    """
+    output = Path(output)
+    preview = Path(preview) if preview is not None else None
+    if not sources:
+        raise UsageError("no scene given", "pass one or more scenes")
+    if recipe.gpus > 1 and model is None:
+        return run_ranks(
+            recipe.gpus,
+            _run_rank,
+            list(sources),
+            output,
+            recipe,
+            overwrite=overwrite,
+            resume=resume,
+            preview=preview,
+            main_kwargs={"progress": progress},
+        )
+    if recipe.gpus > 1:
+        log.warning("--gpus %d ignored: a model object was passed (ranks build their own)", recipe.gpus)
+    return _run(
+        list(sources),
+        output,
+        recipe,
+        overwrite=overwrite,
+        resume=resume,
+        preview=preview,
+        progress=progress,
+        model=model,
+    )
+
+
+def summary_line(r: EmbedResult) -> str:
+    """``emb.tif  12.3 MB  EPSG:32631  27x26 px @ 160 m  512 bands  4.2 s``-style text."""
+    if r.status == "skipped":
+        return f"{r.output}  skipped (exists, --resume)"
+    size = r.size_bytes
+    unit = "B"
+    for u in ("kB", "MB", "GB", "TB"):
+        if size < 1000:
+            break
+        size /= 1000.0
+        unit = u
+    res = r.resolution or (math.nan, math.nan)
+    what = "chips" if r.format == "parquet" else "px"
+    return (
+        f"{r.output}  {size:.1f} {unit}  {r.crs or 'no CRS'}  "
+        f"{r.grid[0]}x{r.grid[1]} {what} @ {res[0]:.6g}  {r.chips} chips in {r.seconds:.1f} s"
+    )
+
+
+__all__ = [
+    "EmbedResult",
+    "build_model",
+    "embed_scene",
+    "embedding_metadata",
+    "output_format",
+    "plan_outputs",
+    "run_embed",
+    "summary_line",
+]

@@ -1,0 +1,137 @@
+"""The embed core: resume after an interruption, ranks, layers, the model adapter."""
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from deo_cli.errors import UsageError
+from deo_cli.infer.embed import output_format, run_embed, scene_stem
+from deo_cli.infer.model import EncoderFeatures, default_embed_layer, forward_level, resolve_layer
+from deo_cli.io.writers import partial_paths
+from deo_cli.models import build_encoder, get_model_spec
+from deo_cli.recipes import EmbedRecipe, build_recipe
+from tests.infer.helpers import S2_BANDS, ConvFeatures, smooth_scene
+
+
+def recipe(*sets):
+    return build_recipe(
+        EmbedRecipe,
+        sets=["runtime.num_workers=0", "runtime.batch_size=6", "input.rgb_max=3000", *sets],
+    )
+
+
+class Interrupting(torch.nn.Module):
+    """Wraps a model; raises KeyboardInterrupt on call number ``stop`` (counting from 1)."""
+
+    def __init__(self, model, stop=None):
+        super().__init__()
+        self.model = model
+        self.stop = stop
+        self.calls = 0
+        self.chips = 0
+        for k in ("name", "stride", "channels", "input_size", "manifest", "rgb_manifest", "layer"):
+            setattr(self, k, getattr(model, k))
+
+    def forward(self, x):
+        self.calls += 1
+        self.chips += x.shape[0]
+        if self.stop is not None and self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.model(x)
+
+
+def test_resume_continues_from_the_last_finished_block(make_raster, tmp_path):
+    path = make_raster("s.tif", smooth_scene(150, 122), descriptions=S2_BANDS)
+    sets = ["tiling.chip_size=32", "tiling.overlap=8"]
+    full = tmp_path / "full.tif"
+    m_full = Interrupting(ConvFeatures())
+    run_embed([str(path)], full, recipe(*sets), model=m_full)
+
+    out = tmp_path / "emb.tif"
+    m1 = Interrupting(ConvFeatures(), stop=6)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed([str(path)], out, recipe(*sets), model=m1)
+    tmp, side = partial_paths(out)
+    assert not out.exists() and tmp.exists()
+    assert json.loads(side.read_text())["rows_done"] == 16  # one block of 16 feature rows was final
+
+    m2 = Interrupting(ConvFeatures())
+    (res,) = run_embed([str(path)], out, recipe(*sets), model=m2, resume=True)
+    assert res.status == "written" and not tmp.exists() and not side.exists()
+    assert m2.chips < m_full.chips  # chip rows above row 16 were not computed again
+    with rasterio.open(out) as a, rasterio.open(full) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    # a finished output is skipped by --resume
+    m3 = Interrupting(ConvFeatures())
+    (res,) = run_embed([str(path)], out, recipe(*sets), model=m3, resume=True)
+    assert res.status == "skipped" and m3.calls == 0
+
+
+def test_scene_smaller_than_one_chip(make_raster, tmp_path):
+    path = make_raster("tiny.tif", smooth_scene(9, 13), descriptions=S2_BANDS)
+    out = tmp_path / "e.tif"
+    (res,) = run_embed([str(path)], out, recipe(), model=ConvFeatures())
+    with rasterio.open(out) as ds, rasterio.open(path) as src:
+        assert ds.shape == (3, 4) and ds.transform == src.transform @ rasterio.Affine.scale(4)
+        assert np.isfinite(ds.read()).all()
+    assert res.chips == 1
+
+
+def test_default_layer_is_the_finest_distilled_level():
+    swin = get_model_spec("deo_swin_b")
+    assert (
+        default_embed_layer(swin) == 2 and swin.feature_strides[2] == 16 and swin.feature_channels[2] == 512
+    )
+    vit = get_model_spec("deo_vit_b16")
+    assert default_embed_layer(vit) == 3
+    assert resolve_layer(swin, "last") == 3 and resolve_layer(swin, "-1") == 3 and resolve_layer(swin, 0) == 0
+    with pytest.raises(UsageError, match="out of range"):
+        resolve_layer(swin, 4)
+
+
+@pytest.mark.parametrize("name,level", [("deo_swin_test", 2), ("deo_swin_test", 0), ("deo_vit_test", 3)])
+def test_truncated_forward_equals_the_full_forward(name, level):
+    torch.manual_seed(0)
+    enc = build_encoder(name, weights=None)
+    x = torch.randn(2, 10, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_array_equal(forward_level(enc, x, level).numpy(), enc(x)[level].numpy())
+    f = EncoderFeatures(enc, level)
+    assert f.stride == enc.spec.feature_strides[level] and f.channels == enc.spec.feature_channels[level]
+
+
+def test_output_format_and_names(tmp_path):
+    from pathlib import Path
+
+    assert output_format(Path("a.tif"), "none") == "cog"
+    assert output_format(Path("a.zarr"), "none") == "zarr"
+    assert output_format(Path("a.parquet"), "mean") == "parquet"
+    with pytest.raises(UsageError, match="--pool"):
+        output_format(Path("a.parquet"), "none")
+    assert scene_stem("sample:paris") == "paris"
+    assert scene_stem("bigearthnet/S2A_x_87_48") == "S2A_x_87_48" and scene_stem("a b.tif") == "a_b"
+
+
+@pytest.mark.slow
+def test_two_ranks_on_cpu_give_the_same_raster(make_raster, tmp_path):
+    path = make_raster("s.tif", smooth_scene(300, 100), descriptions=S2_BANDS)
+    sets = ["model.name=deo_swin_test", "model.weights=random"]
+    one, two = tmp_path / "one.tif", tmp_path / "two.tif"
+    run_embed([str(path)], one, recipe(*sets))
+    (res,) = run_embed([str(path)], two, recipe(*sets, "gpus=2"))
+    assert res.status == "written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one.recipe.yaml",
+        "one.tif",
+        "s.tif",
+        "two.recipe.yaml",
+        "two.tif",
+    ]
+    with rasterio.open(one) as a, rasterio.open(two) as b:
+        pa, pb = dict(a.profile), dict(b.profile)
+        assert np.isnan(pa.pop("nodata")) and np.isnan(pb.pop("nodata")) and pa == pb
+        assert b.tags()["DEO_MODEL"] == "deo_swin_test" and b.descriptions == a.descriptions
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
