@@ -601,8 +601,9 @@ class BenchOscdSection:
     features (levels ``layers``, averaged after upsampling to the label grid), Otsu threshold."""
 
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    #: Square chips of this many pixels (a multiple of 32); null runs each city whole.
-    chip_size: int | None = None
+    #: Square chips of this many pixels (a multiple of the deepest level's stride, bounded
+    #: memory); null runs each city whole.
+    chip_size: int | None = 256
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import default_group, load_recipe, not_built
+from deo_cli.cli.common import default_group, load_recipe, stdout_console
 
 app = typer.Typer(
     cls=default_group("run"),
@@ -18,7 +18,10 @@ app = typer.Typer(
 
 
 @app.command(
-    "run", epilog="Also: `deo bench download --suite geobench` fetches GEO-Bench into $GEO_BENCH_DIR."
+    "run",
+    epilog="Also: `deo bench download --suite geobench` fetches GEO-Bench into $GEO_BENCH_DIR. "
+    "Results go to --out (default bench-results/SUITE-TIMESTAMP): results.csv, results.json, "
+    "results_and_parameters.csv, recipe.yaml, run.log.",
 )
 def run_cmd(
     suite: Annotated[
@@ -28,26 +31,37 @@ def run_cmd(
         str | None,
         typer.Option(
             "--tasks",
-            help="Comma-separated tasks of the suite (default: all the paper reports).",
+            help="Comma-separated tasks of the suite (default: all the paper reports); OSCD cities for oscd.",
             rich_help_panel=opt.INPUT,
         ),
     ] = None,
     data: Annotated[
         Path | None,
         typer.Option(
-            "--data", help="Data folder (default: $GEO_BENCH_DIR for geobench).", rich_help_panel=opt.INPUT
+            "--data",
+            help="GEO-Bench folder or one task folder (default: $GEO_BENCH_DIR); the OSCD folder for oscd.",
+            rich_help_panel=opt.INPUT,
         ),
     ] = None,
     protocol: Annotated[
         str | None,
         typer.Option(
             "--protocol",
-            help="linear, knn or upernet (default: the paper's per task).",
+            help="paper (default: linear probe / UPerNet per task), linear, knn, upernet, or all (paper + kNN).",
             rich_help_panel=opt.INPUT,
         ),
     ] = None,
     partition: Annotated[
-        str | None, typer.Option("--partition", help="default or 0.10x_train.", rich_help_panel=opt.INPUT)
+        str | None,
+        typer.Option("--partition", help="default, 0.10x_train, ... (GEO-Bench).", rich_help_panel=opt.INPUT),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            help="Input size in pixels (default: the paper's per task; the model's for throughput).",
+            rich_help_panel=opt.INPUT,
+        ),
     ] = None,
     seeds: Annotated[
         str | None, typer.Option("--seeds", help="Comma-separated seeds.", rich_help_panel=opt.RUNTIME)
@@ -65,31 +79,49 @@ def run_cmd(
         typer.Option(
             "--out",
             "-o",
-            help="Folder for results.csv, results.json, recipe and log.",
+            help="Folder for results.csv, results.json, recipe and log (default: bench-results/SUITE-TIMESTAMP).",
             rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
-    resume: opt.Resume = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Skip rows already in --out (default: the newest bench-results/SUITE-*).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = False,
     overwrite: opt.Overwrite = False,
     device: opt.Device = None,
     precision: opt.Precision = None,
-    batch_size: opt.BatchSize = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Images per encoder forward (feature extraction, throughput).",
+            rich_help_panel=opt.RUNTIME,
+        ),
+    ] = None,
     num_workers: opt.NumWorkers = None,
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
     """Run a benchmark suite and print our numbers beside the paper's."""
+    from deo_cli.bench.run import check_suite
     from deo_cli.recipes import BenchRecipe
 
-    load_recipe(
+    r = load_recipe(
         BenchRecipe,
         recipe,
         set_,
         {
-            "suite": suite,
+            "suite": check_suite(suite),
             "tasks": tasks,
+            "data": str(data) if data is not None else None,
             "protocol": protocol,
             "partition": partition,
+            "image_size": image_size,
             "seeds": seeds,
             "limit": limit,
             "model.name": model,
@@ -101,7 +133,67 @@ def run_cmd(
         },
         "bench",
     )
-    raise not_built("deo bench", 8)
+    from deo_cli.bench.run import run_bench
+    from deo_cli.cli.progress import RichProgress
+
+    result = run_bench(r, out, resume=resume, overwrite=overwrite, progress=RichProgress("it"))
+    _print_summary(result)
+
+
+_PERCENT = {"overall_accuracy", "micro_f1", "miou", "f1", "iou"}
+_SHORT = {"overall_accuracy": "OA", "micro_f1": "micro-F1", "miou": "mIoU", "f1": "F1", "iou": "IoU"}
+
+
+def _print_summary(result) -> None:
+    """The results table (ours beside the paper's DEO, in percent like the paper) and the files."""
+    from rich.table import Table
+
+    console = stdout_console()
+    if not console.is_terminal:  # files and pipes: the whole table, never cut at 80 columns
+        console.width = max(console.width, 160)
+    table = Table(title=f"deo bench: {result.out}", title_justify="left")
+    for name in ("dataset", "protocol", "partition", "metric", "ours", "95% CI", "n", "paper DEO", "Δ"):
+        table.add_column(
+            name, justify="left" if name in ("dataset", "protocol", "partition", "metric") else "right"
+        )
+    notes = set()
+    for s in result.summary:
+        pct = s.metric in _PERCENT
+        scale = 100.0 if pct else 1.0
+        digits = 2 if pct else 1
+        ours = f"{scale * s.value:.{digits}f}" + (f" ± {scale * s.std:.{digits}f}" if s.seeds > 1 else "")
+        ci = "-"
+        if s.ci_low is not None and s.ci_high is not None:
+            ci = f"{scale * s.ci_low:.{digits}f}-{scale * s.ci_high:.{digits}f}"
+        paper = delta = "-"
+        if s.paper_value is not None:
+            paper, delta = f"{100 * s.paper_value:.2f}", f"{100 * (s.value - s.paper_value):+.2f}"
+            if s.dataset == "oscd":
+                paper += "*"
+                notes.add("* the paper fine-tunes the encoder for change detection; this suite is zero-shot.")
+        if s.seeds > 1:
+            notes.add(
+                "ours: mean ± standard deviation over seeds; 95% CI: bootstrap over test samples, mean over seeds."
+            )
+        if s.limit:
+            notes.add(f"run with --limit {s.limit}: smoke numbers, not results.")
+        table.add_row(
+            s.dataset,
+            s.protocol,
+            s.partition,
+            _SHORT.get(s.metric, s.metric),
+            ours,
+            ci,
+            str(s.n_test if s.n_test is not None else "-"),
+            paper,
+            delta,
+        )
+    console.print(table)
+    for note in sorted(notes):
+        console.print(note)
+    console.print(
+        f"{result.written} row(s) written, {result.skipped} unit(s) skipped; {result.csv}, {result.json}"
+    )
 
 
 @app.command("download")

@@ -90,6 +90,6 @@ def test_verbose_adds_traceback(tmp_path):
 
 
 def test_unbuilt_commands_exit_2_with_one_line(scene):
-    for argv in (["bench", "--suite", "geobench"],):
+    for argv in (["detect-change", str(scene), str(scene), "-o", str(scene.with_name("change.tif"))],):
         result, lines = run(argv)
         assert_one_line_error(result, lines, 2, "not built yet")
