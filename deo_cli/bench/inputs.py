@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -109,6 +110,19 @@ class GeoBenchTorchDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    # DataLoader workers started with "spawn" (macOS, Windows) receive a pickled copy; the
+    # task's unpickled GEO-Bench specs do not pickle again, so the worker reopens the folder.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["inputs"] = dataclasses.replace(self.inputs, task=None)
+        state["_task_path"] = str(self.inputs.task.path)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        path = state.pop("_task_path")
+        self.__dict__.update(state)
+        self.inputs = dataclasses.replace(self.inputs, task=GeoBenchTask(path))
 
     def __getitem__(self, i: int) -> dict:
         sample = self.inputs.task.load_sample(self.ids[i])

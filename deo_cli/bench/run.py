@@ -108,16 +108,21 @@ def _run_log(path: Path) -> Iterator[None]:
             h.setLevel(level)
 
 
-def _prepare_out(out: Path, suite: str, resume: bool, overwrite: bool) -> ResultsStore:
-    store = ResultsStore(out)
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Fail before any work when ``out`` cannot take this run's results."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} is a file", "give a folder with --out")
-    if store.csv_path.is_file() and not resume:
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} already holds benchmark results",
-                "pass --resume to continue it or --overwrite to restart it",
-            )
+    if ResultsStore(out).csv_path.is_file() and not resume and not overwrite:
+        raise OutputExistsError(
+            f"{out} already holds benchmark results",
+            "pass --resume to continue it or --overwrite to restart it",
+        )
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> ResultsStore:
+    _check_out(out, resume, overwrite)
+    store = ResultsStore(out)
+    if overwrite and not resume:
         store.clear()
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -141,6 +146,8 @@ def run_bench(
     from deo_cli.runtime import precision_name, resolve_device, resolve_precision
 
     progress = progress or NullProgress()
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other", "pass one of them")
     suite = check_suite(recipe.suite)
     get_model_spec(recipe.model.name)  # unknown model: did-you-mean, before any work
     device = resolve_device(recipe.runtime.device)
@@ -158,7 +165,11 @@ def run_bench(
 
         plan = None
     out_path = Path(out) if out is not None else default_out(suite, resume)
-    store = _prepare_out(out_path, suite, resume, overwrite)
+    _check_out(out_path, resume, overwrite)
+    # weights that cannot be found or loaded fail here too, before the folder exists
+    encoder = build_encoder(recipe.model.name, weights=recipe.model.weights).to(device).eval()
+    encoder.requires_grad_(False)
+    store = _prepare_out(out_path, resume, overwrite)
     with _run_log(out_path / "run.log"):
         save_recipe(recipe, out_path / "recipe.yaml", "bench")
         log.info(
@@ -173,8 +184,11 @@ def run_bench(
         )
         if recipe.limit:
             log.warning("--limit %d: a smoke run, not a result (the rows record the limit)", recipe.limit)
-        encoder = build_encoder(recipe.model.name, weights=recipe.model.weights).to(device).eval()
-        encoder.requires_grad_(False)
+        log.info(
+            "weights %s (sha256 %s)",
+            getattr(encoder, "weights_uri", None) or recipe.model.weights,
+            getattr(encoder, "weights_sha256", None) or "-",
+        )
         ctx = BenchContext(recipe, encoder, device, dtype, store, resume=resume, progress=progress)
         if suite == "geobench":
             run_geobench(ctx, plan)

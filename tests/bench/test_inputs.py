@@ -1,5 +1,7 @@
 """GEO-Bench samples as model input: bands by name, stems, per-task z-score, sizes, masks."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,13 @@ def test_resize_masks_nearest_out_of_range_ignored_and_flips(tmp_path):
                 assert torch.equal(f["mask"], msk)
                 seen.add(dims)
     assert len(seen) >= 2
+
+
+def test_dataset_pickles_for_spawned_workers(shared_data):
+    task = open_task(shared_data / "geobench_brick_kiln_fixture")
+    ds = GeoBenchTorchDataset(
+        plan_inputs(task, DEO_S2_MANIFEST, DEO_RGB_MANIFEST, None), task.split_ids("test")
+    )
+    copy = pickle.loads(pickle.dumps(ds))  # the task's GEO-Bench specs do not pickle: reopened by path
+    assert copy.inputs.task.path == task.path and copy.inputs.band_indices == ds.inputs.band_indices
+    assert torch.equal(copy[1]["image"], ds[1]["image"]) and copy[1]["label"] == ds[1]["label"]

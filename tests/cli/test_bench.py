@@ -169,6 +169,28 @@ def test_throughput_rows(tmp_path):
     assert float(rows[0]["value"]) > 0 and float(rows[1]["value"]) > 10
 
 
+def test_default_out_folder_and_resume_of_the_newest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--suite",
+        "throughput",
+        *TINY,
+        "-b",
+        "1",
+        "--image-size",
+        "32",
+        "--set",
+        "throughput.iterations=1",
+    ]
+    r = bench(*args)
+    assert r.exit_code == 0, r.output
+    (run,) = (tmp_path / "bench-results").glob("throughput-*")
+    assert {p.name for p in run.iterdir()} == {"results.csv", "results.json", "recipe.yaml", "run.log"}
+    r = bench(*args, "--resume")
+    assert r.exit_code == 0 and "0 row(s) written, 1 unit(s) skipped" in r.stdout
+    assert len(read_csv(run / "results.csv")) == 2
+
+
 def test_missing_data_and_unknown_names_are_one_line(gb_root, tmp_path, monkeypatch):
     out = tmp_path / "never"
     monkeypatch.delenv("GEO_BENCH_DIR", raising=False)
@@ -194,4 +216,8 @@ def test_missing_data_and_unknown_names_are_one_line(gb_root, tmp_path, monkeypa
     assert_one_line(r, 2, "runs protocol 'upernet'")
     r = bench("--suite", "oscd", *TINY, "-o", str(out))
     assert_one_line(r, 2, "needs --data")
+    r = bench("--suite", "throughput", *TINY, "-w", str(tmp_path / "missing.pt"), "-o", str(out))
+    assert r.exit_code == 1 and "missing.pt" in r.stderr and "Traceback" not in r.output
+    r = bench("--suite", "throughput", *TINY, "--resume", "--overwrite", "-o", str(out))
+    assert_one_line(r, 2, "--resume and --overwrite contradict")
     assert not out.exists()  # nothing is created before the inputs check out
