@@ -136,7 +136,7 @@ def plan_pretrain(
     if tuple(bands) != tuple(spec.manifest.bands):
         raise BandError(
             f"--bands {recipe.data.bands} gives {','.join(bands)} but {spec.name}'s multispectral stem takes "
-            f"{','.join(spec.manifest.bands)} (DEO's S2 set, method.md §2.2)",
+            f"{','.join(spec.manifest.bands)} (DEO's 10 Sentinel-2 bands)",
             "pass --bands S2",
         )
     teacher_name = resolve_teacher_name(recipe.teacher.name)
