@@ -357,6 +357,45 @@ def _prepare_run_folder(plan: RunPlan) -> None:
             (plan.out / f).unlink(missing_ok=True)
 
 
+def train_step(
+    meta: DeoMetaArch,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    batch: dict,
+    *,
+    clip_grad: float,
+    momentum: float,
+    precision: torch.dtype | None = None,
+    step: int = 0,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step (method.md §2.6-2.9): forward all crops under autocast, backward (through
+    the gradient scaler for fp16), clip every gradient to ``clip_grad`` on its own, AdamW step, EMA
+    update of the teacher with ``momentum``. ``precision``: the autocast dtype (None: fp32). Returns the
+    loss terms."""
+    device = batch["global"].device
+    with autocast(device, precision):
+        terms = meta(batch)
+    loss = terms["total"]
+    if not torch.isfinite(loss.detach()).item():
+        raise TrainingError(
+            f"the loss is {loss.item()} at step {step + 1}",
+            "lower optim.lr or use --precision fp32; resume from the last checkpoint with --resume",
+        )
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_gradients(meta.student_module, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        clip_gradients(meta.student_module, clip_grad)
+        optimizer.step()
+    ema_update(meta.ema_teacher, meta.student_module, momentum)
+    return terms
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop (one process / rank)
 # ---------------------------------------------------------------------------------------------
@@ -524,26 +563,16 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
         lr, wd = apply_schedules(optimizer, schedules, step)
         momentum = float(schedules.momentum[step])
         batch = _to_device(batch, device)
-        with autocast(device, plan.precision):
-            terms = meta(batch)
-        loss = terms["total"]
-        if not torch.isfinite(loss.detach()).item():
-            raise TrainingError(
-                f"the loss is {loss.item()} at step {step + 1}",
-                "lower optim.lr or use --precision fp32; resume from the last checkpoint with --resume",
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            clip_gradients(student, r.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            clip_gradients(student, r.optim.clip_grad)
-            optimizer.step()
-        ema_update(ema, student, momentum)
+        terms = train_step(
+            meta,
+            optimizer,
+            scaler,
+            batch,
+            clip_grad=r.optim.clip_grad,
+            momentum=momentum,
+            precision=plan.precision,
+            step=step,
+        )
         step += 1
         window_steps += 1
 
@@ -600,4 +629,5 @@ __all__ = [
     "run_pretrain",
     "summarize_run",
     "train",
+    "train_step",
 ]
