@@ -479,7 +479,8 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
         model = torch.compile(model, dynamic=False)
     meta = DeoMetaArch(model, student, ema, optical, loss_fn, ema_drop_path=r.model.ema_drop_path).train()
 
-    # -- the run folder (rank 0 only) -------------------------------------------------------------
+    # -- the run folder (rank 0 only, once every rank has validated it) ---------------------------
+    ddp.barrier()
     if env.is_main:
         _prepare_run_folder(plan)
         save_recipe(r, plan.out / "recipe.yaml", "pretrain")

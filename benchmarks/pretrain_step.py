@@ -1,0 +1,208 @@
+"""Benchmark ``deo pretrain``: step time, images/s and peak memory per recipe, and data throughput.
+
+For each recipe a fresh subprocess (so peak memory is its own):
+
+1. resolves the recipe on the OSCD subset (``../shared/data/oscd_subset``) with a random optical
+   teacher (the architecture is the recipe's, so the cost is real; no download), builds the student,
+   EMA teacher, optical teacher, loss and AdamW exactly as ``deo pretrain`` does;
+2. times :func:`deo_cli.train.loop.train_step` (forward of all crops, backward, per-parameter
+   clipping, AdamW, EMA update) on in-memory batches of the recipe's crop shapes: 1 warm-up step
+   (2 with ``compile``), then ``--steps`` timed steps; reports seconds per step and images/s (one
+   image = one sample with all its crops);
+3. times the data pipeline alone (read + multi-crop + augmentations, one thread, as one DataLoader
+   worker) on the same data: samples/s per worker, i.e. how many workers one process needs;
+4. reports peak memory: resident set size of the process (CPU) or ``max_memory_allocated`` (CUDA).
+
+Results are printed and written to ``benchmarks/results/pretrain_step.json`` (other entries kept).
+
+    python benchmarks/pretrain_step.py                                   # tiny_cpu and deo_swin_t_ablation
+    python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda  # on a GPU node
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "pretrain_step.json"
+DATA = ROOT.parent / "shared" / "data" / "oscd_subset"
+#: Per-process batch on the CPU (a full-size batch of 64 would take minutes per step there).
+CPU_BATCH = {"tiny_cpu": None, "deo_swin_t_ablation": 4, "deo_swin_b": 2}
+
+
+def child(args) -> dict:
+    import torch
+
+    from deo_cli.recipes import PretrainRecipe, build_recipe
+    from deo_cli.runtime import precision_name
+    from deo_cli.train import distributed as ddp
+    from deo_cli.train.loop import build_data, build_models, plan_pretrain, train_step
+    from deo_cli.train.meta_arch import DeoMetaArch
+    from deo_cli.train.optim import build_optimizer
+
+    sets = [f"data.path={args.data}", "teacher.weights=random", f"device={args.device}", "gpus=1"]
+    batch = args.batch_size
+    if batch is None and args.device in ("cpu", "auto") and not torch.cuda.is_available():
+        batch = CPU_BATCH.get(args.child)
+    if batch is not None:
+        sets.append(f"batch_size={batch}")
+    sets += ["data.windows_per_scene=16", "data.window_size=256"]  # enough OSCD samples for any batch
+    recipe = build_recipe(PretrainRecipe, args.child, sets=sets, command="pretrain")
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = plan_pretrain(recipe, Path(tmp) / "run")
+    device = plan.device
+    torch.manual_seed(0)
+    student, ema, optical, loss = build_models(plan, 1)
+    student.to(device), ema.to(device)
+    if optical is not None:
+        optical.to(device)
+    model = torch.compile(student, dynamic=False) if recipe.compile and device.type == "cuda" else student
+    meta = DeoMetaArch(model, student, ema, optical, loss, ema_drop_path=recipe.model.ema_drop_path).train()
+    optimizer = build_optimizer(student, betas=recipe.optim.betas, fused=recipe.optim.fused, device=device)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-5
+    scaler = torch.amp.GradScaler(device.type) if plan.precision is torch.float16 else None
+
+    c, b = recipe.crops, recipe.batch_size
+    g = torch.Generator().manual_seed(0)
+    crops = {
+        "global": torch.randn(c.global_number, b, 10, c.global_size, c.global_size, generator=g).to(device),
+        "local": torch.randn(c.local_number, b, 10, c.local_size, c.local_size, generator=g).to(device)
+        if c.local_number
+        else None,
+    }
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step():
+        train_step(
+            meta,
+            optimizer,
+            scaler,
+            crops,
+            clip_grad=recipe.optim.clip_grad,
+            momentum=0.996,
+            precision=plan.precision,
+        )
+
+    for _ in range(2 if model is not student else 1):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+
+    # The data pipeline alone, one thread (what one DataLoader worker does).
+    torch.set_num_threads(1)
+    dataset, _, _ = build_data(plan, ddp.DistEnv(device=torch.device("cpu")))
+    dataset[(0, 0)]
+    n = args.data_samples
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        dataset[(0, i % len(dataset))]
+    data_s = (time.perf_counter() - t0) / n
+
+    return {
+        "recipe": args.child,
+        "model": recipe.model.name,
+        "teacher": plan.teacher_name,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads() if device.type != "cuda" else None,
+        "precision": precision_name(plan.precision),
+        "compile": model is not student,
+        "batch_size": b,
+        "crops": f"{c.global_number}x{c.global_size} + {c.local_number}x{c.local_size}",
+        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
+        "steps_timed": args.steps,
+        "step_s": round(step_s, 4),
+        "step_s_all": [round(t, 4) for t in times],
+        "images_per_s": round(b / step_s, 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_cuda_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        if device.type == "cuda"
+        else None,
+        "data_samples_per_s_per_worker": round(1.0 / data_s, 2),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=["tiny_cpu", "deo_swin_t_ablation"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="per process (default: the recipe's; small on CPU)"
+    )
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--data-samples", type=int, default=8)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+
+    results = []
+    for name in args.recipes:
+        cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(args.steps)]
+        cmd += ["--data", args.data, "--data-samples", str(args.data_samples)]
+        if args.batch_size:
+            cmd += ["--batch-size", str(args.batch_size)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"benchmark of {name} failed")
+        r = json.loads(line[len("RESULT ") :])
+        r["wall_s"] = round(time.time() - t0, 1)
+        results.append(r)
+        print(
+            f"{r['recipe']:<22} {r['model']:<14} {r['device']:<6} {r['precision']:<5} batch {r['batch_size']:>3}  "
+            f"{r['crops']:<16} step {r['step_s']:.3f} s  {r['images_per_s']:.2f} img/s  "
+            f"peak {r['peak_cuda_gib'] or r['peak_rss_gib']:.2f} GiB ({'CUDA' if r['peak_cuda_gib'] else 'RSS'})  "
+            f"data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker"
+        )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()).get("results", []) if out.exists() else []
+    keys = {(r["recipe"], r["device"]) for r in results}
+    merged = [r for r in previous if (r.get("recipe"), r.get("device")) not in keys] + results
+    body = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "note": "synthetic in-memory crops for the step; data throughput on the OSCD subset; random optical teacher",
+        "results": merged,
+    }
+    out.write_text(json.dumps(body, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+if __name__ == "__main__":
+    main()
