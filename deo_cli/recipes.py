@@ -484,6 +484,39 @@ class EmbedRecipe:
 
 
 @dataclass
+class SegmentDataSection:
+    """Training data of ``deo segment train`` (one of: images + labels, pairs, geobench_task)."""
+
+    #: Image rasters: a folder, a glob or one file.
+    images: str | None = None
+    #: Label rasters matched to ``images`` by file name (``_label``/``_mask`` suffixes allowed).
+    labels: str | None = None
+    #: CSV with ``image``, ``label`` and optional ``split`` (train/val/test) columns.
+    pairs: str | None = None
+    #: A GEO-Bench segmentation task (name or folder), instead of rasters.
+    geobench_task: str | None = None
+    #: GEO-Bench root folder (default: $GEO_BENCH_DIR).
+    geobench_root: str | None = None
+    #: YAML file with class values, names, colours, ignore index and output nodata.
+    classes: str | None = None
+    #: Label value that marks unlabelled pixels in the label rasters (besides their nodata).
+    label_nodata: float | None = None
+    #: Share held out for validation when the pairs carry no split column: whole images when
+    #: there are at least 1/val_fraction of them, else chips (deterministic, seeded).
+    val_fraction: float = 0.2
+    #: Overlap of neighbouring training chips (px).
+    chip_overlap: int = 0
+    #: ``flips``: random flips and 90-degree rotations of training chips.
+    augment: Literal["none", "flips"] = "flips"
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be within [0, 1)")
+        if self.chip_overlap < 0:
+            raise ValueError("chip_overlap must be >= 0")
+
+
+@dataclass
 class SegmentTrainRecipe:
     """``deo segment train``: frozen encoder + UPerNet/linear head (method.md §3.1)."""
 
@@ -498,6 +531,22 @@ class SegmentTrainRecipe:
     weight_decay: float = 0.01
     ignore_index: int | None = None
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    data: SegmentDataSection = field(default_factory=SegmentDataSection)
+    #: UPerNet width (512 in the paper, method.md §3.1); smaller for quick experiments.
+    head_channels: int = 512
+    #: Cross-entropy weight per class (in class-table order); empty: unweighted.
+    class_weights: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if self.head_channels < 1:
+            raise ValueError("head_channels must be >= 1")
+
+
+@dataclass
+class SegmentOutputSection:
+    compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
 
 
 @dataclass
@@ -507,6 +556,7 @@ class SegmentPredictRecipe:
     input: InputSection = field(default_factory=InputSection)
     tiling: TilingSection = field(default_factory=TilingSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    output: SegmentOutputSection = field(default_factory=SegmentOutputSection)
 
 
 @dataclass
@@ -514,14 +564,31 @@ class ChangeRecipe:
     """``deo detect-change``: change score, mask and polygons from two dates."""
 
     model: ModelSection = field(default_factory=ModelSection)
+    #: Zero-shot feature level(s): ``default`` (as deo embed), ``last``, an index, or a
+    #: comma-separated list of indices whose distances are averaged.
     layer: str = "default"
     input: InputSection = field(default_factory=InputSection)
     tiling: TilingSection = field(default_factory=TilingSection)
-    threshold_method: Literal["otsu", "fixed", "percentile"] = "otsu"
+    #: ``auto``: ``fixed`` when a threshold is given, ``percentile`` when a percentile is, else
+    #: the head's validated threshold (supervised) or Otsu (zero-shot).
+    threshold_method: Literal["auto", "otsu", "fixed", "percentile"] = "auto"
     threshold: float | None = None
     percentile: float | None = None
     min_area: float = 0.0
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    #: Zero-shot score grid: ``embedding`` (the level's grid, transform scaled by its stride,
+    #: like deo embed) or ``input`` (bilinearly upsampled to the first date's grid).
+    #: Supervised heads always write the input grid.
+    output_grid: Literal["embedding", "input"] = "embedding"
+    #: Polygon simplification tolerance (CRS units); 0 keeps pixel edges.
+    simplify: float = 0.0
+    compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
+
+    def __post_init__(self):
+        if self.percentile is not None and not 0.0 <= self.percentile <= 100.0:
+            raise ValueError("percentile must be within 0-100")
+        if self.min_area < 0 or self.simplify < 0:
+            raise ValueError("min_area and simplify must be >= 0")
 
 
 @dataclass
@@ -534,6 +601,34 @@ class ChangeTrainRecipe:
     epochs: int = 50
     lr: float = 1e-4
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    #: OSCD-format folder (images/<city>/imgs_1, imgs_2; train_labels/<city>/cm/<city>-cm.tif).
+    data: str | None = None
+    #: Cities to train on (default: every labelled city not in test_cities).
+    train_cities: list[str] = field(default_factory=list)
+    #: Cities scored after training with the streaming prediction path (F1/IoU in metrics.json).
+    test_cities: list[str] = field(default_factory=list)
+    input: InputSection = field(default_factory=InputSection)
+    head: Literal["upernet", "linear"] = "upernet"
+    head_channels: int = 512
+    #: How the two dates' features meet, per level: ``diff`` = |f1 - f2| (symmetric in the
+    #: dates), ``concat`` = [f1, f2] (twice the channels; order-aware).
+    fusion: Literal["diff", "concat"] = "diff"
+    #: Cross-entropy weights (no change, change); empty: (1, sqrt(no-change / change pixels)).
+    class_weights: list[float] = field(default_factory=list)
+    warmup_epochs: float = 5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    #: Share of the training chips held out (deterministically) for model selection and for
+    #: choosing the P(change) threshold.
+    val_fraction: float = 0.2
+    chip_overlap: int = 0
+    augment: Literal["none", "flips"] = "flips"
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.head_channels < 1:
+            raise ValueError("epochs and head_channels must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be within (0, 1)")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import default_group, load_recipe, not_built
+from deo_cli.cli.common import default_group, load_recipe, stdout_console
 
 app = typer.Typer(
     cls=default_group("run"),
@@ -67,20 +67,54 @@ def run_cmd(
             rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="Where the mask COG goes (default: OUTPUT stem + _mask.tif).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = None,
+    simplify: Annotated[
+        float | None,
+        typer.Option(
+            "--simplify",
+            help="Simplify polygons with this tolerance (CRS units).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = None,
+    full_resolution: Annotated[
+        bool,
+        typer.Option(
+            "--full-resolution",
+            help="Zero-shot: upsample the score to the input grid (default: the embedding grid).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = False,
     head: Annotated[
         Path | None,
         typer.Option(
             "--head",
             help="Siamese head from detect-change train (default: zero-shot).",
+            exists=True,
+            dir_okay=False,
             rich_help_panel=opt.MODEL,
         ),
     ] = None,
     band_names: opt.BandNames = None,
     nodata: opt.Nodata = None,
+    allow_no_crs: opt.AllowNoCrs = False,
     unit: opt.Unit = None,
     model: opt.Model = None,
     weights: opt.Weights = None,
-    layer: opt.Layer = None,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Zero-shot feature level: default (as deo embed), last, an index or a list (0,1,2).",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
     chip_size: opt.ChipSize = None,
     overlap: opt.Overlap = None,
     preview: opt.Preview = None,
@@ -92,20 +126,29 @@ def run_cmd(
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
-    """Score change per location (cosine distance of DEO embeddings, or a trained head) and threshold it."""
+    """Score change per location (cosine distance of DEO embeddings, or a trained head) and threshold it.
+
+    Writes the score COG (-o), the mask COG (--mask), optionally polygons and a preview; the
+    second date is reprojected onto the first date's grid when they differ.
+    """
+    from deo_cli.cli.progress import RichProgress
+    from deo_cli.infer.change import run_detect_change, summary_line
     from deo_cli.recipes import ChangeRecipe
 
-    load_recipe(
+    cfg = load_recipe(
         ChangeRecipe,
         recipe,
         set_,
         {
             "model.name": model,
-            "model.weights": weights,
+            "model.weights": weights if head is None else None,
             "layer": layer,
             "input.band_names": band_names,
             "input.nodata": nodata,
+            "input.allow_no_crs": allow_no_crs or None,
             "input.unit": unit,
+            "output_grid": "input" if full_resolution else None,
+            "simplify": simplify,
             "tiling.chip_size": chip_size,
             "tiling.overlap": overlap,
             "threshold": threshold,
@@ -118,7 +161,20 @@ def run_cmd(
         },
         "detect-change",
     )
-    raise not_built("deo detect-change", 7)
+    res = run_detect_change(
+        before,
+        after,
+        output,
+        cfg,
+        head=head,
+        mask=mask,
+        polygons=polygons,
+        preview=preview,
+        overwrite=overwrite,
+        progress=RichProgress("chips"),
+        weights=weights if head is not None else None,
+    )
+    stdout_console().print(summary_line(res))
 
 
 @app.command("train")
@@ -143,8 +199,41 @@ def train_cmd(
         str | None,
         typer.Option("--test-cities", help="Comma-separated cities to test on.", rich_help_panel=opt.INPUT),
     ] = None,
+    band_names: opt.BandNames = None,
+    nodata: opt.Nodata = None,
+    unit: opt.Unit = None,
     model: opt.Model = None,
     weights: opt.Weights = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="upernet (default) or linear.", rich_help_panel=opt.MODEL)
+    ] = None,
+    head_channels: Annotated[
+        int | None,
+        typer.Option("--head-channels", help="UPerNet width (paper: 512).", rich_help_panel=opt.MODEL),
+    ] = None,
+    fusion: Annotated[
+        str | None,
+        typer.Option(
+            "--fusion", help="diff (|f1 - f2|, default) or concat ([f1, f2]).", rich_help_panel=opt.MODEL
+        ),
+    ] = None,
+    class_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--class-weights",
+            help="Loss weights 'no change,change' (default: 1,sqrt(no-change/change pixels)).",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
+    chip_size: opt.ChipSize = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--val-fraction",
+            help="Share of training chips held out for validation (0.2).",
+            rich_help_panel=opt.INPUT,
+        ),
+    ] = None,
     finetune: Annotated[
         bool,
         typer.Option(
@@ -158,27 +247,55 @@ def train_cmd(
     device: opt.Device = None,
     precision: opt.Precision = None,
     batch_size: opt.BatchSize = None,
+    num_workers: opt.NumWorkers = None,
     seed: opt.Seed = None,
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
-    """Train a siamese change head (shared DEO encoder, feature difference into UPerNet) on OSCD pairs."""
+    """Train a siamese change head (shared DEO encoder, feature difference into UPerNet) on OSCD pairs.
+
+    Keeps the epoch with the best validation F1 of the change class and the P(change) threshold
+    with the best validation F1; test cities are scored with the streaming prediction path.
+    """
+    from deo_cli.cli.progress import RichProgress
+    from deo_cli.infer.change import run_change_train
     from deo_cli.recipes import ChangeTrainRecipe
 
-    load_recipe(
+    cfg = load_recipe(
         ChangeTrainRecipe,
         recipe,
         set_,
         {
+            "data": str(data),
+            "train_cities": train_cities,
+            "test_cities": test_cities,
             "model.name": model,
             "model.weights": weights,
+            "head": head,
+            "head_channels": head_channels,
+            "fusion": fusion,
+            "class_weights": class_weights,
+            "chip_size": chip_size,
+            "val_fraction": val_fraction,
+            "input.band_names": band_names,
+            "input.nodata": nodata,
+            "input.unit": unit,
             "finetune": finetune or None,
             "epochs": epochs,
             "runtime.device": device,
             "runtime.precision": precision,
             "runtime.batch_size": batch_size,
+            "runtime.num_workers": num_workers,
             "runtime.seed": seed,
         },
         "detect-change",
     )
-    raise not_built("deo detect-change train", 7)
+    res = run_change_train(cfg, out, overwrite=overwrite, progress=RichProgress("steps"))
+    m = res.metrics
+    line = (
+        f"{res.head}  best epoch {m['best_epoch']}  threshold {m['threshold']:.2f}"
+        f"  validation F1 {m['val_f1_at_threshold']:.4f}"
+    )
+    if "test_overall" in m:
+        line += f"  test F1 {m['test_overall']['f1']:.4f} IoU {m['test_overall']['iou']:.4f}"
+    stdout_console().print(line + f"  {res.seconds:.1f} s")

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import load_recipe, not_built
+from deo_cli.cli.common import exit_code_for, load_recipe, stdout_console
+from deo_cli.errors import UsageError
 
 app = typer.Typer(
     help="Train a segmentation head on a frozen DEO encoder, or map classes on a scene.", no_args_is_help=True
@@ -51,11 +52,40 @@ def train_cmd(
             "--ignore-index", help="Label value to ignore in the loss and metrics.", rich_help_panel=opt.INPUT
         ),
     ] = None,
+    label_nodata: Annotated[
+        float | None,
+        typer.Option(
+            "--label-nodata",
+            help="Label value marking unlabelled pixels (besides the label rasters' own nodata).",
+            rich_help_panel=opt.INPUT,
+        ),
+    ] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--val-fraction",
+            help="Share held out for validation when --pairs has no split column (default 0.2).",
+            rich_help_panel=opt.INPUT,
+        ),
+    ] = None,
+    geobench_root: Annotated[
+        str | None,
+        typer.Option(
+            "--geobench-root", help="GEO-Bench folder (default: $GEO_BENCH_DIR).", rich_help_panel=opt.INPUT
+        ),
+    ] = None,
     band_names: opt.BandNames = None,
+    nodata: opt.Nodata = None,
+    allow_no_crs: opt.AllowNoCrs = False,
+    unit: opt.Unit = None,
     model: opt.Model = None,
     weights: opt.Weights = None,
     head: Annotated[
         str | None, typer.Option("--head", help="upernet (paper) or linear.", rich_help_panel=opt.MODEL)
+    ] = None,
+    head_channels: Annotated[
+        int | None,
+        typer.Option("--head-channels", help="UPerNet width (paper: 512).", rich_help_panel=opt.MODEL),
     ] = None,
     chip_size: opt.ChipSize = None,
     epochs: Annotated[
@@ -79,10 +109,16 @@ def train_cmd(
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
-    """Train a UPerNet (or linear) head on a frozen DEO encoder; keeps the best-validation checkpoint."""
+    """Train a UPerNet (or linear) head on a frozen DEO encoder; keeps the best-validation checkpoint.
+
+    Training data: --images and --labels (matched by file name), --pairs CSV (image,label,split)
+    or --geobench-task. Writes OUT/head.pt, OUT/metrics.json and OUT/recipe.yaml.
+    """
+    from deo_cli.cli.progress import RichProgress
+    from deo_cli.infer.segment import run_segment_train
     from deo_cli.recipes import SegmentTrainRecipe
 
-    load_recipe(
+    cfg = load_recipe(
         SegmentTrainRecipe,
         recipe,
         set_,
@@ -90,7 +126,19 @@ def train_cmd(
             "model.name": model,
             "model.weights": weights,
             "head": head,
+            "head_channels": head_channels,
             "input.band_names": band_names,
+            "input.nodata": nodata,
+            "input.allow_no_crs": allow_no_crs or None,
+            "input.unit": unit,
+            "data.images": images,
+            "data.labels": labels,
+            "data.pairs": str(pairs) if pairs is not None else None,
+            "data.geobench_task": geobench_task,
+            "data.geobench_root": geobench_root,
+            "data.classes": str(classes) if classes is not None else None,
+            "data.label_nodata": label_nodata,
+            "data.val_fraction": val_fraction,
             "chip_size": chip_size,
             "epochs": epochs,
             "ignore_index": ignore_index,
@@ -102,7 +150,17 @@ def train_cmd(
         },
         "segment",
     )
-    raise not_built("deo segment train", 7)
+    if out is None:
+        raise UsageError("deo segment train needs --out", "pass --out RUN_FOLDER")
+    res = run_segment_train(cfg, out, overwrite=overwrite, progress=RichProgress("steps"))
+    val = res.metrics.get("val", {})
+    miou = val.get("miou")
+    stdout_console().print(
+        f"{res.head}  {res.classes.num_classes} classes  {res.train_chips} training / {res.val_chips} validation chips  "
+        f"best epoch {res.metrics['best_epoch']}"
+        + (f"  validation mIoU {miou:.4f}" if miou is not None else "")
+        + f"  {res.seconds:.1f} s"
+    )
 
 
 @app.command("predict")
@@ -137,6 +195,15 @@ def predict_cmd(
     nodata: opt.Nodata = None,
     allow_no_crs: opt.AllowNoCrs = False,
     unit: opt.Unit = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="Where the head's encoder weights are now (checked against the head's SHA-256).",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
     chip_size: opt.ChipSize = None,
     overlap: opt.Overlap = None,
     preview: opt.Preview = None,
@@ -148,10 +215,15 @@ def predict_cmd(
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
-    """Write a georeferenced class mask (COG with class names and colours) for each scene."""
+    """Write a georeferenced class mask (COG with class names and colours) for each scene.
+
+    The mask is on exactly the scene's grid and CRS; nodata where the scene is nodata.
+    """
+    from deo_cli.cli.progress import RichProgress
+    from deo_cli.infer.segment import run_segment_predict, summary_line
     from deo_cli.recipes import SegmentPredictRecipe
 
-    load_recipe(
+    cfg = load_recipe(
         SegmentPredictRecipe,
         recipe,
         set_,
@@ -169,4 +241,23 @@ def predict_cmd(
         },
         "segment",
     )
-    raise not_built("deo segment predict", 7)
+    results = run_segment_predict(
+        scenes,
+        output,
+        head,
+        cfg,
+        probabilities=probabilities,
+        preview=preview,
+        overwrite=overwrite,
+        progress=RichProgress("chips"),
+        weights=weights,
+    )
+    console = stdout_console()
+    failed = 0
+    for r in results:
+        if r.error is not None:
+            failed += 1
+            typer.echo(f"error: {r.source}: {r.error.one_line()}", err=True)
+        else:
+            console.print(summary_line(r))
+    exit_code_for(failed)

@@ -206,6 +206,7 @@ def fit_dense(
             )
             row.update({f"val_{k}": v for k, v in metrics.items() if k in ("miou", "accuracy", "f1")})
             score = metrics[settings.select]
+            progress.advance(0, loss=row["loss"], **{f"val_{settings.select}": float(score)})
         else:
             score = -row["loss"]
         score = score if np.isfinite(score) else -math.inf

@@ -1,0 +1,1064 @@
+"""``deo detect-change``: change scores, masks and polygons from two dates of DEO features.
+
+:func:`run_detect_change` is what the command line calls (a notebook can too)::
+
+    result = run_detect_change("before.tif", "after.tif", "change.tif", ChangeRecipe())
+
+**Two dates on one grid.** The first date's grid is the output grid. The second date is
+opened natively first and its footprint compared with the first's in the first date's CRS
+(:func:`check_overlap`): scenes that do not overlap fail with one line before any compute.
+Then it is read on the first date's grid (:func:`~deo_cli.io.raster.open_scene` with
+``grid=``: a GDAL ``WarpedVRT``, ``input.resampling``, bilinear by default), so pairs in
+different CRSs or resolutions work; pixels outside the second date are nodata.
+
+**Reading in lockstep.** :class:`PairChipReader` reads each chip of one tile plan from both
+dates (each with its own unit conversion and RGB scale, :mod:`deo_cli.infer.prepare`) and
+concatenates them along the band axis, so the shared streaming runner
+(:func:`~deo_cli.infer.runner.run_dense`) drives both dates as one input. A location is nodata
+when either date's footprint there is more than ``tiling.max_nodata_fraction`` nodata.
+
+**Zero-shot score (default)** (:class:`CosineChange`): ``1 - cos(f_before, f_after)`` per
+location of the DEO features, in [0, 2]. By default the level and stride of ``deo embed``
+(stage 3, stride 16 for Swin; :func:`~deo_cli.infer.model.default_embed_layer`); ``--layer``
+picks another level or a comma-separated list whose distances are averaged (coarser levels
+bilinearly resized to the finest one's grid). The score is written on that level's grid
+(``output_grid: embedding``: transform = input transform scaled by the stride, exactly as an
+embedding raster, so each score pixel sits over the input pixels it describes), or
+bilinearly upsampled inside each chip to the input grid (``output_grid: input``). Scores of
+overlapping chips are blended with the runner's weights.
+
+**Supervised score** (``--head`` from :func:`run_change_train`, :class:`SiameseChange`): one
+encoder on both dates, per level ``|f1 - f2|`` (or ``[f1, f2]``) into a UPerNet head whose
+logits are upsampled to the chip; blended logits -> softmax -> ``P(change)`` on the input grid.
+
+**Threshold** (:mod:`deo_cli.infer.threshold`): Otsu on the valid scores (zero-shot default),
+``--threshold`` or ``--percentile``; with a head, the threshold chosen on its validation chips
+(F1-best). ``score > threshold`` is change.
+
+**Outputs** (each written atomically, none left behind on failure):
+
+- score COG (``-o``): float32, NaN nodata, average overviews, band ``change_score``;
+- mask COG (``--mask``, default ``<stem>_mask.tif``): uint8, 1 change, 0 no change, 255
+  nodata, colour table (change red, no change black, nodata transparent), mode overviews;
+- ``--polygons``: GeoParquet/GPKG of the mask's 8-connected change regions in the source CRS
+  with ``area`` (CRS units²), ``pixels``, ``score_mean``, ``score_max``; ``--min-area`` drops
+  small ones; metadata in the file (key ``deo``);
+- ``--preview``: before | after | after with the change in red;
+- ``<stem>.recipe.yaml``: the resolved recipe.
+
+Tags on both COGs: mode (zero-shot/supervised), score definition, layers, stride, model,
+weights and checksum, head, both dates' sources, band manifest, normalisation of each date,
+tiling, threshold (value, method), recipe hash, deo version.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+from torch import nn
+
+from deo_cli import __version__
+from deo_cli.data.segdata import IGNORE, ArrayLabels, ClassInfo, ClassTable
+from deo_cli.errors import DataError, GeoreferenceError, UsageError
+from deo_cli.infer.chips import ChipReader, ChipSample
+from deo_cli.infer.dense import ArraySink, CogSink, DenseHeadModel, aligned_plan, gdal_tags
+from deo_cli.infer.headfile import (
+    HeadFile,
+    build_head_module,
+    check_run_folder,
+    encoder_record,
+    encoder_state_for,
+    load_head,
+    load_head_encoder,
+    make_head,
+    trainable_to_head_file,
+    write_run_folder,
+)
+from deo_cli.infer.model import default_embed_layer, forward_level, resolve_layer
+from deo_cli.infer.prepare import InputPlan, prepare_input
+from deo_cli.infer.runner import block_rows_for, run_dense
+from deo_cli.infer.threshold import ScoreHistogram, Threshold, choose_threshold
+from deo_cli.infer.trainchips import LabelledChips, collect_chips, make_loader, training_plan
+from deo_cli.io.atomic import check_output
+from deo_cli.io.grid import Grid
+from deo_cli.io.raster import Scene, open_scene
+from deo_cli.io.writers import RasterLayout
+from deo_cli.metrics import binary_scores
+from deo_cli.progress import NullProgress, Progress
+from deo_cli.recipes import (
+    ChangeRecipe,
+    ChangeTrainRecipe,
+    recipe_hash,
+    recipe_path_for,
+    recipe_to_dict,
+    save_recipe,
+)
+from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.train.supervised import FitSettings, FrozenEncoderSegmenter, fit_dense
+
+log = logging.getLogger(__name__)
+
+MASK_NODATA = 255
+MASK_COLORMAP = {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), MASK_NODATA: (0, 0, 0, 0)}
+CHANGE_CLASSES = ClassTable(
+    (ClassInfo(0, "no change", (0, 0, 0)), ClassInfo(1, "change", (255, 0, 0))), (), MASK_NODATA
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two dates on one grid
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_bounds(b) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in b) + ")"
+
+
+def check_overlap(
+    before: Grid, after: Grid, before_name: str = "first date", after_name: str = "second date"
+) -> float:
+    """The share of ``before``'s footprint that ``after`` covers (footprints compared in
+    ``before``'s CRS); :class:`GeoreferenceError` when they do not overlap at all."""
+    if before.crs is None or after.crs is None:
+        if (before.crs is None) != (after.crs is None):
+            raise GeoreferenceError(
+                f"only one of {before_name} and {after_name} has a CRS",
+                "georeference both scenes, or neither",
+            )
+        if (before.width, before.height) != (after.width, after.height):
+            raise GeoreferenceError(
+                f"{before_name} ({before.width}x{before.height}) and {after_name} ({after.width}x{after.height}) "
+                "have no CRS and differ in size, so they cannot be put on one grid",
+                "georeference them (gdal_edit.py -a_srs -a_ullr)",
+            )
+        return 1.0
+    a = before.bounds
+    b = (
+        after.bounds
+        if after.crs == before.crs
+        else transform_bounds(after.crs, before.crs, *after.bounds, densify_pts=21)
+    )
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if not (w > 0 and h > 0) or not all(map(math.isfinite, b)):
+        crs = before.crs.to_string()
+        raise GeoreferenceError(
+            f"{before_name} and {after_name} do not overlap: {before_name} covers {_fmt_bounds(a)} and "
+            f"{after_name} {_fmt_bounds(b)} in {crs}",
+            "pass two scenes of the same place",
+        )
+    return float(w * h / ((a[2] - a[0]) * (a[3] - a[1])))
+
+
+def open_dates(before: str, after: str, inp) -> tuple[Scene, Scene, dict]:
+    """Both dates, the second on the first's grid (after the overlap check)."""
+    kw = dict(
+        band_names=inp.band_names, allow_no_crs=inp.allow_no_crs, nodata=inp.nodata, resampling=inp.resampling
+    )
+    first = open_scene(before, **kw)
+    native = open_scene(after, **kw)
+    share = check_overlap(first.grid, native.grid, f"BEFORE {first.name}", f"AFTER {native.name}")
+    native.close()
+    same = native.grid.same_as(first.grid)
+    if share < 0.999:
+        log.warning("%s covers %.0f%% of %s; the rest is nodata", native.name, 100 * share, first.name)
+    second = open_scene(after, grid=first.grid, **kw)
+    info = {
+        "after_resampled": not same,
+        "after_native_crs": native.grid.crs.to_string() if native.grid.crs is not None else None,
+        "overlap_fraction": round(share, 6),
+        "resampling": inp.resampling,
+    }
+    if not same:
+        log.info("%s resampled onto the grid of %s (%s)", native.name, first.name, inp.resampling)
+    return first, second, info
+
+
+def prepare_dates(before: Scene, after: Scene, manifest, rgb_manifest, inp) -> tuple[InputPlan, InputPlan]:
+    """Each date's input plan (same stem required)."""
+    with before, after:
+        a = prepare_input(before, manifest, rgb_manifest, inp.unit, inp.rgb_max)
+        b = prepare_input(after, manifest, rgb_manifest, inp.unit, inp.rgb_max)
+    if a.stem != b.stem:
+        raise UsageError(
+            f"the first date has {'all multispectral bands' if a.stem == 'ms' else 'only RGB'} but the second "
+            f"{'all multispectral bands' if b.stem == 'ms' else 'only RGB'}",
+            "give both dates the same bands",
+        )
+    return a, b
+
+
+class PairChipReader:
+    """Reads each chip from both dates and stacks them: ``x`` is ``(2 * bands, C, C)``.
+
+    The invalid fraction of a location is the larger of the two dates' (a location is nodata
+    when either date is). A chip is empty when either date has no valid pixel in it.
+    """
+
+    def __init__(self, before: ChipReader, after: ChipReader):
+        if before.plan != after.plan:
+            raise ValueError("both dates must use one tile plan")
+        self.before = before
+        self.after = after
+        self.plan = before.plan
+
+    def read(self, chip) -> ChipSample:
+        a = self.before.read(chip)
+        b = self.after.read(chip)
+        invalid = np.maximum(a.invalid, b.invalid)
+        if a.empty or b.empty:
+            shape = (a.x.shape[0] + b.x.shape[0], *a.x.shape[1:])
+            return ChipSample(chip, np.zeros(shape, np.float32), invalid, 0.0, True)
+        x = np.concatenate([a.x, b.x], axis=0)
+        return ChipSample(chip, x, invalid, min(a.valid_fraction, b.valid_fraction), False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_layers(spec, text: str | int | None) -> list[int]:
+    """``default``, ``last``, an index or a comma-separated list of indices -> levels."""
+    if text is None or str(text).strip().lower() in ("", "default"):
+        return [default_embed_layer(spec)]
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    return sorted({resolve_layer(spec, p) for p in parts})
+
+
+def _split_dates(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 2C, H, W)`` -> ``(2B, C, H, W)``: the first dates, then the second dates."""
+    c = x.shape[1] // 2
+    return torch.cat([x[:, :c], x[:, c:]], dim=0)
+
+
+class CosineChange(nn.Module):
+    """Zero-shot change score: ``1 - cos`` of the two dates' features, averaged over ``layers``.
+
+    Input ``(B, 2C, H, W)`` (both dates stacked); output ``(B, 1, H / stride, W / stride)``.
+    ``stride`` is the finest chosen level's (``embedding`` grid) or 1 (``input`` grid).
+    """
+
+    def __init__(self, encoder, layers: Sequence[int], out_stride: int | None = None):
+        super().__init__()
+        self.encoder = encoder.eval()
+        self.layers = [int(lv) for lv in layers]
+        strides = [int(encoder.feature_strides[lv]) for lv in self.layers]
+        self.stride = int(out_stride or min(strides))
+        self.channels = 1
+        self.name = encoder.name
+        self.input_size = int(encoder.spec.input_size)
+        self.align = int(max(encoder.feature_strides))
+        self.manifest = encoder.manifest
+        self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
+        self.weights_uri = encoder.weights_uri
+        self.weights_sha256 = encoder.weights_sha256
+        self.layer = self.layers[0] if len(self.layers) == 1 else ",".join(map(str, self.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = _split_dates(x)
+        if len(self.layers) == 1:
+            maps = [forward_level(self.encoder, both, self.layers[0])]
+        else:
+            levels = self.encoder(both)
+            maps = [levels[lv] for lv in self.layers]
+        size = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
+        acc = None
+        for f in maps:
+            a, b = f.float().chunk(2, dim=0)
+            d = (1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-6))[:, None]
+            if tuple(d.shape[-2:]) != size:
+                d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+            acc = d if acc is None else acc + d
+        return acc / len(maps)
+
+    def describe(self) -> dict:
+        strides = [int(self.encoder.feature_strides[lv]) for lv in self.layers]
+        return {
+            "score": "1 - cosine similarity of the two dates' features"
+            + (", averaged over the levels" if len(self.layers) > 1 else ""),
+            "layers": self.layers,
+            "level_strides": strides,
+            "stride": self.stride,
+            "resized": "bilinear" if any(s != self.stride for s in strides) else None,
+        }
+
+
+class SiameseChange(FrozenEncoderSegmenter):
+    """One encoder on both dates, fused per level, into a segmentation head (2 classes).
+
+    ``fusion``: ``diff`` = ``|f1 - f2|`` (symmetric in the dates) or ``concat`` = ``[f1, f2]``.
+    Input ``(B, 2C, H, W)``; output logits ``(B, 2, H, W)``.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, freeze: bool = True, fusion: str = "diff"):
+        super().__init__(encoder, head, freeze)
+        if fusion not in ("diff", "concat"):
+            raise UsageError(f"unknown fusion {fusion!r}", "use diff or concat")
+        self.fusion = fusion
+
+    @staticmethod
+    def head_channels(channels: Sequence[int], fusion: str) -> list[int]:
+        return [int(c) * (2 if fusion == "concat" else 1) for c in channels]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(_split_dates(x))
+        fused = []
+        for f in feats:
+            a, b = f.chunk(2, dim=0)
+            fused.append((a - b).abs() if self.fusion == "diff" else torch.cat([a, b], dim=1))
+        return self.head(fused, out_size=tuple(x.shape[-2:]))
+
+
+def build_change_model(head: HeadFile, weights: str | None = None) -> tuple[DenseHeadModel, object]:
+    """The siamese model of a change head file, as a stride-1 model for the runner."""
+    encoder = load_head_encoder(head, weights)
+    module = SiameseChange(
+        encoder, build_head_module(head), freeze=True, fusion=head.head.get("fusion") or "diff"
+    )
+    return DenseHeadModel(module.eval(), encoder, 2), encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinks and passes
+# ---------------------------------------------------------------------------------------------
+
+
+class ScoreSink:
+    """Stitched model rows -> scores (``1 - cos``, or softmax ``P(change)`` of 2 logits) into a
+    COG, while filling the histogram the threshold is chosen from."""
+
+    def __init__(self, cog: CogSink | ArraySink, probability: bool):
+        self.cog = cog
+        self.probability = probability
+        self.block_rows = cog.block_rows
+        self.hist = ScoreHistogram(0.0, 1.0 if probability else 2.0)
+
+    def write_rows(self, row0: int, data: np.ndarray) -> None:
+        if self.probability:
+            valid = np.isfinite(data).all(axis=0)
+            z = np.where(valid[None], data, 0.0)
+            score = (1.0 / (1.0 + np.exp(z[0] - z[1]))).astype(np.float32)  # softmax of class 1
+            score[~valid] = np.nan
+        else:
+            score = data[0].astype(np.float32)
+        self.hist.add(score)
+        self.cog.write_rows(row0, score[None])
+
+
+def write_mask(score_path: Path, mask: CogSink, threshold: float) -> tuple[int, int]:
+    """Threshold the score COG block by block into ``mask``; returns (changed, valid) pixels."""
+    changed = valid_n = 0
+    with rasterio.open(score_path) as ds:
+        for r0 in range(0, ds.height, mask.block_rows):
+            k = min(mask.block_rows, ds.height - r0)
+            s = ds.read(1, window=Window(0, r0, ds.width, k))
+            ok = np.isfinite(s)
+            m = np.where(ok, (s > threshold).astype(np.float32), float(MASK_NODATA))
+            changed += int((m == 1).sum())
+            valid_n += int(ok.sum())
+            mask.write_rows(r0, m[None].astype(np.float32))
+    mask.finish()
+    return changed, valid_n
+
+
+def write_polygons(
+    mask_path: Path,
+    score_path: Path,
+    out: Path,
+    min_area: float,
+    simplify: float,
+    overwrite: bool,
+    metadata: dict,
+) -> int:
+    """Vectorise the mask's change pixels (whole mask in memory; it is one byte per pixel)."""
+    from deo_cli.io.vector import polygonize, write_vectors
+
+    with rasterio.open(mask_path) as m, rasterio.open(score_path) as s:
+        mask = m.read(1)
+        score = s.read(1)
+        grid = Grid(m.crs, m.transform, m.width, m.height)
+    gdf = polygonize(
+        mask == 1, grid, score=score, min_area=min_area, simplify=simplify, valid=mask != MASK_NODATA
+    )
+    write_vectors(gdf, out, overwrite=overwrite, metadata=metadata)
+    return len(gdf)
+
+
+# ---------------------------------------------------------------------------------------------
+# detect-change
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChangeResult:
+    before: str
+    after: str
+    output: Path
+    mask: Path
+    mode: str
+    threshold: Threshold
+    changed_fraction: float
+    crs: str | None
+    grid: tuple[int, int]
+    resolution: tuple[float, float]
+    polygons: Path | None = None
+    polygon_count: int | None = None
+    preview: Path | None = None
+    recipe: Path | None = None
+    seconds: float = 0.0
+    chips: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def default_mask_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}_mask{output.suffix or '.tif'}")
+
+
+def _crs_text(crs) -> str | None:
+    if crs is None:
+        return None
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
+
+
+def _threshold_method(recipe: ChangeRecipe, supervised: bool) -> str:
+    m = recipe.threshold_method
+    if recipe.threshold is not None and recipe.percentile is not None:
+        raise UsageError("--threshold and --percentile both given", "pass one of them")
+    if m == "auto":
+        if recipe.threshold is not None:
+            return "fixed"
+        if recipe.percentile is not None:
+            return "percentile"
+        return "head" if supervised else "otsu"
+    return m
+
+
+def build_zero_shot_model(recipe: ChangeRecipe, encoder=None) -> CosineChange:
+    from deo_cli.models import build_encoder, get_model_spec
+
+    spec = get_model_spec(recipe.model.name) if encoder is None else encoder.spec
+    layers = parse_layers(spec, recipe.layer)
+    if encoder is None:
+        seed_everything(recipe.runtime.seed)
+        encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
+    return CosineChange(encoder, layers, 1 if recipe.output_grid == "input" else None)
+
+
+def run_detect_change(
+    before: str,
+    after: str,
+    output: str | os.PathLike,
+    recipe: ChangeRecipe,
+    *,
+    head: str | os.PathLike | None = None,
+    mask: str | os.PathLike | None = None,
+    polygons: str | os.PathLike | None = None,
+    preview: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    encoder=None,
+    weights: str | None = None,
+) -> ChangeResult:
+    """Score, threshold and (optionally) vectorise the change from ``before`` to ``after``.
+
+    ``head``: a change head file (supervised); default zero-shot. ``encoder``: a ready encoder
+    for zero-shot (tests, notebooks). Raises :class:`~deo_cli.errors.DeoError` for user mistakes,
+    before any model is loaded when the inputs or outputs are wrong.
+    """
+    from deo_cli.models import get_model_spec
+    from deo_cli.sensors import BandManifest
+
+    t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    output = Path(output)
+    mask_path = Path(mask) if mask is not None else default_mask_path(output)
+    poly_path = Path(polygons) if polygons is not None else None
+    preview = Path(preview) if preview is not None else None
+    # -- checks before any compute ---------------------------------------------------------
+    if output.suffix.lower() not in (".tif", ".tiff"):
+        raise UsageError(f"-o {output.name} must be a GeoTIFF (.tif)", "name it e.g. change.tif")
+    if mask_path.resolve() == output.resolve():
+        raise UsageError("--mask and -o name the same file", "choose another --mask")
+    if poly_path is not None:
+        from deo_cli.io.vector import vector_format
+
+        if vector_format(poly_path) not in ("parquet", "GPKG", "FlatGeobuf"):
+            raise UsageError(
+                f"--polygons {poly_path.name}: polygons are written in the source CRS",
+                "write .parquet (GeoParquet) or .gpkg",
+            )
+    if preview is not None and preview.suffix.lower() not in (".png", ""):
+        raise UsageError(f"--preview {preview.name} must be a .png file", "name it e.g. preview.png")
+    rpath = recipe_path_for(output)
+    for p in (output, mask_path, poly_path, preview, rpath):
+        if p is not None:
+            check_output(p, overwrite)
+    supervised = head is not None
+    method = _threshold_method(recipe, supervised)
+    hf = load_head(head, "change") if supervised else None
+    if hf is not None:
+        rec = hf.encoder
+        manifests = (
+            BandManifest.from_dict(rec["manifest"]),
+            BandManifest.from_dict(rec["rgb_manifest"]) if rec.get("rgb_manifest") else None,
+        )
+    elif encoder is not None:
+        manifests = (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
+    else:
+        spec = get_model_spec(recipe.model.name)
+        parse_layers(spec, recipe.layer)  # a bad --layer fails here, before the weights load
+        manifests = (spec.manifest, spec.rgb_manifest)
+    first, second, pair_info = open_dates(before, after, recipe.input)
+    inp_a, inp_b = prepare_dates(first, second, *manifests, recipe.input)
+
+    # -- model -------------------------------------------------------------------------------
+    if hf is not None:
+        model, enc = build_change_model(hf, weights)
+        mode = "supervised"
+        describe = {
+            "score": "P(change): softmax of the siamese head's blended logits",
+            "fusion": hf.head.get("fusion"),
+            "stride": 1,
+        }
+    else:
+        model = build_zero_shot_model(recipe, encoder)
+        enc = model.encoder
+        mode = "zero-shot"
+        describe = model.describe()
+    device = resolve_device(recipe.runtime.device)
+    precision = resolve_precision(recipe.runtime.precision, device)
+    model = model.to(device)
+    log.info("%s change with %s on %s, %s", mode, enc.name, device, precision_name(precision))
+
+    t = recipe.tiling
+    chip = t.chip_size or (hf.chip_size if hf is not None else model.input_size)
+    plan = aligned_plan(first.height, first.width, chip, model.stride, model.align, t.overlap)
+    out_grid = first.grid.scaled(model.stride) if model.stride > 1 else first.grid
+    reader = PairChipReader(
+        ChipReader(first, inp_a.bands, inp_a.normalizer, plan),
+        ChipReader(second, inp_b.bands, inp_b.normalizer, plan),
+    )
+    meta = {
+        "deo_version": __version__,
+        "deo_change_mode": mode,
+        "deo_change_score": describe,
+        "deo_model": enc.name,
+        "deo_weights": enc.weights_uri or "random",
+        "deo_weights_sha256": enc.weights_sha256,
+        "deo_head": hf.describe() if hf is not None else None,
+        "deo_band_manifest": inp_a.manifest.to_dict(),
+        "deo_normalization": {"before": inp_a.describe(), "after": inp_b.describe()},
+        "deo_pair": pair_info,
+        "deo_tiling": {**plan.describe(), "blend": t.blend, "max_nodata_fraction": t.max_nodata_fraction},
+        "deo_recipe_hash": recipe_hash(recipe),
+        "deo_before": {"scene": first.name, "paths": list(first.paths), "datetime": first.datetime},
+        "deo_after": {"scene": second.name, "paths": list(second.paths), "datetime": second.datetime},
+    }
+    block_rows = block_rows_for(16)
+    score_layout = RasterLayout(
+        count=1,
+        dtype="float32",
+        descriptions=("change_score",),
+        tags=gdal_tags(meta),
+        compress=recipe.compress,
+        resampling="average",
+    )
+    score_sink = ScoreSink(CogSink(output, out_grid, score_layout, block_rows, None, overwrite), supervised)
+    rt = recipe.runtime
+    written: list[Path] = []
+    try:
+        with first, second:
+            stats = run_dense(
+                reader,
+                model,
+                score_sink,
+                blend=t.blend,
+                max_nodata_fraction=t.max_nodata_fraction,
+                batch_size=rt.batch_size,
+                num_workers=rt.num_workers,
+                device=device,
+                precision=precision,
+                progress=progress,
+                description=f"change {first.name} -> {second.name}",
+            )
+        score_sink.cog.finish()
+        written.append(output)
+        hist = score_sink.hist
+        if hist.total == 0:
+            raise DataError(
+                "the two dates share no valid pixel",
+                "check their nodata values and that they show the same place",
+            )
+        if method == "head":
+            thr = Threshold(float(hf.threshold if hf.threshold is not None else 0.5), "head")
+        else:
+            thr = choose_threshold(hist, method, recipe.threshold, recipe.percentile)
+        mask_meta = {
+            **meta,
+            "deo_threshold": thr.describe(),
+            "deo_values": {"0": "no change", "1": "change", "255": "nodata"},
+        }
+        mask_layout = RasterLayout(
+            count=1,
+            dtype="uint8",
+            nodata=MASK_NODATA,
+            descriptions=("change",),
+            tags=gdal_tags(mask_meta),
+            compress=recipe.compress,
+            resampling="mode",
+        )
+        mask_sink = CogSink(mask_path, out_grid, mask_layout, block_rows, MASK_COLORMAP, overwrite)
+        try:
+            changed, valid_n = write_mask(output, mask_sink, thr.value)
+        except BaseException:
+            mask_sink.abort()
+            raise
+        written.append(mask_path)
+        log.info(
+            "threshold %.6g (%s): %.2f%% of %d valid locations changed",
+            thr.value,
+            thr.method,
+            100.0 * changed / max(valid_n, 1),
+            valid_n,
+        )
+        res = ChangeResult(
+            before=str(before),
+            after=str(after),
+            output=output,
+            mask=mask_path,
+            mode=mode,
+            threshold=thr,
+            changed_fraction=changed / max(valid_n, 1),
+            crs=_crs_text(out_grid.crs),
+            grid=(out_grid.width, out_grid.height),
+            resolution=out_grid.res,
+            chips=stats.chips,
+            extra={"pair": pair_info, "stride": model.stride},
+        )
+        if poly_path is not None:
+            vmeta = {
+                k: v
+                for k, v in mask_meta.items()
+                if k
+                in (
+                    "deo_version",
+                    "deo_change_mode",
+                    "deo_change_score",
+                    "deo_model",
+                    "deo_weights",
+                    "deo_before",
+                    "deo_after",
+                    "deo_threshold",
+                    "deo_recipe_hash",
+                )
+            }
+            vmeta["deo_min_area"] = recipe.min_area
+            res.polygon_count = write_polygons(
+                mask_path, output, poly_path, recipe.min_area, recipe.simplify, overwrite, vmeta
+            )
+            res.polygons = poly_path
+            written.append(poly_path)
+        if preview is not None:
+            from deo_cli.infer.mappreview import write_change_preview
+
+            with first, second:
+                res.preview = write_change_preview(first, second, mask_path, preview, overwrite=overwrite)
+            written.append(preview)
+        res.recipe = save_recipe(recipe, rpath, "detect-change")
+    except BaseException:
+        score_sink.cog.abort()
+        for p in written:  # all or nothing: a failed run leaves no partial set of outputs
+            p.unlink(missing_ok=True)
+        raise
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def summary_line(r: ChangeResult) -> str:
+    w, h = r.grid
+    polys = f"  {r.polygon_count} polygons -> {r.polygons}" if r.polygons is not None else ""
+    return (
+        f"{r.output} + {r.mask}  {r.mode}  {r.crs or 'no CRS'}  {w}x{h} px @ {r.resolution[0]:.6g}  "
+        f"threshold {r.threshold.value:.4g} ({r.threshold.method})  {100 * r.changed_fraction:.2f}% changed"
+        f"{polys}  {r.seconds:.1f} s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory (benchmarks, notebooks)
+# ---------------------------------------------------------------------------------------------
+
+
+def change_score_array(
+    before: Scene,
+    after: Scene,
+    model,
+    *,
+    chip_size: int | None = None,
+    overlap: int | None = None,
+    unit: str = "auto",
+    rgb_max: float | None = None,
+    blend: str = "cosine",
+    max_nodata_fraction: float = 0.5,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    precision: torch.dtype | None = None,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, Grid]:
+    """The change score of two scenes on one grid (``after`` already on ``before``'s grid, e.g.
+    from :func:`open_dates` or :func:`deo_cli.data.oscd.open_pair`), computed by the same
+    streaming path as ``deo detect-change``, returned as a float32 ``(H, W)`` array (NaN =
+    nodata) on the model's output grid.
+
+    ``model``: a :class:`CosineChange` (zero-shot; ``out_stride=1`` for the input grid) or the
+    :class:`DenseHeadModel` of :func:`build_change_model` (the score is then ``P(change)``).
+    """
+    man = model.manifest
+    rgb = getattr(model, "rgb_manifest", None)
+
+    class _Inp:
+        pass
+
+    inp = _Inp()
+    inp.unit, inp.rgb_max = unit, rgb_max
+    a, b = prepare_dates(before, after, man, rgb, inp)
+    plan = aligned_plan(
+        before.height, before.width, chip_size or model.input_size, model.stride, model.align, overlap
+    )
+    reader = PairChipReader(
+        ChipReader(before, a.bands, a.normalizer, plan), ChipReader(after, b.bands, b.normalizer, plan)
+    )
+    sink = ScoreSink(
+        ArraySink(1, plan.out_height, plan.out_width, block_rows_for(16)), probability=model.channels == 2
+    )
+    device = device or torch.device("cpu")
+    model = model.to(device)
+    with before, after:
+        run_dense(
+            reader,
+            model,
+            sink,
+            blend=blend,
+            max_nodata_fraction=max_nodata_fraction,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            progress=progress,
+            background=False,
+        )
+    grid = before.grid.scaled(model.stride) if model.stride > 1 else before.grid
+    return sink.cog.array[0], grid
+
+
+def upsample_to(score: np.ndarray, stride: int, height: int, width: int) -> np.ndarray:
+    """A score on a stride-``stride`` grid repeated onto the input grid (each input pixel takes
+    the score of the feature pixel it lies in), cropped to ``height`` x ``width``."""
+    if stride == 1:
+        return score[:height, :width]
+    return np.repeat(np.repeat(score, stride, axis=0), stride, axis=1)[:height, :width]
+
+
+# ---------------------------------------------------------------------------------------------
+# detect-change train
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChangeTrainResult:
+    out: Path
+    head: Path
+    metrics: dict
+    seconds: float
+
+
+def best_f1_threshold(
+    prob: np.ndarray, target: np.ndarray, candidates: np.ndarray | None = None
+) -> tuple[float, float]:
+    """The P(change) threshold with the best F1 on (prob, target) pixels, and that F1."""
+    candidates = np.round(np.arange(0.05, 0.96, 0.01), 2) if candidates is None else candidates
+    p = np.asarray(prob, np.float64).ravel()
+    t = np.asarray(target, bool).ravel()
+    if not t.any():
+        return 0.5, float("nan")
+    order = np.argsort(p)
+    ps, ts = p[order], t[order]
+    pos_above = np.cumsum(ts[::-1])[::-1]  # positives at or above each sorted index
+    n_pos = int(ts.sum())
+    best = (0.5, -1.0)
+    for c in candidates:
+        i = int(np.searchsorted(ps, c, side="right"))  # first index with p > c
+        tp = int(pos_above[i]) if i < len(ps) else 0
+        pred = len(ps) - i
+        fp, fn = pred - tp, n_pos - tp
+        f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
+        if f1 > best[1] + 1e-12:
+            best = (float(c), f1)
+    return best
+
+
+@torch.no_grad()
+def _val_probabilities(model, loader, device, dtype) -> tuple[np.ndarray, np.ndarray]:
+    from deo_cli.runtime import autocast
+
+    model.eval()
+    probs, targets = [], []
+    for batch in loader:
+        x = batch["image"].to(device)
+        with autocast(device, dtype):
+            logits = model(x).float()
+        p = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+        m = batch["mask"].numpy()
+        keep = m != IGNORE
+        probs.append(p[keep])
+        targets.append(m[keep])
+    if not probs:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(probs), np.concatenate(targets)
+
+
+def _oscd_sources(cities, inp, chip: int, overlap: int, manifests):
+    from deo_cli.data.oscd import read_change_label
+
+    sources = []
+    for city in cities:
+        first, second, _ = open_dates(str(city.before), str(city.after), inp)
+        a, b = prepare_dates(first, second, *manifests, inp)
+        plan = training_plan(first.height, first.width, chip, overlap)
+        reader = PairChipReader(
+            ChipReader(first, a.bands, a.normalizer, plan), ChipReader(second, b.bands, b.normalizer, plan)
+        )
+        label = read_change_label(city, (first.height, first.width)).astype(np.int64)
+        sources.append((reader, ArrayLabels(label)))
+    return sources
+
+
+def run_change_train(
+    recipe: ChangeTrainRecipe,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    encoder=None,
+) -> ChangeTrainResult:
+    """Train a siamese change head on OSCD-format pairs; writes ``out/`` (head.pt, metrics.json,
+    recipe.yaml). Test cities are scored through the streaming prediction path."""
+    from deo_cli.data.oscd import list_cities, read_change_label, select_cities
+    from deo_cli.data.segdata import holdout
+    from deo_cli.models import build_encoder, get_model_spec
+
+    t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    out = check_run_folder(Path(out), overwrite)
+    if recipe.data is None:
+        raise UsageError("detect-change train needs --data, an OSCD-format folder", "pass --data PATH")
+    cities = list_cities(recipe.data)
+    test = select_cities(cities, list(recipe.test_cities)) if recipe.test_cities else []
+    if recipe.train_cities:
+        train = select_cities(cities, list(recipe.train_cities))
+    else:
+        names = {c.name for c in test}
+        train = [c for c in cities if c.label is not None and c.name not in names]
+    overlap_names = {c.name for c in train} & {c.name for c in test}
+    if overlap_names:
+        raise UsageError(f"cities {sorted(overlap_names)} are both train and test cities", "keep them apart")
+    for c in [*train, *test]:
+        if c.label is None:
+            raise DataError(f"OSCD city {c.name} has no change label", "choose labelled cities")
+    if not train:
+        raise DataError(
+            f"no labelled training city under {recipe.data}", "add train_labels/ or pass --train-cities"
+        )
+    spec = get_model_spec(recipe.model.name) if encoder is None else encoder.spec
+    align = max(spec.feature_strides)
+    chip = recipe.chip_size
+    if chip % align:
+        raise UsageError(
+            f"--chip-size {chip} is not a multiple of the encoder's coarsest stride {align}",
+            f"use {-(-chip // align) * align}",
+        )
+    manifests = (
+        (spec.manifest, spec.rgb_manifest)
+        if encoder is None
+        else (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
+    )
+    sources = _oscd_sources(train, recipe.input, chip, recipe.chip_overlap, manifests)
+    refs, counts = collect_chips(sources, 2)
+    if counts[1] == 0:
+        raise DataError("the training cities hold no change pixel", "add cities with change")
+    held = holdout(len(refs), recipe.val_fraction, recipe.runtime.seed)
+    train_refs = [r for r, h in zip(refs, held) if not h]
+    val_refs = [r for r, h in zip(refs, held) if h]
+    weights = list(recipe.class_weights) or [1.0, float(np.sqrt(counts[0] / counts[1]))]
+    if len(weights) != 2:
+        raise UsageError("--class-weights needs two values (no change, change)", "e.g. --class-weights 1,10")
+
+    seed_everything(recipe.runtime.seed)
+    device = resolve_device(recipe.runtime.device)
+    dtype = resolve_precision(recipe.runtime.precision, device)
+    if encoder is None:
+        encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
+    frozen = not recipe.finetune
+    torch.manual_seed(recipe.runtime.seed)
+    head = make_head(
+        recipe.head,
+        SiameseChange.head_channels(encoder.feature_channels, recipe.fusion),
+        encoder.feature_strides,
+        2,
+        recipe.head_channels,
+    )
+    model = SiameseChange(encoder, head, freeze=frozen, fusion=recipe.fusion)
+    rt = recipe.runtime
+    train_ds = LabelledChips(sources, train_refs, recipe.augment)
+    val_ds = LabelledChips(sources, val_refs, "none")
+    if len(train_ds) < 2:
+        raise DataError("fewer than 2 training chips", "add cities or lower --chip-size")
+    train_loader = make_loader(
+        train_ds, rt.batch_size, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True
+    )
+    val_loader = make_loader(val_ds, rt.batch_size, rt.num_workers, shuffle=False) if len(val_ds) else None
+    settings = FitSettings(
+        epochs=recipe.epochs,
+        warmup_epochs=recipe.warmup_epochs,
+        lr=recipe.lr,
+        min_lr=recipe.min_lr,
+        weight_decay=recipe.weight_decay,
+        num_classes=2,
+        ignore_index=None,
+        class_weights=weights,
+        select="f1",
+    )
+    log.info(
+        "training a siamese %s head (%s, encoder %s) on %s: %d training, %d validation chips of %d px; "
+        "change is %.2f%% of labelled pixels, class weights %s; %s, %s",
+        recipe.head,
+        recipe.fusion,
+        "frozen" if frozen else "fine-tuned",
+        ", ".join(c.name for c in train),
+        len(train_ds),
+        len(val_ds),
+        chip,
+        100.0 * counts[1] / counts.sum(),
+        [round(w, 3) for w in weights],
+        device,
+        precision_name(dtype),
+    )
+    fit = fit_dense(model, train_loader, val_loader, settings, device, dtype, progress=progress)
+    head_state, enc_state = trainable_to_head_file(fit.best_state, frozen=frozen)
+    model.head.load_state_dict(head_state)
+    if enc_state is not None:
+        model.encoder.load_state_dict(enc_state)
+    model.eval()
+    threshold, val_f1 = 0.5, float("nan")
+    if val_loader is not None:
+        probs, targets = _val_probabilities(model, val_loader, device, dtype)
+        threshold, val_f1 = best_f1_threshold(probs, targets)
+        log.info("P(change) threshold %.2f (validation F1 %.4f)", threshold, val_f1)
+    metrics: dict = {
+        "best_epoch": fit.best_epoch,
+        "select": "val_f1" if val_loader is not None else "last epoch",
+        "history": fit.history,
+        "train_cities": [c.name for c in train],
+        "test_cities": [c.name for c in test],
+        "train_chips": len(train_ds),
+        "val_chips": len(val_ds),
+        "change_fraction_train": float(counts[1] / counts.sum()),
+        "class_weights": weights,
+        "threshold": threshold,
+        "val_f1_at_threshold": val_f1,
+        "encoder": "frozen" if frozen else "fine-tuned",
+        "fit_seconds": round(fit.seconds, 3),
+    }
+    record = encoder_record(encoder, frozen=frozen)
+    hf = HeadFile(
+        task="change",
+        head={
+            "kind": recipe.head,
+            "channels": recipe.head_channels,
+            "num_classes": 2,
+            "in_channels": SiameseChange.head_channels(encoder.feature_channels, recipe.fusion),
+            "in_strides": list(encoder.feature_strides),
+            "fusion": recipe.fusion,
+        },
+        head_state=head_state,
+        encoder=record,
+        encoder_state=encoder_state_for(encoder, record, enc_state),
+        classes=CHANGE_CLASSES.to_dict(),
+        chip_size=chip,
+        normalization={
+            "manifest": encoder.manifest.to_dict(),
+            "per_date": "unit inferred and RGB scale computed per date",
+        },
+        threshold=threshold,
+        metrics={k: v for k, v in metrics.items() if k != "history"},
+        recipe=recipe_to_dict(recipe),
+    )
+    if test:
+        dense = DenseHeadModel(model.eval(), encoder, 2)
+        metrics["test"] = {}
+        totals = np.zeros(3, np.int64)
+        for city in test:
+            first, second, _ = open_dates(str(city.before), str(city.after), recipe.input)
+            score, _ = change_score_array(
+                first,
+                second,
+                dense,
+                chip_size=chip,
+                unit=recipe.input.unit,
+                rgb_max=recipe.input.rgb_max,
+                batch_size=rt.batch_size,
+                device=device,
+                precision=dtype,
+            )
+            label = read_change_label(city, score.shape)
+            valid = np.isfinite(score)
+            pred = np.nan_to_num(score, nan=0.0) > threshold
+            s = binary_scores(pred, label, valid)
+            p, tt = pred[valid], label[valid].astype(bool)
+            totals += [int(np.sum(p & tt)), int(np.sum(p & ~tt)), int(np.sum(~p & tt))]
+            metrics["test"][city.name] = {**s, "change_fraction": float(label[valid].mean())}
+            log.info("test %s: F1 %.4f, IoU %.4f", city.name, s["f1"], s["iou"])
+        tp, fp, fn = totals
+        metrics["test_overall"] = {
+            "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan"),
+            "iou": tp / (tp + fp + fn) if (tp + fp + fn) else float("nan"),
+        }
+        hf.metrics["test"] = metrics["test"]
+    head_path = write_run_folder(out, overwrite, hf, metrics, recipe, "detect-change train")
+    return ChangeTrainResult(out=out, head=head_path, metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+__all__ = [
+    "ChangeResult",
+    "ChangeTrainResult",
+    "CosineChange",
+    "PairChipReader",
+    "ScoreSink",
+    "SiameseChange",
+    "best_f1_threshold",
+    "build_change_model",
+    "build_zero_shot_model",
+    "change_score_array",
+    "check_overlap",
+    "open_dates",
+    "parse_layers",
+    "run_change_train",
+    "run_detect_change",
+    "summary_line",
+    "upsample_to",
+]

@@ -1,0 +1,153 @@
+"""What ``segment predict`` and ``detect-change`` share on top of the streaming runner.
+
+- :func:`aligned_plan`: chips whose size and overlap are multiples of the encoder's coarsest
+  stride (32 for Swin), so every chip starts on the encoder's coarsest grid and overlapping
+  chips partition the ground into the same patches and windows; the *output* stride is free
+  (1 for maps at the input resolution, 16 for a stage-3 score).
+- :class:`DenseHeadModel`: an encoder + head module as a
+  :class:`~deo_cli.infer.model.FeatureModel` at stride 1 (logits at the input resolution).
+- :class:`CogSink`: finished rows into a COG (tiled temporary GeoTIFF, then the COG driver,
+  renamed into place), optionally with a GDAL colour table; :class:`ArraySink`: rows into an
+  in-memory array (notebooks, benchmarks).
+- :func:`gdal_tags`: provenance metadata as GDAL tags (upper-case keys, JSON values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from torch import nn
+
+from deo_cli.errors import UsageError
+from deo_cli.infer.tiling import TilePlan, round_up
+from deo_cli.io.atomic import check_output
+from deo_cli.io.grid import Grid
+from deo_cli.io.writers import RasterLayout, TiledWriter, finish_cog, partial_paths
+
+log = logging.getLogger(__name__)
+
+
+def aligned_plan(
+    height: int, width: int, chip_size: int, out_stride: int, align: int, overlap: int | None = None
+) -> TilePlan:
+    """A dense plan (``pad_start=True``) with chip size and overlap multiples of ``align``.
+
+    ``overlap`` defaults to a quarter of the chip, rounded up to ``align`` (and down below half
+    the chip). Raises :class:`UsageError` for a chip that is not a multiple of ``align``.
+    """
+    if chip_size % align:
+        raise UsageError(
+            f"--chip-size {chip_size} is not a multiple of the encoder's coarsest stride {align}",
+            f"use {round_up(chip_size, align)}",
+        )
+    if chip_size % out_stride:
+        raise UsageError(
+            f"--chip-size {chip_size} is not a multiple of the output stride {out_stride}",
+            f"use {round_up(chip_size, max(align, out_stride))}",
+        )
+    o = chip_size // 4 if overlap is None else int(overlap)
+    o = round_up(o, align)
+    if 2 * o >= chip_size:
+        o = max(0, (chip_size // 2 - 1) // align * align)
+    return TilePlan(height, width, chip_size, o, out_stride, pad_start=True)
+
+
+class DenseHeadModel(nn.Module):
+    """A module mapping ``(B, bands, C, C)`` to logits ``(B, K, C, C)``, as a FeatureModel."""
+
+    def __init__(self, module: nn.Module, encoder, channels: int, name: str = ""):
+        super().__init__()
+        self.module = module.eval()
+        self.name = name or getattr(encoder, "name", "deo")
+        self.stride = 1
+        self.channels = int(channels)
+        self.input_size = int(encoder.spec.input_size)
+        self.align = int(max(encoder.feature_strides))
+        self.manifest = encoder.manifest
+        self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
+        self.weights_uri = encoder.weights_uri
+        self.weights_sha256 = encoder.weights_sha256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def gdal_tags(meta: Mapping) -> dict[str, str]:
+    """``{"deo_model": ...}`` -> ``{"DEO_MODEL": "..."}`` (JSON for anything but strings)."""
+    out = {}
+    for k, v in meta.items():
+        if v is None:
+            continue
+        out[str(k).upper()] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return out
+
+
+class CogSink:
+    """Rows into a COG at ``path``; ``finish()`` writes it (with ``colormap`` on band 1).
+
+    Checks ``path`` (exists without ``overwrite`` -> :class:`OutputExistsError`) on creation.
+    ``abort()`` removes the temporary file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        grid: Grid,
+        layout: RasterLayout,
+        block_rows: int = 16,
+        colormap: Mapping[int, tuple] | None = None,
+        overwrite: bool = False,
+    ):
+        self.path = check_output(path, overwrite)
+        self.grid = grid
+        self.layout = layout
+        self.block_rows = block_rows
+        self.colormap = dict(colormap) if colormap else None
+        tmp, _ = partial_paths(self.path)
+        self._writer = TiledWriter(tmp, grid, layout, block_rows)
+
+    @property
+    def rows_done(self) -> int:
+        return self._writer.rows_done
+
+    def write_rows(self, row0: int, data: np.ndarray) -> None:
+        self._writer.write_rows(row0, data)
+
+    def finish(self) -> Path:
+        self._writer.close()
+        if not self._writer.complete:
+            raise RuntimeError(
+                f"{self.path.name}: only {self._writer.rows_done} of {self.grid.height} rows written"
+            )
+        if self.colormap:
+            with rasterio.open(self._writer.path, "r+") as ds:
+                ds.write_colormap(1, self.colormap)
+        out = finish_cog([self._writer.path], self.path, self.grid, self.layout, overwrite=True)
+        self._writer.discard()
+        return out
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._writer.discard()
+
+
+class ArraySink:
+    """Rows into an in-memory ``(channels, height, width)`` float32 array (NaN = nodata)."""
+
+    def __init__(self, channels: int, height: int, width: int, block_rows: int = 16):
+        self.block_rows = block_rows
+        self.array = np.full((channels, height, width), np.nan, np.float32)
+
+    def write_rows(self, row0: int, data: np.ndarray) -> None:
+        self.array[:, row0 : row0 + data.shape[1]] = data
+
+
+__all__ = ["ArraySink", "CogSink", "DenseHeadModel", "aligned_plan", "gdal_tags"]

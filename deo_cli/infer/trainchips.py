@@ -1,0 +1,127 @@
+"""Training chips read exactly as prediction reads them.
+
+``deo segment train`` and ``deo detect-change train`` cut their training chips with the same
+:class:`~deo_cli.infer.tiling.TilePlan` and read them with the same
+:class:`~deo_cli.infer.chips.ChipReader` (or its two-date
+:class:`~deo_cli.infer.change.PairChipReader`) as ``segment predict`` / ``detect-change``: the
+same bands by name, unit conversion, scene-level RGB scale, edge replication and nodata fill.
+A head therefore never sees input at prediction time that was prepared differently in training.
+
+- Chips: a plan with ``pad_start=False`` and stride 1 (chips start at the scene origin and
+  step by ``chip_size - overlap``; the last one reaches past the scene edge, which is
+  replicated for the image and *ignored* in the labels).
+- Targets: training indices from a label source (``read(y, x, size)``, see
+  :mod:`deo_cli.data.segdata`); pixels that are nodata in the image (either date for change)
+  are ignored too.
+- Chips without any labelled pixel are left out.
+- Augmentation ``flips``: random horizontal/vertical flips and 90-degree rotations (the
+  eight symmetries of the square), drawn from torch's generator (seeded loaders repeat them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deo_cli.data.segdata import IGNORE
+from deo_cli.infer.tiling import Chip, TilePlan
+
+log = logging.getLogger(__name__)
+
+
+def training_plan(height: int, width: int, chip_size: int, overlap: int = 0) -> TilePlan:
+    """Chips from the scene origin, stepping ``chip_size - overlap`` px, stride 1 (per-pixel
+    invalid masks)."""
+    overlap = min(int(overlap), (chip_size - 1) // 2)
+    return TilePlan(height, width, chip_size, overlap, 1, pad_start=False)
+
+
+@dataclass(frozen=True)
+class ChipRef:
+    source: int  # index into the dataset's sources
+    chip: Chip
+    labelled: int  # labelled pixels (for logs and class counts)
+
+
+class LabelledChips(torch.utils.data.Dataset):
+    """``{"image": (C, S, S) float32, "mask": (S, S) int64, "index"}`` for chips of sources.
+
+    ``sources`` is a list of ``(reader, labels)``: a chip reader on a stride-1 plan and a label
+    source on the same grid.
+    """
+
+    def __init__(self, sources: Sequence[tuple], refs: Sequence[ChipRef], augment: str = "none"):
+        self.sources = list(sources)
+        self.refs = list(refs)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def target(self, ref: ChipRef, invalid: np.ndarray | None = None) -> np.ndarray:
+        reader, labels = self.sources[ref.source]
+        size = reader.plan.chip_size
+        mask = labels.read(ref.chip.y, ref.chip.x, size)
+        if invalid is not None:
+            mask[invalid > 0.5] = IGNORE
+        return mask
+
+    def __getitem__(self, i: int) -> dict:
+        ref = self.refs[i]
+        reader, _ = self.sources[ref.source]
+        s = reader.read(ref.chip)
+        x = torch.from_numpy(np.ascontiguousarray(s.x, dtype=np.float32))
+        mask = torch.from_numpy(self.target(ref, s.invalid))
+        if self.augment == "flips":
+            k, hflip = int(torch.randint(0, 4, ())), bool(torch.rand(()) < 0.5)
+            if hflip:
+                x, mask = x.flip(-1), mask.flip(-1)
+            if k:
+                x, mask = torch.rot90(x, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+        return {"image": x.contiguous(), "mask": mask.contiguous(), "index": i}
+
+
+def collect_chips(sources: Sequence[tuple], num_classes: int) -> tuple[list[ChipRef], np.ndarray]:
+    """Every chip of every source that has a labelled pixel, and the label counts per class.
+
+    Reads each chip's labels once (labels are small next to images); image nodata is not
+    known yet here, so the counts include labelled pixels under image nodata.
+    """
+    refs: list[ChipRef] = []
+    counts = np.zeros(num_classes, np.int64)
+    for k, (reader, labels) in enumerate(sources):
+        size = reader.plan.chip_size
+        for chip in reader.plan.chips():
+            lab = labels.read(chip.y, chip.x, size)
+            ok = lab != IGNORE
+            n = int(ok.sum())
+            if n == 0:
+                continue
+            counts += np.bincount(lab[ok], minlength=num_classes)[:num_classes]
+            refs.append(ChipRef(k, chip, n))
+    return refs, counts
+
+
+def make_loader(
+    dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int = 0, drop_single: bool = False
+):
+    """A DataLoader; ``drop_single`` drops a last batch of one chip (BatchNorm in the heads
+    cannot train on a batch of one 1x1 pooled map)."""
+    g = torch.Generator().manual_seed(int(seed))
+    bs = max(1, min(batch_size, len(dataset)))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=bs,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=g,
+        drop_last=drop_single and len(dataset) % bs == 1,
+        persistent_workers=num_workers > 0,
+    )
+
+
+__all__ = ["ChipRef", "LabelledChips", "collect_chips", "make_loader", "training_plan"]
