@@ -21,6 +21,7 @@ end, atomically, the newest ``keep_checkpoints`` kept) and the resolved recipe (
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ from torch import nn
 
 from deo_cli.data.multicrop import build_multicrop
 from deo_cli.data.pretrain import PretrainData, PretrainDataset, build_pretrain_loader, scan_pretrain_data
-from deo_cli.errors import BandError, DeoError, OutputExistsError, RecipeError, UsageError
+from deo_cli.errors import BandError, DeoError, OutputExistsError, RecipeError, UsageError, WeightsError
 from deo_cli.losses import DeoLoss
 from deo_cli.models import OpticalTeacher, build_encoder, build_teacher, ema_update, get_model_spec
 from deo_cli.models.teachers import get_teacher_spec, list_teachers
@@ -129,6 +130,11 @@ def plan_pretrain(
     if out is None:
         raise UsageError("no run folder given", "pass --out RUN (checkpoints and logs go there)")
     out = Path(out)
+    # The saved recipe names the data absolutely, so `--resume` works from any folder.
+    recipe = dataclasses.replace(
+        recipe,
+        data=dataclasses.replace(recipe.data, path=os.path.abspath(os.path.expanduser(recipe.data.path))),
+    )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"run folder {out} is a file", "choose another --out")
     spec = get_model_spec(recipe.model.name)
@@ -145,8 +151,18 @@ def plan_pretrain(
             f"teacher.layers must name two blocks (mid, late), got {recipe.teacher.layers}",
             "e.g. --set teacher.layers=[8,11], or [] for the teacher's default",
         )
+    if recipe.teacher.weights == "default" and get_teacher_spec(teacher_name).pretrained_tag is None:
+        raise WeightsError(
+            f"teacher {teacher_name} has no released weights",
+            "pass --teacher-weights random (tests only) or a local file",
+        )
     if recipe.teacher.weights not in ("default", "random"):
-        resolve_weights(recipe.teacher.weights)  # a missing file fails here; hf:// is fetched once
+        try:
+            resolve_weights(recipe.teacher.weights)  # a missing file fails here; hf:// is fetched once
+        except WeightsError as e:
+            raise WeightsError(
+                f"optical teacher: {e.problem}", "pass an existing file to --teacher-weights"
+            ) from e
     chunk = recipe.loss.expansion_chunk
     if chunk and recipe.batch_size % chunk:
         raise RecipeError(
@@ -348,6 +364,29 @@ def _param_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+#: Recipe keys a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "log_samples",
+    "data.num_workers",
+)
+
+
+def _recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (other than :data:`RESUMABLE_CHANGES`)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, dotted = old.get(key), new.get(key), prefix + str(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _recipe_changes(a, b, dotted + ".")
+        elif a != b and dotted not in RESUMABLE_CHANGES:
+            out.append(dotted)
+    return out
+
+
 def _prepare_run_folder(plan: RunPlan) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
     if plan.overwrite:
@@ -442,6 +481,9 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
         ckpt = load_checkpoint(plan.resume_from)
         restore_training_state(ckpt, student=student, teacher=ema, optimizer=optimizer, scaler=scaler)
         step = int(ckpt["step"])
+        changed = _recipe_changes(ckpt.get("recipe") or {}, recipe_to_dict(r))
+        if changed:
+            log.warning("resuming with a recipe that differs from the run's in %s", ", ".join(changed))
         if ckpt.get("data", {}).get("fingerprint") != plan.data.fingerprint:
             log.warning(
                 "the data differs from the checkpoint's: the resumed run will not repeat the original"

@@ -167,3 +167,25 @@ def test_recipe_with_an_unknown_key(shared_data, tmp_path):
         "unknown recipe key 'crops.local_sizes'",
     )
     assert not run.exists()
+
+
+def test_missing_teacher_weights(shared_data, tmp_path):
+    run = tmp_path / "run"
+    data = shared_data / "bigearthnet_s2_example"
+    result = deo(
+        "pretrain",
+        "--recipe",
+        "tiny_cpu",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--teacher-weights",
+        tmp_path / "t.pt",
+    )
+    one_line_error(result, 1, "optical teacher: weights file", "--teacher-weights")
+    result = deo(
+        "pretrain", "--recipe", "tiny_cpu", "--data", data, "--out", run, "--teacher-weights", "default"
+    )
+    one_line_error(result, 1, "test_dinov3_tiny has no released weights")
+    assert not run.exists()
