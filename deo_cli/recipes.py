@@ -692,13 +692,14 @@ class BenchKnnSection:
 
 @dataclass
 class BenchOscdSection:
-    """Zero-shot change detection on OSCD: per-pixel cosine distance of the two dates'
-    features (levels ``layers``, averaged after upsampling to the label grid), Otsu threshold."""
+    """Zero-shot change detection on OSCD with ``deo detect-change``'s own scorer: cosine
+    distance of the two dates' features on the input grid, Otsu threshold per city."""
 
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    #: Square chips of this many pixels (a multiple of the deepest level's stride, bounded
-    #: memory); null runs each city whole.
-    chip_size: int | None = 256
+    #: Feature levels whose distances are averaged; empty: ``deo detect-change``'s default level.
+    layers: list[int] = field(default_factory=list)
+    #: Chip size and overlap in pixels; null: the model's input size and a quarter of it.
+    chip_size: int | None = None
+    overlap: int | None = None
 
 
 @dataclass

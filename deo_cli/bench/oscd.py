@@ -3,25 +3,21 @@
 The paper fine-tunes the encoder for change detection and its head is not public (method.md
 §3.1), so the paper's 60.4 F1 is not reproducible here; this suite measures what the frozen
 features give **without training** (deo's own protocol, [INFERRED], protocol name
-``zero-shot``):
+``zero-shot``), with exactly the scorer of ``deo detect-change`` (:mod:`deo_cli.infer.change`):
 
-1. both dates on the first date's 10 m grid (:func:`deo_cli.data.oscd.open_pair`), the model's
-   bands by name, normalised by the model's band manifest (RGB max-scaled by each date's scene
-   RGB scale, :func:`deo_cli.data.normalize.scene_rgb_max`), nodata filled with 0;
-2. the frozen encoder on aligned chips of ``chip_size`` pixels (or the whole city) of both
-   dates; per feature level in ``layers``, the cosine distance ``1 - cos`` of the two dates'
-   vectors, upsampled bilinearly from the level's grid (pixel ``r`` covers input rows
-   ``[r * stride, (r + 1) * stride)``) to the label grid, averaged over the levels;
-3. Otsu's threshold on the city's valid distances gives the change mask;
-4. F1 and IoU of the change class over all cities' pixels (TP/FP/FN summed,
-   :func:`deo_cli.metrics.binary_scores` per city), with a bootstrap interval over cities.
+1. both dates on the first date's 10 m grid (:func:`deo_cli.data.oscd.open_pair`);
+2. :func:`~deo_cli.infer.change.change_score_array` with a
+   :class:`~deo_cli.infer.change.CosineChange` on the input grid: the model's bands by name,
+   each date normalised by the model's manifest (unit inferred, RGB scaled per scene), chips of
+   the model's input size with blended overlaps, ``1 - cos`` of the two dates' features at
+   ``deo detect-change``'s default level (or the mean over ``oscd.layers``), NaN where nodata;
+3. Otsu's threshold (:func:`deo_cli.infer.threshold.otsu_threshold`) on the city's valid scores
+   gives the change mask (``score > threshold``);
+4. F1 and IoU of the change class over all cities' pixels (TP/FP/FN summed), with a bootstrap
+   interval over cities.
 
 Cities: those named in ``--tasks``, else the official test cities that have labels, else every
 labelled city (the zero-shot protocol trains nothing, so no split is needed).
-
-The shared ``detect-change`` machinery (issue 7) is meant to replace
-:func:`change_distance` and :func:`otsu_threshold` once it exists; the interface is
-``distance = change_distance(encoder, before, after, ...)`` on normalised ``(C, H, W)`` arrays.
 """
 
 from __future__ import annotations
@@ -31,14 +27,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from deo_cli.bench.context import BenchContext
 from deo_cli.bench.paper import paper_result
 from deo_cli.bench.scoring import score_change
-from deo_cli.data.normalize import Normalizer, scene_rgb_max
 from deo_cli.data.oscd import (
     OscdCity,
     list_cities,
@@ -48,12 +40,12 @@ from deo_cli.data.oscd import (
     select_cities,
 )
 from deo_cli.errors import DataError, UsageError
-from deo_cli.metrics import binary_scores
+from deo_cli.infer.change import CosineChange, change_score_array, parse_layers
+from deo_cli.infer.threshold import otsu_threshold
 from deo_cli.models import get_model_spec
 from deo_cli.recipes import BenchRecipe
-from deo_cli.runtime import autocast
 
-__all__ = ["OscdPlan", "change_distance", "otsu_threshold", "plan_oscd", "run_oscd"]
+__all__ = ["OscdPlan", "change_counts", "plan_oscd", "run_oscd"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +54,7 @@ log = logging.getLogger(__name__)
 class OscdPlan:
     cities: list[OscdCity]
     partition: str
+    layers: list[int]
 
 
 def plan_oscd(recipe: BenchRecipe) -> OscdPlan:
@@ -93,104 +86,27 @@ def plan_oscd(recipe: BenchRecipe) -> OscdPlan:
         raise DataError(f"no labelled OSCD city under {recipe.data}", "add train_labels/ or test_labels/")
     if recipe.limit:
         chosen = chosen[: recipe.limit]
-    n = get_model_spec(recipe.model.name).num_levels
-    bad = [lv for lv in recipe.oscd.layers if not -n <= lv < n]
-    if bad or not recipe.oscd.layers:
-        raise UsageError(
-            f"oscd.layers {list(recipe.oscd.layers)} outside the model's {n} levels", f"use 0..{n - 1}"
-        )
-    return OscdPlan(chosen, partition)
+    spec = get_model_spec(recipe.model.name)
+    layers = parse_layers(spec, ",".join(str(v) for v in recipe.oscd.layers) or None)  # bad levels: one line
+    return OscdPlan(chosen, partition, layers)
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold: the cut of a 256-bin histogram maximising the between-class variance."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan")
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        return hi
-    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mean0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
-    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
-    between = (w0 * w1 * (mean0 - mean1) ** 2)[:-1]
-    if between.size == 0:
-        return float(edges[1])
-    # cuts inside an empty gap between the modes tie: take the middle of the tied run
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    run = best[: int(np.argmax(np.diff(np.append(best, best[-1] + 2)) > 1)) + 1]
-    return float((edges[1:][run[0]] + edges[1:][run[-1]]) / 2)
-
-
-def _level_distance(fa: torch.Tensor, fb: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
-    """``1 - cos`` of two ``(C, h, w)`` maps, upsampled to ``(h * stride, w * stride)``, cropped."""
-    d = 1.0 - F.cosine_similarity(fa.float(), fb.float(), dim=0, eps=1e-6)
-    h, w = d.shape
-    up = F.interpolate(d[None, None], size=(h * stride, w * stride), mode="bilinear", align_corners=False)[
-        0, 0
-    ]
-    return up[:height, :width]
-
-
-@torch.no_grad()
-def change_distance(
-    encoder: nn.Module,
-    before: np.ndarray,
-    after: np.ndarray,
-    layers: list[int],
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    chip_size: int | None = None,
-) -> np.ndarray:
-    """Per-pixel change score ``(H, W)`` in [0, 2]: the mean over ``layers`` of the cosine distance
-    between the two dates' features (normalised ``(C, H, W)`` inputs on one grid)."""
-    if before.shape != after.shape:
-        raise ValueError(f"dates differ in shape: {before.shape} vs {after.shape}")
-    strides = list(encoder.feature_strides)
-    n = len(strides)
-    levels = sorted({lv % n for lv in layers})
-    if not levels or any(not -n <= lv < n for lv in layers):
-        raise UsageError(f"oscd.layers {layers} outside the model's {n} levels", f"use 0..{n - 1}")
-    _, height, width = before.shape
-    size = chip_size or max(height, width)
-    step = max(strides)
-    size = -(-size // step) * step
-    out = np.zeros((height, width), dtype=np.float32)
-    encoder.eval()
-    for r0 in range(0, height, size):
-        for c0 in range(0, width, size):
-            h, w = min(size, height - r0), min(size, width - c0)
-            pair = np.zeros((2, before.shape[0], size, size), dtype=np.float32)
-            pair[0, :, :h, :w] = before[:, r0 : r0 + h, c0 : c0 + w]
-            pair[1, :, :h, :w] = after[:, r0 : r0 + h, c0 : c0 + w]
-            x = torch.from_numpy(pair).to(device)
-            with autocast(device, dtype):
-                maps = encoder(x)
-            acc = torch.zeros((h, w), device=device)
-            for lv in levels:
-                acc += _level_distance(maps[lv][0], maps[lv][1], strides[lv], h, w)
-            out[r0 : r0 + h, c0 : c0 + w] = (acc / len(levels)).cpu().numpy()
-    return out
-
-
-def _read_date(scene, manifest) -> tuple[np.ndarray, np.ndarray]:
-    sample = scene.read(bands=list(manifest.bands))
-    rgb = [i for i, b in enumerate(manifest.bands) if b in manifest.max_scaled]
-    rgb_max = scene_rgb_max(sample.data[rgb], sample.valid) if rgb else None
-    x = Normalizer.from_manifest(manifest, unit_factor=1.0, rgb_max=rgb_max)(sample.data)
-    x[:, ~sample.valid] = 0.0
-    return x, sample.valid
+def change_counts(score: np.ndarray, label: np.ndarray) -> tuple[list[int], float]:
+    """``[TP, FP, FN]`` of ``score > Otsu threshold`` against the 0/1 ``label`` over the finite
+    scores (NaN = nodata), and the threshold."""
+    valid = np.isfinite(score)
+    thr = otsu_threshold(score[valid])
+    pred = score[valid] > thr
+    truth = np.asarray(label)[valid].astype(bool)
+    return [int(np.sum(pred & truth)), int(np.sum(pred & ~truth)), int(np.sum(~pred & truth))], thr
 
 
 def run_oscd(ctx: BenchContext, plan: OscdPlan) -> None:
     """Score every city of ``plan`` and write the F1 and IoU rows (one unit of work)."""
     r = ctx.recipe
     manifest = ctx.encoder.manifest
+    model = CosineChange(ctx.encoder, plan.layers, out_stride=1)  # scores on the input (label) grid
+    chip = r.oscd.chip_size or model.input_size
     seed = r.seeds[0]  # zero-shot: nothing random
     unit = {
         "dataset": "oscd",
@@ -198,7 +114,7 @@ def run_oscd(ctx: BenchContext, plan: OscdPlan) -> None:
         "partition": plan.partition,
         "seed": seed,
         "bands": ",".join(manifest.bands),
-        "image_size": r.oscd.chip_size,
+        "image_size": chip,
         "normalization": f"manifest:{manifest.name}",
     }
     if ctx.is_done(**unit):
@@ -208,19 +124,22 @@ def run_oscd(ctx: BenchContext, plan: OscdPlan) -> None:
     ctx.progress.start(len(plan.cities), "oscd cities")
     for city in plan.cities:
         before, after = open_pair(city)
-        with before, after:
-            xa, va = _read_date(before, manifest)
-            xb, vb = _read_date(after, manifest)
-        label = read_change_label(city, xa.shape[-2:])
-        valid = va & vb
-        dist = change_distance(
-            ctx.encoder, xa, xb, list(r.oscd.layers), ctx.device, ctx.dtype, r.oscd.chip_size
+        score, _ = change_score_array(
+            before,
+            after,
+            model,
+            chip_size=chip,
+            overlap=r.oscd.overlap,
+            batch_size=r.runtime.batch_size,
+            num_workers=r.runtime.num_workers,
+            device=ctx.device,
+            precision=ctx.dtype,
         )
-        thr = otsu_threshold(dist[valid])
-        pred = dist > thr
-        s = binary_scores(pred, label, valid)
-        p, t = pred[valid], label[valid].astype(bool)
-        counts.append([int(np.sum(p & t)), int(np.sum(p & ~t)), int(np.sum(~p & t))])
+        label = read_change_label(city, score.shape)
+        tp_fp_fn, thr = change_counts(score, label)
+        counts.append(tp_fp_fn)
+        city_scores = score_change(np.asarray([tp_fp_fn]), 0)
+        valid = np.isfinite(score)
         log.info(
             "oscd %s: %dx%d px, %.2f%% change, Otsu threshold %.4f, F1 %.4f, IoU %.4f",
             city.name,
@@ -228,15 +147,15 @@ def run_oscd(ctx: BenchContext, plan: OscdPlan) -> None:
             label.shape[0],
             100.0 * float(label[valid].mean()) if valid.any() else float("nan"),
             thr,
-            s["f1"],
-            s["iou"],
+            city_scores["f1"].value,
+            city_scores["iou"].value,
         )
-        ctx.progress.advance(1, f1=s["f1"])
+        ctx.progress.advance(1, f1=city_scores["f1"].value)
     ctx.progress.finish()
     scores = score_change(np.asarray(counts), r.bootstrap, seed)
     paper = paper_result("oscd")
     channels = list(ctx.encoder.feature_channels)
-    levels = {lv % len(channels) for lv in r.oscd.layers}
+    levels = set(plan.layers)
     seconds = round(time.perf_counter() - start, 3)
     rows = []
     for name in ("f1", "iou"):

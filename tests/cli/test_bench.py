@@ -119,7 +119,8 @@ def test_geobench_segmentation_task_upernet(tmp_path):
 
 def test_oscd_subset_f1_rows(shared_data, tmp_path):
     out = tmp_path / "oscd"
-    r = bench("--suite", "oscd", "--data", str(shared_data / "oscd_subset"), *TINY, "-o", str(out))
+    r = bench("--suite", "oscd", "--data", str(shared_data / "oscd_subset"), *TINY,
+              "--set", "oscd.chip_size=192", "-b", "4", "-o", str(out))  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = read_csv(out / "results.csv")
     assert [x["metric"] for x in rows] == ["f1", "iou"]
@@ -127,6 +128,9 @@ def test_oscd_subset_f1_rows(shared_data, tmp_path):
     assert f1["weights"] == "random" and f1["dataset"] == "oscd" and f1["task"] == "change_detection"
     assert f1["protocol"] == "zero-shot" and f1["partition"] == "labelled"  # the subset has no test labels
     assert f1["n_test"] == "4" and f1["paper_value"] == "0.604" and rows[1]["paper_value"] == ""
+    assert (
+        f1["image_size"] == "192" and f1["feature_dim"] == "64"
+    )  # deo_swin_test stage 3 (detect-change's level)
     assert 0.0 <= float(f1["value"]) <= 1.0 and float(f1["ci_low"]) <= float(f1["value"]) <= float(
         f1["ci_high"]
     )

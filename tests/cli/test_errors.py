@@ -87,9 +87,3 @@ def test_verbose_adds_traceback(tmp_path):
     result = runner.invoke(app, ["-v", "inspect", str(tmp_path / "missing.tif")])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "error: input" in result.stderr
-
-
-def test_unbuilt_commands_exit_2_with_one_line(scene):
-    for argv in (["detect-change", str(scene), str(scene), "-o", str(scene.with_name("change.tif"))],):
-        result, lines = run(argv)
-        assert_one_line_error(result, lines, 2, "not built yet")
