@@ -48,3 +48,13 @@ def test_unknown_task_did_you_mean():
     )
     assert "'m-tiny-seg'" in unknown_task_error("m-tiny-sge", ["m-tiny-seg"]).one_line()
     assert "Did you mean" not in unknown_task_error("zzzzzz").one_line()
+
+
+def test_shipped_bench_recipes():
+    from deo_cli.recipes import BenchRecipe, build_recipe, recipe_to_dict
+
+    # recipes/bench/paper.yaml writes down the schema defaults (method.md §3.1): nothing differs
+    paper = build_recipe(BenchRecipe, file="paper", command="bench")
+    assert recipe_to_dict(paper) == recipe_to_dict(BenchRecipe())
+    smoke = build_recipe(BenchRecipe, file="smoke_cpu", command="bench")
+    assert smoke.model.weights == "random" and smoke.limit == 8 and smoke.runtime.device == "cpu"
