@@ -40,6 +40,31 @@ class ChipSample:
     empty: bool
 
 
+class _FusedNormalizer:
+    """``Normalizer`` applied in place with one multiply-add per band (same values, fewer passes):
+    ``x * (scale / std) - mean / std``, with the clamp to [0, 1] of max-scaled bands in between."""
+
+    def __init__(self, normalizer):
+        scale = np.asarray(normalizer.scale, np.float64)
+        mean = np.asarray(normalizer.mean, np.float64)
+        std = np.asarray(normalizer.std, np.float64)
+        self.clamp = np.asarray(normalizer.clamp01, bool)
+        self.a = np.where(self.clamp, scale, scale / std).astype(np.float32)[:, None, None]
+        self.b = np.where(self.clamp, 0.0, -mean / std).astype(np.float32)[:, None, None]
+        self.ca = (1.0 / std[self.clamp]).astype(np.float32)[:, None, None]
+        self.cb = (-mean[self.clamp] / std[self.clamp]).astype(np.float32)[:, None, None]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x *= self.a
+        x += self.b
+        if self.clamp.any():
+            c = np.clip(x[self.clamp], 0.0, 1.0)
+            c *= self.ca
+            c += self.cb
+            x[self.clamp] = c
+        return x
+
+
 class ChipReader:
     """Reads chips of ``plan`` from ``scene`` (bands by name), filled and normalised."""
 
@@ -48,6 +73,7 @@ class ChipReader:
         self.bands = tuple(bands)
         self.normalizer = normalizer
         self.plan = plan
+        self._norm = _FusedNormalizer(normalizer)
 
     def read(self, chip: Chip) -> ChipSample:
         h, w = self.scene.height, self.scene.width
@@ -69,10 +95,10 @@ class ChipReader:
         valid_fraction = float((valid & inside).sum() / n_inside) if n_inside else 0.0
         if not valid.any():
             return ChipSample(chip, np.zeros(data.shape, np.float32), invalid, 0.0, True)
+        data = np.ascontiguousarray(data, dtype=np.float32)
         if not valid.all():
-            data = fill_invalid(np.ascontiguousarray(data), valid)
-        x = self.normalizer(data)
-        return ChipSample(chip, np.ascontiguousarray(x, dtype=np.float32), invalid, valid_fraction, False)
+            data = fill_invalid(data, valid)
+        return ChipSample(chip, self._norm(data), invalid, valid_fraction, False)
 
 
 class ChipDataset(torch.utils.data.Dataset):

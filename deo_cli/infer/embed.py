@@ -700,6 +700,41 @@ def _run(
     model=None,
     ranks: RankInfo | None = None,
 ) -> list[EmbedResult]:
+    with _capped_gdal_cache():
+        return _run_capped(
+            sources,
+            output,
+            recipe,
+            overwrite=overwrite,
+            resume=resume,
+            preview=preview,
+            progress=progress,
+            model=model,
+            ranks=ranks,
+        )
+
+
+def _capped_gdal_cache():
+    """GDAL's block cache capped for the run (its default, 5 % of RAM, would grow with the scene)."""
+    import rasterio
+
+    from deo_cli.infer.runner import READ_CACHE_BYTES
+
+    return rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
+
+
+def _run_capped(
+    sources: list[str],
+    output: Path,
+    recipe: EmbedRecipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    preview: Path | None,
+    progress: Progress | None,
+    model,
+    ranks: RankInfo | None,
+) -> list[EmbedResult]:
     ranks = ranks or RankInfo()
     fmt = output_format(output, recipe.output.pool, recipe.output.format)
     if fmt != "parquet" and preview is not None and preview.suffix.lower() not in (".png", ""):

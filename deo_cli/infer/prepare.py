@@ -13,6 +13,9 @@ One decision per scene, logged and written into the output's tags (peers.md §5.
 3. **RGB scale.** Max-scaled bands (DEO's RGB, method.md §2.3) are divided by one scene-level
    value (:func:`~deo_cli.data.normalize.scene_rgb_max`, or ``input.rgb_max``), never per chip,
    so neighbouring chips agree.
+
+Statistics come from about 512 x 512 pixels (:func:`sample_pixels`): the scene decimated when
+it is small or has overviews, else a grid of small windows.
 """
 
 from __future__ import annotations
@@ -59,6 +62,51 @@ class InputPlan:
         }
 
 
+def _has_overviews(scene) -> bool:
+    import rasterio
+
+    from deo_cli.io.env import gdal_path
+
+    try:
+        with rasterio.open(gdal_path(scene.sources[0].path)) as ds:
+            return bool(ds.overviews(scene.sources[0].index))
+    except rasterio.errors.RasterioIOError:
+        return False
+
+
+def sample_pixels(scene, bands, max_pixels: int = STATS_PIXELS, windows: int = 8):
+    """About ``max_pixels`` pixels of ``bands`` for statistics, as a (bands, rows, cols) sample.
+
+    Small scenes and scenes with overviews: the whole scene decimated
+    (:meth:`~deo_cli.io.raster.Scene.overview`). Large scenes without overviews: a regular
+    ``windows`` x ``windows`` grid of small windows, so only the tiles under them are decoded
+    (a decimated read would decode every tile of the file).
+    """
+    from rasterio.windows import Window
+
+    if scene.width * scene.height <= 4 * max_pixels or _has_overviews(scene):
+        return scene.overview(bands, max_pixels=max_pixels)
+    side = max(8, int(np.sqrt(max_pixels / windows**2)))
+    side_y, side_x = min(side, scene.height), min(side, scene.width)
+    parts = []
+    for gy in range(windows):
+        y = int((gy + 0.5) * scene.height / windows - side_y / 2)
+        y = min(max(0, y), scene.height - side_y)
+        for gx in range(windows):
+            x = int((gx + 0.5) * scene.width / windows - side_x / 2)
+            x = min(max(0, x), scene.width - side_x)
+            parts.append(scene.read(bands, Window(x, y, side_x, side_y)))
+    first = parts[0]
+    return type(first)(
+        data=np.concatenate([p.data for p in parts], axis=2),
+        valid=np.concatenate([p.valid for p in parts], axis=1),
+        transform=first.transform,
+        crs=first.crs,
+        band_names=first.band_names,
+        window=first.window,
+    )
+
+
 def choose_stem(scene, manifest: BandManifest, rgb_manifest: BandManifest | None) -> tuple[str, BandManifest]:
     """``("ms", manifest)`` when the scene has every band, else ``("rgb", rgb_manifest)`` when it
     has red/green/blue and the model an RGB stem; else the :class:`BandError` of the MS bands."""
@@ -94,7 +142,7 @@ def prepare_input(
     stem, man = choose_stem(scene, manifest, rgb_manifest)
     idx = scene.select(man.bands)
     scene_bands = tuple(scene.sources[i].name for i in idx)
-    ov = scene.overview(man.bands, max_pixels=STATS_PIXELS)
+    ov = sample_pixels(scene, man.bands)
     if not ov.valid.any():
         raise DataError(
             f"scene {scene.name} has no valid pixels", "check its nodata value and mask (--nodata)"

@@ -25,6 +25,7 @@ or a segmentation sink that turns logits into classes).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -43,17 +44,26 @@ from deo_cli.runtime import autocast
 
 log = logging.getLogger(__name__)
 
-#: GDAL block cache of each reading process (bytes): enough for the source tiles a few chips
-#: share, small enough that memory does not grow with the scene.
-READ_CACHE_BYTES = 96 * 1024 * 1024
+#: GDAL block cache of each reading process (bytes): enough for the source tiles neighbouring
+#: chips of a row share, small enough that memory does not grow with the scene's width.
+READ_CACHE_BYTES = 32 * 1024 * 1024
+#: Added to the niceness of reading workers (see :func:`_worker_init`).
+WORKER_NICENESS = 10
 
 _worker_env = None
 
 
 def _worker_init(_worker_id: int) -> None:
+    """In each DataLoader worker: a capped GDAL cache, and a lower CPU priority than the process
+    running the model, so that reading fills the gaps instead of stalling the forward pass (on a
+    CPU, torch's threads wait for each other at every operation)."""
     global _worker_env
     _worker_env = rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
     _worker_env.__enter__()
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not permitted: keep the default priority
+        pass
 
 
 @dataclass

@@ -58,7 +58,7 @@ from deo_cli.io.grid import Grid
 log = logging.getLogger(__name__)
 
 #: GDAL block cache used while writing and finishing (bytes); keeps memory flat with scene size.
-WRITER_CACHE_BYTES = 256 * 1024 * 1024
+WRITER_CACHE_BYTES = 64 * 1024 * 1024
 
 INT8_NODATA = -128
 

@@ -1,0 +1,422 @@
+"""Benchmark ``deo embed``: end-to-end throughput against the pure model forward, and peak memory.
+
+For each model and scene size (synthetic 10-band uint16 Sentinel-2-like scenes, written once as
+tiled, DEFLATE-compressed GeoTIFFs into a work folder), a fresh subprocess:
+
+1. builds the model (random weights) and warms it up;
+2. runs :func:`deo_cli.infer.embed.run_embed` on the scene (everything a user waits for: unit
+   and RGB statistics, DataLoader reads, forward passes, stitching, the tiled GeoTIFF, the COG
+   copy with overviews), sampling the resident memory of the process *and its DataLoader
+   workers* every 50 ms;
+3. times the model alone on chips of the same plan, read beforehand into memory (best of two
+   rounds, so a busy machine does not flatter the ratio).
+
+It reports (a) end-to-end chips/s divided by pure-forward chips/s (target >= 0.85 on a 2-core
+CPU) and (b) the peak summed RSS per run and its growth from the smallest to the largest scene
+(target < 10 %). Results are printed and written to ``benchmarks/results/embed.json`` (entries
+of other models/sizes already in the file are kept).
+
+    python benchmarks/embed.py                                   # tiny model 1k/4k/10k, swin_t 1k/4k
+    python benchmarks/embed.py --models deo_swin_t --sizes 10000  # the long one (~10 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "embed.json"
+DEFAULT_RUNS = [
+    ("deo_swin_test", 1000),
+    ("deo_swin_test", 4000),
+    ("deo_swin_test", 10000),
+    ("deo_swin_t", 1000),
+    ("deo_swin_t", 4000),
+]
+BANDS = ["B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic scenes
+# ---------------------------------------------------------------------------------------------
+
+
+def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate") -> Path:
+    """A size x size, 10-band uint16 scene (smooth fields plus noise), tiled 256."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    tmp = path.with_name(path.name + ".tmp.tif")
+    profile = dict(
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=10,
+        dtype="uint16",
+        crs="EPSG:32631",
+        transform=Affine(10.0, 0, 400000.0, 0, -10.0, 5000000.0),
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress=compress,
+        **({"predictor": 2} if compress != "none" else {}),
+        interleave="pixel",
+        bigtiff="IF_SAFER",
+    )
+    freqs = rng.uniform(0.002, 0.02, (10, 3, 2))
+    phases = rng.uniform(0, 2 * np.pi, (10, 3))
+    with rasterio.open(tmp, "w", **profile) as ds:
+        ds.descriptions = tuple(BANDS)
+        xs = np.arange(size, dtype=np.float32)
+        for r0 in range(0, size, 256):
+            k = min(256, size - r0)
+            ys = np.arange(r0, r0 + k, dtype=np.float32)[:, None]
+            block = np.empty((10, k, size), np.uint16)
+            for b in range(10):
+                f = sum(np.sin(freqs[b, j, 0] * ys + freqs[b, j, 1] * xs + phases[b, j]) for j in range(3))
+                f = 1500 + 400 * b / 10 + 350 * f + rng.normal(0, 60, (k, size))
+                block[b] = np.clip(f, 1, 10000).astype(np.uint16)
+            ds.write(block, window=Window(0, r0, size, k))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory sampling (this process and its descendants: the DataLoader workers)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its waited-for children."""
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (fork copy-on-write, libraries) split between the
+    processes sharing them, so summing over processes does not count them twice."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                kids = []
+            out += kids
+            stack += kids
+    return out
+
+
+class RssSampler(threading.Thread):
+    """Peaks of the summed PSS of this process and its descendants, and of this process's RSS,
+    sampled every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak_kb = 0
+        self.peak_main_kb = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self._halt.is_set():
+            main = _rss_kb(me)
+            total = _pss_kb(me) + sum(_pss_kb(p) for p in _descendants(me))
+            self.peak_kb = max(self.peak_kb, total)
+            self.peak_main_kb = max(self.peak_main_kb, main)
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run (in a subprocess)
+# ---------------------------------------------------------------------------------------------
+
+
+def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
+    import numpy as np
+    import torch
+
+    from deo_cli.infer.chips import ChipReader
+    from deo_cli.infer.embed import run_embed
+    from deo_cli.infer.model import EncoderFeatures, resolve_layer
+    from deo_cli.infer.prepare import prepare_input
+    from deo_cli.infer.tiling import TilePlan
+    from deo_cli.io.raster import open_scene
+    from deo_cli.models import build_encoder, get_model_spec
+    from deo_cli.recipes import EmbedRecipe, build_recipe
+
+    torch.manual_seed(0)
+    spec = get_model_spec(model_name)
+    model = EncoderFeatures(build_encoder(model_name, weights=None), resolve_layer(spec, "default"))
+    sets = [
+        f"model.name={model_name}",
+        "model.weights=random",
+        f"tiling.chip_size={args.chip_size}",
+        f"runtime.batch_size={args.batch_size}",
+        f"runtime.num_workers={args.num_workers}",
+    ]
+    recipe = build_recipe(EmbedRecipe, sets=sets)
+    bs = args.batch_size
+
+    with torch.inference_mode():  # warm-up (first calls allocate)
+        model(torch.zeros(bs, 10, args.chip_size, args.chip_size))
+    out = outdir / f"{model_name}_{size}.tif"
+    if out.exists():
+        out.unlink()
+    load0 = os.getloadavg()[0]
+    sampler = RssSampler()
+    base_kb = _rss_kb(os.getpid())
+    sampler.start()
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    (res,) = run_embed([str(scene)], out, recipe, model=model, overwrite=True)
+    e2e_s = time.perf_counter() - t0
+    e2e_cpu = _cpu_seconds() - cpu0  # this process + its (joined) DataLoader workers
+    sampler.stop()
+    # the chips a forward-only run uses: a band of real chips from the middle of the plan
+    sc = open_scene(str(scene))
+    inp = prepare_input(sc, model.manifest, model.rgb_manifest)
+    plan = TilePlan.create(sc.height, sc.width, args.chip_size, model.stride, None)
+    reader = ChipReader(sc, inp.bands, inp.normalizer, plan)
+    chips = plan.chips()
+    mid = len(chips) // 2
+    n_fwd = min(len(chips), args.forward_chips)
+    pick = chips[max(0, mid - n_fwd // 2) : max(0, mid - n_fwd // 2) + n_fwd]
+    xs = torch.from_numpy(np.stack([reader.read(c).x for c in pick]))
+    sc.close()
+
+    fwd_cpu_per_chip = []
+
+    def forward_cps() -> float:
+        with torch.inference_mode():
+            model(xs[:bs])  # warm-up
+            c = _cpu_seconds()
+            t = time.perf_counter()
+            for i in range(0, len(xs), bs):
+                model(xs[i : i + bs])
+            fwd_cpu_per_chip.append((_cpu_seconds() - c) / len(xs))
+            return len(xs) / (time.perf_counter() - t)
+
+    rounds = [forward_cps() for _ in range(max(2, args.forward_rounds))]
+    fwd = max(rounds)
+    e2e_cps = res.chips / e2e_s
+    return {
+        "model": model_name,
+        "size": size,
+        "chip_size": args.chip_size,
+        "overlap": plan.overlap,
+        "layer": model.layer,
+        "stride": model.stride,
+        "channels": model.channels,
+        "batch_size": bs,
+        "num_workers": args.num_workers,
+        "chips": res.chips,
+        "end_to_end_s": round(e2e_s, 2),
+        "end_to_end_chips_per_s": round(e2e_cps, 3),
+        "forward_chips_per_s": round(fwd, 3),
+        "forward_chips_per_s_rounds": [round(v, 3) for v in rounds],
+        "ratio": round(e2e_cps / fwd, 4),
+        # CPU seconds per chip (all processes): insensitive to other load on the machine
+        "end_to_end_cpu_s_per_chip": round(e2e_cpu / res.chips, 5),
+        "forward_cpu_s_per_chip": round(min(fwd_cpu_per_chip), 5),
+        "cpu_ratio": round(min(fwd_cpu_per_chip) / (e2e_cpu / res.chips), 4),
+        "peak_pss_mb": round(sampler.peak_kb / 1024, 1),
+        "peak_rss_main_mb": round(sampler.peak_main_kb / 1024, 1),
+        "rss_before_mb": round(base_kb / 1024, 1),
+        "ru_maxrss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "ru_maxrss_children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "output_mb": round(out.stat().st_size / 1e6, 2),
+        "loadavg_start": round(load0, 2),
+        "loadavg_end": round(os.getloadavg()[0], 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", help="models to run (default: the standard set)")
+    ap.add_argument("--sizes", nargs="*", type=int, help="scene sizes in px (default: the standard set)")
+    ap.add_argument(
+        "--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "deo-bench-embed"
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--chip-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--forward-chips", type=int, default=64)
+    ap.add_argument("--forward-rounds", type=int, default=2, help="pure-forward rounds (the best counts)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per configuration; the best ratio is kept")
+    ap.add_argument(
+        "--compress", default="deflate", help="compression of the synthetic scenes (deflate, none)"
+    )
+    ap.add_argument("--child", nargs=3, metavar=("MODEL", "SIZE", "SCENE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        name, size, scene = args.child
+        row = child(name, int(size), Path(scene), args.workdir, args)
+        print("RESULT " + json.dumps(row), flush=True)
+        return 0
+
+    runs = DEFAULT_RUNS
+    if args.models or args.sizes:
+        models = args.models or sorted({m for m, _ in DEFAULT_RUNS})
+        sizes = args.sizes or sorted({s for _, s in DEFAULT_RUNS})
+        runs = [(m, s) for m in models for s in sizes]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, size in runs:
+        scene = make_scene(args.workdir / f"scene_{size}_{args.compress}.tif", size, compress=args.compress)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            str(size),
+            str(scene),
+            "--workdir",
+            str(args.workdir),
+            "--chip-size",
+            str(args.chip_size),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-workers",
+            str(args.num_workers),
+            "--forward-chips",
+            str(args.forward_chips),
+            "--forward-rounds",
+            str(args.forward_rounds),
+        ]
+        print(f"running {name} on {size} x {size} px ...", flush=True)
+        tries = []
+        for _ in range(max(1, args.repeat)):
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                return 1
+            tries.append(json.loads(line[-1][7:]))
+        row = max(tries, key=lambda r: r["ratio"])
+        row["repeats"] = len(tries)
+        row["ratios_of_repeats"] = [t["ratio"] for t in tries]
+        row["scene_compression"] = args.compress
+        rows.append(row)
+        print(
+            f"  {row['chips']} chips: end-to-end {row['end_to_end_chips_per_s']:.2f} chips/s, "
+            f"forward {row['forward_chips_per_s']:.2f} chips/s, ratio {row['ratio']:.3f} "
+            f"(CPU-time ratio {row['cpu_ratio']:.3f}); "
+            f"peak PSS {row['peak_pss_mb']:.0f} MB (main RSS {row['peak_rss_main_mb']:.0f} MB); "
+            f"load {row['loadavg_start']}-{row['loadavg_end']}",
+            flush=True,
+        )
+
+    # merge with earlier results (other models/sizes), then summarise
+    old = []
+    if args.out.exists():
+        try:
+            old = json.loads(args.out.read_text()).get("runs", [])
+        except ValueError:
+            old = []
+
+    def key(r):
+        return (r["model"], r.get("scene_compression", "deflate"), r["size"])
+
+    done = {key(r) for r in rows}
+    allrows = [r for r in old if key(r) not in done] + rows
+    allrows.sort(key=key)
+    growth = {}
+    for m, comp in sorted({key(r)[:2] for r in allrows}):
+        mine = sorted((r for r in allrows if key(r)[:2] == (m, comp)), key=lambda r: r["size"])
+        if len(mine) > 1:
+            a, b = mine[0], mine[-1]
+            growth[f"{m} ({comp})"] = {
+                "from": a["size"],
+                "to": b["size"],
+                "peak_pss_growth": round(b["peak_pss_mb"] / a["peak_pss_mb"] - 1, 4),
+            }
+    import torch
+
+    summary = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "targets": {"ratio": ">= 0.85", "peak_memory_growth_smallest_to_largest": "< 0.10"},
+        "memory": "peak over the run of the summed PSS of the process and its DataLoader workers",
+        "runs": allrows,
+        "rss_growth": growth,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1))
+    print()
+    print(
+        f"{'model':<15}{'input':>8}{'size':>7}{'chips':>7}{'e2e/s':>9}{'fwd/s':>9}{'ratio':>8}{'cpu':>7}{'peakMB':>9}"
+    )
+    for r in allrows:
+        print(
+            f"{r['model']:<15}{r.get('scene_compression', 'deflate'):>8}{r['size']:>7}{r['chips']:>7}{r['end_to_end_chips_per_s']:>9.2f}"
+            f"{r['forward_chips_per_s']:>9.2f}{r['ratio']:>8.3f}{r['cpu_ratio']:>7.3f}{r['peak_pss_mb']:>9.0f}"
+        )
+    for m, g in growth.items():
+        print(f"{m}: peak memory growth {g['from']} -> {g['to']} px: {100 * g['peak_pss_growth']:.1f} %")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
