@@ -164,7 +164,7 @@ def plan_pretrain(
                 f"optical teacher: {e.problem}", "pass an existing file to --teacher-weights"
             ) from e
     chunk = recipe.loss.expansion_chunk
-    if chunk and recipe.batch_size % chunk:
+    if chunk and recipe.batch_size > chunk and recipe.batch_size % chunk:
         raise RecipeError(
             f"loss.expansion_chunk {chunk} does not divide batch_size {recipe.batch_size}",
             "pick a chunk that divides the per-process batch",
@@ -277,7 +277,8 @@ def build_loss(recipe: PretrainRecipe, world_size: int) -> DeoLoss:
     """DEO's loss from the recipe: all weights 1 (method.md §2.8); the coding rate uses each
     process's covariance with N = processes x chunks (method.md §2.6)."""
     c = recipe.loss
-    chunks = recipe.batch_size // c.expansion_chunk if c.expansion_chunk else 1
+    # Chunks of `expansion_chunk` samples; a smaller per-process batch is one chunk.
+    chunks = max(1, recipe.batch_size // c.expansion_chunk) if c.expansion_chunk else 1
     return DeoLoss(
         compression=c.compression,
         coding_rate=c.expansion,
