@@ -145,6 +145,16 @@ def child(args) -> dict:
     }
 
 
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 60 s some task waited for a CPU (other jobs on a shared machine)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(f.split("=") for f in line.split()[1:])
+    return float(fields["avg60"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", default=["tiny_cpu", "deo_swin_t_ablation"])
@@ -168,7 +178,7 @@ def main() -> None:
         cmd += ["--data", args.data, "--data-samples", str(args.data_samples)]
         if args.batch_size:
             cmd += ["--batch-size", str(args.batch_size)]
-        t0 = time.time()
+        t0, pressure = time.time(), cpu_pressure()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -176,12 +186,14 @@ def main() -> None:
             raise SystemExit(f"benchmark of {name} failed")
         r = json.loads(line[len("RESULT ") :])
         r["wall_s"] = round(time.time() - t0, 1)
+        r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]  # before, after (0 = machine to itself)
         results.append(r)
         print(
             f"{r['recipe']:<22} {r['model']:<14} {r['device']:<6} {r['precision']:<5} batch {r['batch_size']:>3}  "
             f"{r['crops']:<16} step {r['step_s']:.3f} s  {r['images_per_s']:.2f} img/s  "
             f"peak {r['peak_cuda_gib'] or r['peak_rss_gib']:.2f} GiB ({'CUDA' if r['peak_cuda_gib'] else 'RSS'})  "
-            f"data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker"
+            f"data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker  "
+            f"(CPU pressure {r['cpu_pressure_avg60']})"
         )
 
     out = Path(args.out)
