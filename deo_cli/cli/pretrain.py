@@ -112,6 +112,8 @@ def run_cmd(
     from deo_cli.train.loop import run_pretrain
 
     result = run_pretrain(r, out, resume=resume, overwrite=overwrite, progress=RichProgress("steps"))
+    if result.rank != 0:
+        return  # under torchrun only rank 0 reports
     console = stdout_console()
     console.print(f"[bold]run[/bold]         {result.out}")
     console.print(f"  steps       {result.steps} of {result.total_steps}")

@@ -103,6 +103,7 @@ class PretrainResult:
     last_loss: float | None
     images_per_s: float | None
     seconds: float
+    rank: int = 0
 
 
 def resolve_teacher_name(name: str) -> str:
@@ -229,14 +230,18 @@ def run_pretrain(
     overwrite: bool = False,
     progress=None,
 ) -> PretrainResult:
-    """Train (or continue) a DEO run in ``out``; returns what the run folder holds afterwards."""
+    """Train (or continue) a DEO run in ``out``; returns what the run folder holds afterwards
+    (``result.rank`` is this process's rank: under torchrun every rank returns)."""
+    rank = int(os.environ["RANK"]) if ddp.launched_by_torchrun() else 0
+    if rank != 0:
+        logging.getLogger("deo_cli").setLevel(logging.WARNING)  # only rank 0 reports
     plan = plan_pretrain(recipe, out, resume=resume, overwrite=overwrite)
     t0 = time.time()
     if ddp.launched_by_torchrun():
         env = ddp.torchrun_env(plan.device)
+        if env.is_main and recipe.gpus != 1:
+            log.info("started by torchrun (%d processes): --gpus is ignored", env.world_size)
         ddp.init_process_group(env, "env://")
-        if not env.is_main:
-            logging.getLogger("deo_cli").setLevel(logging.WARNING)
         try:
             train(env, progress if env.is_main else None, plan)
         finally:
@@ -245,7 +250,7 @@ def run_pretrain(
         ddp.spawn(train, (plan,), plan.world_size, plan.device, progress)
     else:
         train(ddp.DistEnv(0, 1, 0, plan.device), progress, plan)
-    return summarize_run(plan.out, time.time() - t0)
+    return dataclasses.replace(summarize_run(plan.out, time.time() - t0), rank=rank)
 
 
 def summarize_run(out: str | os.PathLike, seconds: float = 0.0) -> PretrainResult:
@@ -642,9 +647,11 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
                 row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics.write(row)
             progress.advance(window_steps, loss=row["loss"], lr=lr, img_s=img_s or 0.0)
-            window_start, window_steps = time.perf_counter(), 0
+            window_steps = 0
         if step % r.checkpoint_every == 0 or step == stop_step:
             checkpoint()
+        if window_steps == 0:  # a new timing window starts after logging (and checkpointing)
+            window_start = time.perf_counter()
     progress.finish()
 
     digests = ddp.all_gather_object(_param_digest(student))
