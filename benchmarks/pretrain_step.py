@@ -100,12 +100,13 @@ def child(args) -> dict:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     step_s = sorted(times)[len(times) // 2]
 
     # The data pipeline alone, one thread (what one DataLoader worker does).
@@ -113,10 +114,11 @@ def child(args) -> dict:
     dataset, _, _ = build_data(plan, ddp.DistEnv(device=torch.device("cpu")))
     dataset[(0, 0)]
     n = args.data_samples
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(1, n + 1):
         dataset[(0, i % len(dataset))]
     data_s = (time.perf_counter() - t0) / n
+    data_cpu_s = (time.process_time() - c0) / n
 
     return {
         "recipe": args.child,
@@ -135,12 +137,14 @@ def child(args) -> dict:
         "steps_timed": args.steps,
         "step_s": round(step_s, 4),
         "step_s_all": [round(t, 4) for t in times],
+        "step_cpu_s": round(sorted(cpu_times)[len(cpu_times) // 2], 4),  # CPU time of this process
         "images_per_s": round(b / step_s, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "peak_cuda_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         if device.type == "cuda"
         else None,
         "data_samples_per_s_per_worker": round(1.0 / data_s, 2),
+        "data_cpu_s_per_sample": round(data_cpu_s, 4),
         "torch": torch.__version__,
     }
 
@@ -190,7 +194,7 @@ def main() -> None:
         results.append(r)
         print(
             f"{r['recipe']:<22} {r['model']:<14} {r['device']:<6} {r['precision']:<5} batch {r['batch_size']:>3}  "
-            f"{r['crops']:<16} step {r['step_s']:.3f} s  {r['images_per_s']:.2f} img/s  "
+            f"{r['crops']:<16} step {r['step_s']:.3f} s ({r['step_cpu_s']:.2f} CPU s)  {r['images_per_s']:.2f} img/s  "
             f"peak {r['peak_cuda_gib'] or r['peak_rss_gib']:.2f} GiB ({'CUDA' if r['peak_cuda_gib'] else 'RSS'})  "
             f"data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker  "
             f"(CPU pressure {r['cpu_pressure_avg60']})"
