@@ -129,7 +129,10 @@ def run_cmd(
 @app.command("export")
 def export_cmd(
     checkpoint: Annotated[
-        Path, typer.Argument(help="A checkpoint written by deo pretrain.", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(
+            help="A checkpoint written by deo pretrain, or a run folder (its newest checkpoint).", exists=True
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Encoder file to write (model.pt).")],
     student: Annotated[
@@ -140,6 +143,16 @@ def export_cmd(
     """Write the backbone + stems + band manifest that embed, segment and bench load with --weights."""
     from deo_cli.train.checkpoint import export_encoder
 
+    if checkpoint.is_dir():
+        from deo_cli.errors import InputNotFoundError
+        from deo_cli.train.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(checkpoint)
+        if newest is None:
+            raise InputNotFoundError(
+                f"run folder {checkpoint} holds no checkpoint", "pass a checkpoint-*.pt file"
+            )
+        checkpoint = newest
     path = export_encoder(checkpoint, output, student=student, overwrite=overwrite)
     stdout_console().print(
         f"wrote {path} ({'student' if student else 'EMA teacher'} encoder of {checkpoint.name})"

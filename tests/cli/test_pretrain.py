@@ -69,8 +69,11 @@ def test_tiny_recipe_trains_and_the_loss_falls(shared_data, tmp_path, dataset):
     assert (run / "recipe.yaml").read_text().startswith("# deo")
 
     # Export: loadable with --weights by embed/segment/bench (load_encoder / build_encoder).
-    result = deo("pretrain", "export", ckpts[0], "-o", tmp_path / "model.pt")
+    result = deo(
+        "pretrain", "export", run, "-o", tmp_path / "model.pt"
+    )  # a run folder: its newest checkpoint
     assert result.exit_code == 0, result.output
+    assert "checkpoint-00000010.pt" in result.stdout
     exported = load_encoder(tmp_path / "model.pt")
     direct = build_encoder("deo_swin_test", weights=str(ckpts[0]))
     x = torch.randn(1, 10, 32, 32)
