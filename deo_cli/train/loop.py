@@ -452,6 +452,10 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
     device = env.device
     progress = progress if (progress is not None and env.is_main) else NullProgress()
 
+    if device.type == "cuda":  # fixed crop shapes: let cuDNN pick kernels; TF32 for fp32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
     # -- models: identical on every rank (same seed), then moved to the device -----------------
     seed_everything(r.seed)
     student, ema, optical, loss_fn = build_models(plan, env.world_size)
