@@ -61,6 +61,14 @@ from deo_cli.train.optim import apply_schedules, build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
 
+#: Short names of the loss terms on the progress bar.
+SHORT = {
+    "compression": "comp",
+    "coding_rate": "rate",
+    "distill_cls": "cls",
+    "distill_patch_mid": "mid",
+    "distill_patch_late": "late",
+}
 #: Files of a run folder that ``--overwrite`` removes (nothing else in the folder is touched).
 RUN_FILES = ("metrics.jsonl", "recipe.yaml")
 
@@ -650,7 +658,8 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
             if device.type == "cuda":
                 row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             metrics.write(row)
-            progress.advance(window_steps, loss=row["loss"], lr=lr, img_s=img_s or 0.0)
+            shown = {SHORT[k]: v for k, v in values.items() if k in SHORT}
+            progress.advance(window_steps, loss=row["loss"], **shown, lr=lr, img_s=img_s or 0.0)
             window_steps = 0
         if step % r.checkpoint_every == 0 or step == stop_step:
             checkpoint()
