@@ -928,6 +928,8 @@ def run_change_train(
     val_ds = LabelledChips(sources, val_refs, "none")
     if len(train_ds) < 2:
         raise DataError("fewer than 2 training chips", "add cities or lower --chip-size")
+    for ds in (train_ds, val_ds):
+        ds.preload()
     train_loader = make_loader(
         train_ds, rt.batch_size, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True
     )

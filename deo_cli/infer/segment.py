@@ -304,6 +304,9 @@ def run_segment_train(
             )
             sets, table, info = load_data(own)
             train_ds, val_ds, test_ds = sets["train"], sets.get("val"), sets.get("test")
+    for ds in (train_ds, val_ds, test_ds):
+        if isinstance(ds, LabelledChips):
+            ds.preload()
     torch.manual_seed(recipe.runtime.seed)
     head = make_head(
         recipe.head,

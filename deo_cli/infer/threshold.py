@@ -10,7 +10,8 @@ scores stream to disk (:class:`ScoreHistogram`), never from an array of every sc
   maximum are merged into :data:`OTSU_BINS` (256) bins, and the cut maximising the
   between-class variance is taken; where several cuts tie (an empty gap between two modes),
   the middle of the tied run. :func:`otsu_threshold` does the same from an array, exactly as
-  the benchmark's zero-shot OSCD scorer did;
+  the benchmark's zero-shot OSCD scorer did. Scores that all lie within :data:`MIN_SPREAD` of
+  the score range (two identical dates) give their maximum: nothing changed;
 - **percentile**: the score below which ``p`` % of the valid scores lie, interpolated inside
   the fine bin that holds it (error below one fine bin: 2/65536 for cosine distances);
 - **fixed**: the value given.
@@ -30,6 +31,9 @@ from deo_cli.errors import UsageError
 FINE_BINS = 1 << 16
 #: Bins Otsu's method works on (between the observed minimum and maximum).
 OTSU_BINS = 256
+#: Scores spread over less than this share of the score range hold no two classes: Otsu's
+#: threshold is then their maximum (nothing changed), not a cut through numerical noise.
+MIN_SPREAD = 1e-4
 
 METHODS = ("otsu", "fixed", "percentile")
 
@@ -104,8 +108,8 @@ class ScoreHistogram:
         if self.total == 0:
             return float("nan")
         lo, hi = self.vmin, self.vmax
-        if hi <= lo:
-            return hi
+        if hi - lo <= MIN_SPREAD * (self.hi - self.lo):
+            return hi  # nothing to separate (e.g. two identical dates): no location is above
         edges = self.edges
         centers = (edges[:-1] + edges[1:]) / 2
         coarse = np.floor((np.clip(centers, lo, hi) - lo) / (hi - lo) * bins).astype(np.int64)

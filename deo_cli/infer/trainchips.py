@@ -14,6 +14,8 @@ A head therefore never sees input at prediction time that was prepared different
   :mod:`deo_cli.data.segdata`); pixels that are nodata in the image (either date for change)
   are ignored too.
 - Chips without any labelled pixel are left out.
+- Chips are read once and kept in memory when they fit (:data:`PRELOAD_BYTES`), else read
+  from disk every epoch (in DataLoader workers).
 - Augmentation ``flips``: random horizontal/vertical flips and 90-degree rotations (the
   eight symmetries of the square), drawn from torch's generator (seeded loaders repeat them).
 """
@@ -31,6 +33,9 @@ from deo_cli.data.segdata import IGNORE
 from deo_cli.infer.tiling import Chip, TilePlan
 
 log = logging.getLogger(__name__)
+
+#: Training chips are kept in memory (read once) when they fit in this many bytes.
+PRELOAD_BYTES = 2 * 1024**3
 
 
 def training_plan(height: int, width: int, chip_size: int, overlap: int = 0) -> TilePlan:
@@ -58,9 +63,36 @@ class LabelledChips(torch.utils.data.Dataset):
         self.sources = list(sources)
         self.refs = list(refs)
         self.augment = augment
+        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.refs)
+
+    @property
+    def preloaded(self) -> bool:
+        return self._cache is not None
+
+    def preload(self, max_bytes: int = PRELOAD_BYTES) -> bool:
+        """Read every chip once and keep it in memory when all of them fit in ``max_bytes``
+        (epochs then cost only the model). Returns whether they were preloaded."""
+        if not self.refs or self._cache is not None:
+            return self._cache is not None
+        first = self._load(self.refs[0])
+        per_chip = first[0].nbytes + first[1].nbytes
+        if per_chip * len(self.refs) > max_bytes:
+            log.info(
+                "%d chips need %.1f GB: read from disk every epoch",
+                len(self.refs),
+                per_chip * len(self.refs) / 1e9,
+            )
+            return False
+        self._cache = [first] + [self._load(r) for r in self.refs[1:]]
+        return True
+
+    def _load(self, ref: ChipRef) -> tuple[np.ndarray, np.ndarray]:
+        reader, _ = self.sources[ref.source]
+        s = reader.read(ref.chip)
+        return np.ascontiguousarray(s.x, dtype=np.float32), self.target(ref, s.invalid)
 
     def target(self, ref: ChipRef, invalid: np.ndarray | None = None) -> np.ndarray:
         reader, labels = self.sources[ref.source]
@@ -71,11 +103,8 @@ class LabelledChips(torch.utils.data.Dataset):
         return mask
 
     def __getitem__(self, i: int) -> dict:
-        ref = self.refs[i]
-        reader, _ = self.sources[ref.source]
-        s = reader.read(ref.chip)
-        x = torch.from_numpy(np.ascontiguousarray(s.x, dtype=np.float32))
-        mask = torch.from_numpy(self.target(ref, s.invalid))
+        x, mask = self._cache[i] if self._cache is not None else self._load(self.refs[i])
+        x, mask = torch.from_numpy(x), torch.from_numpy(mask)
         if self.augment == "flips":
             k, hflip = int(torch.randint(0, 4, ())), bool(torch.rand(()) < 0.5)
             if hflip:
@@ -110,7 +139,9 @@ def make_loader(
     dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int = 0, drop_single: bool = False
 ):
     """A DataLoader; ``drop_single`` drops a last batch of one chip (BatchNorm in the heads
-    cannot train on a batch of one 1x1 pooled map)."""
+    cannot train on a batch of one 1x1 pooled map). Preloaded chips need no worker processes."""
+    if getattr(dataset, "preloaded", False):
+        num_workers = 0
     g = torch.Generator().manual_seed(int(seed))
     bs = max(1, min(batch_size, len(dataset)))
     return torch.utils.data.DataLoader(
