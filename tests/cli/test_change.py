@@ -1,0 +1,118 @@
+"""``deo detect-change`` through the command line: outputs, georeference, one-line mistakes."""
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from affine import Affine
+from typer.testing import CliRunner
+
+from deo_cli.cli.app import app
+from tests.infer.helpers import S2_BANDS, assert_valid_cog, smooth_scene
+
+runner = CliRunner()
+FAST = ["--model", "deo_swin_test", "--weights", "random", "--num-workers", "0", "--device", "cpu"]
+
+
+def run(args):
+    result = runner.invoke(app, args)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    return result, lines
+
+
+def assert_one_line_error(result, lines, code, *needles):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _pair(make_raster, shift=0.0, crs="EPSG:32633"):
+    a = smooth_scene(96, 80, seed=7)
+    b = a.copy()
+    b[:, 40:70, 20:50] = np.clip(
+        b[:, 40:70, 20:50].astype(np.int32) * 3 % 4000 + 300, 0, 65535
+    )  # a changed block
+    t = Affine(10, 0, 500000, 0, -10, 5000000)
+    pa = make_raster("before.tif", a, descriptions=S2_BANDS)
+    pb = make_raster(
+        "after.tif", b, descriptions=S2_BANDS, crs=crs, transform=t * Affine.translation(shift, 0)
+    )
+    return pa, pb
+
+
+def test_zero_shot_run_writes_score_mask_polygons_preview_and_recipe(make_raster, tmp_path):
+    pa, pb = _pair(make_raster)
+    out = tmp_path / "out" / "change.tif"
+    result, _ = run(
+        [
+            "detect-change", str(pa), str(pb), "-o", str(out), "--polygons", str(tmp_path / "out" / "c.parquet"),
+            "--preview", str(tmp_path / "out" / "c.png"), "--layer", "0", "--full-resolution", *FAST,
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    mask = tmp_path / "out" / "change_mask.tif"
+    assert "change.tif + " in result.stdout and "zero-shot" in result.stdout
+    for p in (out, mask):
+        assert_valid_cog(p)
+    with rasterio.open(out) as s, rasterio.open(mask) as m, rasterio.open(pa) as src:
+        assert s.crs == m.crs == src.crs and s.transform == m.transform == src.transform
+        assert s.shape == m.shape == src.shape
+        assert s.dtypes[0] == "float32" and m.dtypes[0] == "uint8" and m.nodata == 255
+        thr = json.loads(m.tags()["DEO_THRESHOLD"])
+        assert thr["method"] == "otsu"
+        score, mk = s.read(1), m.read(1)
+        np.testing.assert_array_equal(mk, (score > thr["value"]).astype(np.uint8))
+        assert json.loads(s.tags()["DEO_CHANGE_SCORE"])["layers"] == [0]
+        # the changed block scores higher than the untouched rest
+        assert score[45:65, 25:45].mean() > score[:30].mean()
+    gdf = gpd.read_parquet(tmp_path / "out" / "c.parquet")
+    assert gdf.crs.to_epsg() == 32633 and len(gdf) >= 1
+    assert {"area", "pixels", "score_mean", "score_max"} <= set(gdf.columns)
+    np.testing.assert_allclose(gdf["area"], gdf["pixels"] * 100.0)  # 10 m pixels, no simplification
+    assert (tmp_path / "out" / "c.png").stat().st_size > 0
+    assert (tmp_path / "out" / "change.recipe.yaml").exists()
+
+
+def test_non_overlapping_scenes_fail_with_one_line_and_no_outputs(make_raster, tmp_path):
+    pa, pb = _pair(make_raster, shift=500)  # 5 km east: no common pixel
+    out = tmp_path / "out"
+    out.mkdir()
+    result, lines = run(
+        [
+            "detect-change",
+            str(pa),
+            str(pb),
+            "-o",
+            str(out / "c.tif"),
+            "--polygons",
+            str(out / "c.gpkg"),
+            *FAST,
+        ]
+    )
+    assert_one_line_error(result, lines, 1, "do not overlap", "EPSG:32633", "same place")
+    assert list(out.iterdir()) == []
+
+
+def test_other_mistakes_are_one_line(make_raster, tmp_path):
+    pa, pb = _pair(make_raster)
+    out = tmp_path / "c.tif"
+    result, lines = run(
+        ["detect-change", str(pa), str(pb), "-o", str(out), "--threshold", "0.1", "--percentile", "90", *FAST]
+    )
+    assert_one_line_error(result, lines, 2, "--threshold and --percentile")
+    (tmp_path / "c_mask.tif").write_bytes(b"")
+    result, lines = run(["detect-change", str(pa), str(pb), "-o", str(out), *FAST])
+    assert_one_line_error(result, lines, 1, "c_mask.tif already exists")
+    assert not out.exists()
+    three = make_raster("rgbn.tif", np.ones((2, 96, 80), np.uint16) * 900, descriptions=["B08", "B11"])
+    result, lines = run(["detect-change", str(pa), str(three), "-o", str(tmp_path / "d.tif"), *FAST])
+    assert_one_line_error(result, lines, 1, "lacks band(s)")
+    result, lines = run(
+        ["detect-change", str(pa), str(pb), "-o", str(tmp_path / "e.tif"), "--layer", "9", *FAST]
+    )
+    assert_one_line_error(result, lines, 2, "--layer 9 is out of range")
+    result, lines = run(["detect-change", str(pa), str(pb), "-o", str(tmp_path / "f.parquet"), *FAST])
+    assert_one_line_error(result, lines, 2, "must be a GeoTIFF")
+    assert not any(p.name.startswith(("d", "e", "f")) for p in tmp_path.iterdir())

@@ -1,0 +1,176 @@
+"""``deo segment train`` then ``deo segment predict`` through the command line, on the eo-learn patch."""
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from typer.testing import CliRunner
+
+from deo_cli.cli.app import app
+from tests.infer.helpers import assert_valid_cog
+from tests.infer.test_segment import NODATA_BLOCK, write_eolearn
+
+runner = CliRunner()
+FAST = ["--model", "deo_swin_test", "--weights", "random", "--num-workers", "0", "--device", "cpu"]
+
+
+def run(args):
+    result = runner.invoke(app, args)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    return result, lines
+
+
+def assert_one_line_error(result, lines, code, *needles):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory):
+    """A head trained on the eo-learn patch (2 epochs, tiny UPerNet), through the CLI."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("seg")
+    image, label = write_eolearn(shared_data, tmp / "data")
+    classes = tmp / "classes.yaml"
+    classes.write_text(
+        "classes:\n"
+        "  - {value: 1, name: cultivated land, color: '#ffff00'}\n"
+        "  - {value: 2, name: forest, color: '#006400'}\n"
+        "  - {value: 3, name: grassland, color: '#7cfc00'}\n"
+        "  - {value: 4, name: shrubland, color: '#8b4513'}\n"
+        "  - {value: 8, name: artificial surface, color: '#ff0000'}\n"
+        "ignore_index: 0\n"
+    )
+    out = tmp / "run"
+    result, lines = run(
+        [
+            "segment", "train", "--images", str(image), "--labels", str(label), "--classes", str(classes),
+            "--chip-size", "64", "--epochs", "2", "--head-channels", "16", "-o", str(out), "--batch-size", "4",
+            "--set", "data.val_fraction=0.25", *FAST,
+        ]
+    )  # fmt: skip
+    torch.set_num_threads(n)
+    assert result.exit_code == 0, result.output
+    return {"tmp": tmp, "image": image, "label": label, "run": out, "stdout": result.stdout}
+
+
+def test_train_writes_a_self_describing_run_folder(trained):
+    out = trained["run"]
+    assert sorted(p.name for p in out.iterdir()) == ["head.pt", "metrics.json", "recipe.yaml"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_chips"] == 3 and metrics["val_chips"] == 1  # 4 chips of 64 px, one held out
+    assert len(metrics["history"]) == 2 and "val_miou" in metrics["history"][0]
+    assert set(metrics["val"]["iou"]) == {
+        "cultivated land",
+        "forest",
+        "grassland",
+        "shrubland",
+        "artificial surface",
+    }
+    assert metrics["data"]["normalization"]["unit"] == "reflectance"  # 0-1 input, converted to DN
+    head = torch.load(out / "head.pt", weights_only=True)
+    assert head["deo_format"] == "head-v1" and head["task"] == "segment"
+    assert head["head"]["kind"] == "upernet" and head["head"]["num_classes"] == 5
+    assert head["encoder"]["model"] == "deo_swin_test" and head["encoder"]["embedded"]
+    assert head["classes"]["ignore"] == [0] and head["classes"]["nodata"] == 255
+    assert head["chip_size"] == 64 and head["recipe"]["data"]["classes"]
+    assert "validation mIoU" in trained["stdout"]
+
+
+def test_predict_writes_a_class_cog_on_exactly_the_input_grid(trained):
+    tmp = trained["tmp"]
+    mask, proba, png = tmp / "mask.tif", tmp / "proba.tif", tmp / "mask.png"
+    result, _ = run(
+        [
+            "segment", "predict", str(trained["image"]), "-o", str(mask), "--head", str(trained["run"] / "head.pt"),
+            "--probabilities", str(proba), "--preview", str(png), "--num-workers", "0", "--device", "cpu",
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert_valid_cog(mask)
+    with rasterio.open(mask) as m, rasterio.open(trained["image"]) as src:
+        assert m.crs == src.crs and m.transform == src.transform
+        assert (m.width, m.height) == (src.width, src.height) == (100, 101)
+        assert m.dtypes[0] == "uint8" and m.nodata == 255 and m.descriptions == ("class",)
+        classes = m.read(1)
+        assert (classes[NODATA_BLOCK] == 255).all()  # nodata exactly where the input is nodata
+        rest = np.ones(classes.shape, bool)
+        rest[NODATA_BLOCK] = False
+        assert set(np.unique(classes[rest]).tolist()) <= {1, 2, 3, 4, 8}
+        cmap = m.colormap(1)
+        assert cmap[2] == (0, 100, 0, 255) and cmap[255][3] == 0
+        tags = m.tags()
+        assert [c["name"] for c in json.loads(tags["DEO_CLASSES"])["classes"]][1] == "forest"
+        assert json.loads(tags["DEO_HEAD"])["kind"] == "upernet" and tags["DEO_MODEL"] == "deo_swin_test"
+        assert json.loads(tags["DEO_NORMALIZATION"])["unit"] == "reflectance"
+        # mode/nearest overviews never invent a class between two others
+        ov = m.read(1, out_shape=(51, 50))
+        assert set(np.unique(ov).tolist()) <= {1, 2, 3, 4, 8, 255}
+    with rasterio.open(proba) as p:
+        assert p.count == 5 and p.descriptions[1] == "forest" and p.transform == m.transform
+        probs = p.read()
+        assert np.isnan(probs[:, :10, :20]).all()
+        np.testing.assert_allclose(probs[:, 10:].sum(0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(np.array([1, 2, 3, 4, 8])[probs[:, 10:].argmax(0)], classes[10:])
+    assert png.stat().st_size > 0 and (tmp / "mask.recipe.yaml").exists()
+
+
+def test_predict_mistakes_are_one_line(trained, tmp_path, make_raster):
+    head = str(trained["run"] / "head.pt")
+    out = tmp_path / "m.tif"
+    out.write_bytes(b"")
+    result, lines = run(["segment", "predict", str(trained["image"]), "-o", str(out), "--head", head])
+    assert_one_line_error(result, lines, 1, "already exists", "--overwrite")
+    rgbn = make_raster(
+        "four.tif", np.ones((4, 8, 8), np.uint16) * 500, descriptions=["B02", "B03", "B08", "B11"]
+    )
+    result, lines = run(["segment", "predict", str(rgbn), "-o", str(tmp_path / "x.tif"), "--head", head])
+    assert_one_line_error(result, lines, 1, "lacks band(s)")
+    assert not (tmp_path / "x.tif").exists()
+    torch.save(
+        {"deo_format": "head-v1", "task": "change", "head": {}, "head_state": {}, "encoder": {}},
+        tmp_path / "c.pt",
+    )
+    result, lines = run(
+        [
+            "segment",
+            "predict",
+            str(trained["image"]),
+            "-o",
+            str(tmp_path / "y.tif"),
+            "--head",
+            str(tmp_path / "c.pt"),
+        ]
+    )
+    assert_one_line_error(result, lines, 1, "is a change head", "detect-change --head")
+
+
+def test_train_mistakes_are_one_line(trained, tmp_path):
+    result, lines = run(
+        ["segment", "train", "--images", str(trained["image"]), "-o", str(tmp_path / "r"), *FAST]
+    )
+    assert_one_line_error(result, lines, 2, "--images needs --labels")
+    result, lines = run(
+        [
+            "segment",
+            "train",
+            "--images",
+            str(trained["image"]),
+            "--labels",
+            str(trained["label"]),
+            "-o",
+            str(trained["run"]),
+            *FAST,
+        ]
+    )
+    assert_one_line_error(result, lines, 1, "is not empty", "--overwrite")
+    result, lines = run(
+        ["segment", "train", "--images", str(trained["image"]), "--labels", str(trained["label"]),
+         "--chip-size", "48", "-o", str(tmp_path / "r"), *FAST]
+    )  # fmt: skip
+    assert_one_line_error(result, lines, 2, "not a multiple of the encoder's coarsest stride 32")
