@@ -245,19 +245,25 @@ def run_pretrain(
         logging.getLogger("deo_cli").setLevel(logging.WARNING)  # only rank 0 reports
     plan = plan_pretrain(recipe, out, resume=resume, overwrite=overwrite)
     t0 = time.time()
+    local_procs = (
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ddp.launched_by_torchrun() else plan.world_size
+    )
+    threads = ddp.cpu_threads(local_procs, recipe.data.num_workers) if plan.device.type == "cpu" else None
     if ddp.launched_by_torchrun():
         env = ddp.torchrun_env(plan.device)
         if env.is_main and recipe.gpus != 1:
             log.info("started by torchrun (%d processes): --gpus is ignored", env.world_size)
         ddp.init_process_group(env, "env://")
         try:
-            train(env, progress if env.is_main else None, plan)
+            with ddp.torch_threads(threads):
+                train(env, progress if env.is_main else None, plan)
         finally:
             ddp.cleanup()
     elif plan.world_size > 1:
-        ddp.spawn(train, (plan,), plan.world_size, plan.device, progress)
+        ddp.spawn(train, (plan,), plan.world_size, plan.device, progress, threads=threads)
     else:
-        train(ddp.DistEnv(0, 1, 0, plan.device), progress, plan)
+        with ddp.torch_threads(threads):
+            train(ddp.DistEnv(0, 1, 0, plan.device), progress, plan)
     return dataclasses.replace(summarize_run(plan.out, time.time() - t0), rank=rank)
 
 

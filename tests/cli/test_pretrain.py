@@ -14,7 +14,7 @@ from deo_cli.recipes import RECIPES_DIR
 runner = CliRunner()
 
 #: The tiny recipe made smaller still for the resume and multi-process tests.
-SMALL = ["--batch-size", "4", "--set", "crops.local_number=2", "--num-workers", "0"]
+SMALL = ["--batch-size", "4", "--set", "crops.local_number=2", "--num-workers", "1"]
 
 
 def deo(*args):

@@ -75,3 +75,17 @@ def test_spawned_ranks_relay_progress_logs_and_errors(caplog):
             ddp.spawn(_worker, (1,), 2, torch.device("cpu"), Recorder())
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_cpu_threads_leave_cores_for_the_workers(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ddp, "available_cores", lambda: 16)
+    assert ddp.cpu_threads(1, 8) == 8 and ddp.cpu_threads(2, 2) == 6 and ddp.cpu_threads(4, 8) == 1
+    monkeypatch.setattr(ddp, "available_cores", lambda: 2)
+    assert ddp.cpu_threads(1, 1) == 1 and ddp.cpu_threads(1, 0) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert ddp.cpu_threads(1, 1) is None  # the user's setting wins
+    before = torch.get_num_threads()
+    with ddp.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
