@@ -59,6 +59,10 @@ def child(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         plan = plan_pretrain(recipe, Path(tmp) / "run")
     device = plan.device
+    if device.type == "cpu":  # as deo pretrain: the cores its DataLoader workers leave
+        threads = args.threads or ddp.cpu_threads(1, recipe.data.num_workers)
+        if threads:
+            torch.set_num_threads(threads)
     torch.manual_seed(0)
     student, ema, optical, loss = build_models(plan, 1)
     student.to(device), ema.to(device)
@@ -108,6 +112,7 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     step_s = sorted(times)[len(times) // 2]
+    step_threads = torch.get_num_threads()
 
     # The data pipeline alone, one thread (what one DataLoader worker does).
     torch.set_num_threads(1)
@@ -128,7 +133,8 @@ def child(args) -> dict:
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
-        "threads": torch.get_num_threads() if device.type != "cuda" else None,
+        "threads": step_threads if device.type != "cuda" else None,
+        "data_workers": recipe.data.num_workers,
         "precision": precision_name(plan.precision),
         "compile": model is not student,
         "batch_size": b,
@@ -167,6 +173,7 @@ def main() -> None:
         "--batch-size", type=int, default=None, help="per process (default: the recipe's; small on CPU)"
     )
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: as deo pretrain)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--data-samples", type=int, default=8)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -182,6 +189,8 @@ def main() -> None:
         cmd += ["--data", args.data, "--data-samples", str(args.data_samples)]
         if args.batch_size:
             cmd += ["--batch-size", str(args.batch_size)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         t0, pressure = time.time(), cpu_pressure()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
