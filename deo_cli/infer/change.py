@@ -90,7 +90,14 @@ from deo_cli.infer.model import default_embed_layer, forward_level, resolve_laye
 from deo_cli.infer.prepare import InputPlan, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.threshold import ScoreHistogram, Threshold, choose_threshold
-from deo_cli.infer.trainchips import LabelledChips, collect_chips, make_loader, training_plan
+from deo_cli.infer.trainchips import (
+    LabelledChips,
+    cache_head_inputs,
+    cached_forward,
+    collect_chips,
+    make_loader,
+    training_plan,
+)
 from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
 from deo_cli.io.raster import Scene, open_scene
@@ -106,7 +113,7 @@ from deo_cli.recipes import (
     save_recipe,
 )
 from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
-from deo_cli.train.supervised import FitSettings, FrozenEncoderSegmenter, fit_dense
+from deo_cli.train.supervised import FitSettings, FrozenEncoderSegmenter, fit_dense, image_forward
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +320,17 @@ class SiameseChange(FrozenEncoderSegmenter):
     def head_channels(channels: Sequence[int], fusion: str) -> list[int]:
         return [int(c) * (2 if fusion == "concat" else 1) for c in channels]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def head_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The fused per-level maps the head takes (cacheable when the encoder is frozen)."""
         feats = self.features(_split_dates(x))
         fused = []
         for f in feats:
             a, b = f.chunk(2, dim=0)
             fused.append((a - b).abs() if self.fusion == "diff" else torch.cat([a, b], dim=1))
-        return self.head(fused, out_size=tuple(x.shape[-2:]))
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_inputs(x), out_size=tuple(x.shape[-2:]))
 
 
 def build_change_model(head: HeadFile, weights: str | None = None) -> tuple[DenseHeadModel, object]:
@@ -813,17 +824,18 @@ def best_f1_threshold(
 
 
 @torch.no_grad()
-def _val_probabilities(model, loader, device, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _val_probabilities(
+    model, loader, device, dtype, forward_fn=image_forward
+) -> tuple[np.ndarray, np.ndarray]:
     from deo_cli.runtime import autocast
 
     model.eval()
     probs, targets = [], []
     for batch in loader:
-        x = batch["image"].to(device)
         with autocast(device, dtype):
-            logits = model(x).float()
-        p = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
-        m = batch["mask"].numpy()
+            logits, target = forward_fn(model, batch, device)
+        p = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        m = target.cpu().numpy()
         keep = m != IGNORE
         probs.append(p[keep])
         targets.append(m[keep])
@@ -930,6 +942,14 @@ def run_change_train(
         raise DataError("fewer than 2 training chips", "add cities or lower --chip-size")
     for ds in (train_ds, val_ds):
         ds.preload()
+    forward_fn = image_forward
+    if frozen and recipe.augment == "none":
+        model.to(device)
+        cached = [
+            cache_head_inputs(d, model.head_inputs, rt.batch_size, device, dtype) for d in (train_ds, val_ds)
+        ]
+        if cached[0] is not None and (cached[1] is not None or not len(val_ds)):
+            train_ds, val_ds, forward_fn = cached[0], cached[1] or val_ds, cached_forward
     train_loader = make_loader(
         train_ds, rt.batch_size, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True
     )
@@ -960,7 +980,7 @@ def run_change_train(
         device,
         precision_name(dtype),
     )
-    fit = fit_dense(model, train_loader, val_loader, settings, device, dtype, progress=progress)
+    fit = fit_dense(model, train_loader, val_loader, settings, device, dtype, forward_fn, progress=progress)
     head_state, enc_state = trainable_to_head_file(fit.best_state, frozen=frozen)
     model.head.load_state_dict(head_state)
     if enc_state is not None:
@@ -968,7 +988,7 @@ def run_change_train(
     model.eval()
     threshold, val_f1 = 0.5, float("nan")
     if val_loader is not None:
-        probs, targets = _val_probabilities(model, val_loader, device, dtype)
+        probs, targets = _val_probabilities(model, val_loader, device, dtype, forward_fn)
         threshold, val_f1 = best_f1_threshold(probs, targets)
         log.info("P(change) threshold %.2f (validation F1 %.4f)", threshold, val_f1)
     metrics: dict = {

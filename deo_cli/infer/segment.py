@@ -74,7 +74,15 @@ from deo_cli.infer.headfile import (
 )
 from deo_cli.infer.prepare import InputPlan, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
-from deo_cli.infer.trainchips import ChipRef, LabelledChips, collect_chips, make_loader, training_plan
+from deo_cli.infer.trainchips import (
+    ChipRef,
+    LabelledChips,
+    cache_head_inputs,
+    cached_forward,
+    collect_chips,
+    make_loader,
+    training_plan,
+)
 from deo_cli.io.atomic import check_output
 from deo_cli.io.raster import open_scene
 from deo_cli.io.writers import RasterLayout
@@ -88,7 +96,13 @@ from deo_cli.recipes import (
     save_recipe,
 )
 from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
-from deo_cli.train.supervised import FitSettings, FrozenEncoderSegmenter, evaluate_dense, fit_dense
+from deo_cli.train.supervised import (
+    FitSettings,
+    FrozenEncoderSegmenter,
+    evaluate_dense,
+    fit_dense,
+    image_forward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +332,16 @@ def run_segment_train(
     model = FrozenEncoderSegmenter(encoder, head, freeze=True)
     rt = recipe.runtime
     bs = rt.batch_size
+    forward_fn = image_forward
+    if isinstance(train_ds, LabelledChips) and train_ds.augment == "none":
+        model.to(device)
+        cached = [
+            cache_head_inputs(d, model.features, bs, device, dtype) if isinstance(d, LabelledChips) else None
+            for d in (train_ds, val_ds, test_ds)
+        ]
+        if cached[0] is not None and all(c is not None for c, d in zip(cached[1:], (val_ds, test_ds)) if d):
+            train_ds, forward_fn = cached[0], cached_forward
+            val_ds, test_ds = cached[1] or val_ds, cached[2] or test_ds
     train_loader = make_loader(train_ds, bs, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True)
     val_loader = (
         make_loader(val_ds, bs, rt.num_workers, shuffle=False) if val_ds is not None and len(val_ds) else None
@@ -344,7 +368,7 @@ def run_segment_train(
         device,
         precision_name(dtype),
     )
-    fit = fit_dense(model, train_loader, val_loader, settings, device, dtype, progress=progress)
+    fit = fit_dense(model, train_loader, val_loader, settings, device, dtype, forward_fn, progress=progress)
     head_state, _ = trainable_to_head_file(fit.best_state, frozen=True)
     model.head.load_state_dict(head_state)
     metrics: dict = {
@@ -362,7 +386,12 @@ def run_segment_train(
         if loader_ds is None or not len(loader_ds):
             continue
         m = evaluate_dense(
-            model, make_loader(loader_ds, bs, rt.num_workers, shuffle=False), table.num_classes, device, dtype
+            model,
+            make_loader(loader_ds, bs, rt.num_workers, shuffle=False),
+            table.num_classes,
+            device,
+            dtype,
+            forward_fn=forward_fn,
         )
         metrics[split] = {
             "miou": m["miou"],

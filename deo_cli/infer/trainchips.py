@@ -18,6 +18,10 @@ A head therefore never sees input at prediction time that was prepared different
   from disk every epoch (in DataLoader workers).
 - Augmentation ``flips``: random horizontal/vertical flips and 90-degree rotations (the
   eight symmetries of the square), drawn from torch's generator (seeded loaders repeat them).
+- Without augmentation and with a frozen encoder, the head's inputs (the encoder's maps, or
+  the fused maps of both dates) are the same every epoch: :func:`cache_head_inputs` computes
+  them once (when they fit in :data:`PRELOAD_BYTES`) and every epoch trains the head alone,
+  with the same result as recomputing them.
 """
 
 from __future__ import annotations
@@ -155,4 +159,70 @@ def make_loader(
     )
 
 
-__all__ = ["ChipRef", "LabelledChips", "collect_chips", "make_loader", "training_plan"]
+class CachedHeadInputs(torch.utils.data.Dataset):
+    """``{"feats": [per-level maps], "mask", "index"}``: head inputs computed once."""
+
+    def __init__(self, feats: list[list[torch.Tensor]], masks: list[torch.Tensor]):
+        self.feats = feats
+        self.masks = masks
+        self.preloaded = True
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"feats": self.feats[i], "mask": self.masks[i], "index": i}
+
+
+@torch.no_grad()
+def cache_head_inputs(
+    dataset: LabelledChips,
+    inputs_fn,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    max_bytes: int = PRELOAD_BYTES,
+) -> CachedHeadInputs | None:
+    """``inputs_fn(x) -> [maps]`` of every chip of ``dataset`` (not augmented), kept on the CPU;
+    ``None`` when they would need more than ``max_bytes``."""
+    from deo_cli.runtime import autocast
+
+    if dataset.augment != "none" or not len(dataset):
+        return None
+    feats: list[list[torch.Tensor]] = []
+    masks: list[torch.Tensor] = []
+    total = 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    for batch in loader:
+        with autocast(device, dtype):
+            maps = inputs_fn(batch["image"].to(device))
+        maps = [m.float().cpu() for m in maps]
+        for j in range(batch["image"].shape[0]):
+            item = [m[j].clone() for m in maps]
+            total += sum(t.numel() * 4 for t in item)
+            if total > max_bytes:
+                log.info("head inputs need more than %.1f GB: computed every epoch", max_bytes / 1e9)
+                return None
+            feats.append(item)
+            masks.append(batch["mask"][j])
+    log.info("head inputs of %d chips cached (%.0f MB): epochs train the head alone", len(masks), total / 1e6)
+    return CachedHeadInputs(feats, masks)
+
+
+def cached_forward(model, batch: dict, device: torch.device):
+    """The ``fit_dense`` forward for :class:`CachedHeadInputs` batches: the head alone."""
+    feats = [f.to(device, non_blocking=True) for f in batch["feats"]]
+    mask = batch["mask"].to(device, non_blocking=True).long()
+    return model.head(feats, out_size=tuple(mask.shape[-2:])), mask
+
+
+__all__ = [
+    "CachedHeadInputs",
+    "ChipRef",
+    "LabelledChips",
+    "cache_head_inputs",
+    "cached_forward",
+    "collect_chips",
+    "make_loader",
+    "training_plan",
+]

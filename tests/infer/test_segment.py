@@ -152,3 +152,34 @@ def test_head_files_name_their_encoder_and_refuse_mismatches(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.pt")
     with pytest.raises(WeightsError, match="not a deo head file"):
         load_head(tmp_path / "plain.pt")
+
+
+def test_train_on_a_geobench_segmentation_task(tmp_path):
+    from deo_cli.infer.segment import run_segment_train
+    from deo_cli.recipes import SegmentTrainRecipe, build_recipe
+    from tests.data.make_geobench_task import write_geobench_task
+
+    write_geobench_task(
+        tmp_path / "gb", "m-tiny-seg", kind="segmentation", size=32, n_samples=8, num_classes=3
+    )
+    recipe = build_recipe(
+        SegmentTrainRecipe,
+        sets=[
+            "data.geobench_task=m-tiny-seg",
+            f"data.geobench_root={tmp_path / 'gb'}",
+            "model.name=deo_swin_test",
+            "model.weights=random",
+            "epochs=1",
+            "head_channels=8",
+            "runtime.device=cpu",
+            "runtime.num_workers=0",
+            "runtime.batch_size=4",
+        ],
+    )
+    res = run_segment_train(recipe, tmp_path / "run")
+    head = load_head(res.head, "segment")
+    assert ClassTable.from_dict(head.classes).names == ("class 0", "class 1", "class 2")
+    assert head.chip_size == 32  # GEO-Bench's native patch size
+    assert head.normalization["stem"] == "ms" and head.normalization["unit"] == "dn"
+    assert res.metrics["data"]["source"] == "geobench:m-tiny-seg"
+    assert res.train_chips >= 2 and "val" in res.metrics

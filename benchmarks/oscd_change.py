@@ -1,0 +1,254 @@
+"""OSCD change detection, both modes, on a held-out city: F1 and IoU of the change class.
+
+Protocol (deo's own; the paper fine-tunes the encoder with a head that is not public,
+method.md §3.1, so its 60.4 F1 is not the target here):
+
+1. **supervised**: ``deo detect-change train`` (:func:`deo_cli.infer.change.run_change_train`)
+   on every labelled city but the test city (siamese encoder, ``|f1 - f2|`` per level into
+   UPerNet, class weights ``(1, sqrt(no-change / change))``, best validation F1 on 20 % of the
+   training chips, P(change) threshold chosen on those chips);
+2. **zero-shot**: no training; cosine distance of the two dates' DEO features, Otsu threshold;
+3. both are run on the test city **through the command's own code path**
+   (:func:`deo_cli.infer.change.run_detect_change`, which writes the score and mask COGs), and
+   the mask is compared with the city's label on its 10 m grid (a zero-shot mask on the
+   embedding grid is repeated onto the 10 m pixels it covers);
+4. the trivial baseline predicts "everything changed": precision = change fraction p, recall 1,
+   F1 = 2p / (1 + p).
+
+Writes one JSON file (``--out``, default ``benchmarks/results/oscd_change.json``) with the rows
+of both modes and the trivial F1, the weights used and the run time.
+
+    python benchmarks/oscd_change.py --model deo_swin_test --weights random --epochs 10
+    python benchmarks/oscd_change.py --weights runs/tiny/encoder.pt --test-city bordeaux
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "oscd_subset"
+
+log = logging.getLogger("oscd_change")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="OSCD-format folder")
+    p.add_argument("--test-city", default="bordeaux")
+    p.add_argument("--train-cities", default=None, help="comma-separated (default: all others)")
+    p.add_argument("--model", default="deo_swin_test")
+    p.add_argument("--weights", default="random", help="random, or an encoder file (deo pretrain export)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--chip-size", type=int, default=64)
+    p.add_argument("--head", default="upernet", choices=["upernet", "linear"])
+    p.add_argument("--head-channels", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--augment", default="none", choices=["none", "flips"], help="none: head inputs cached once"
+    )
+    p.add_argument(
+        "--zero-shot",
+        default="default:embedding,0:input",
+        help="zero-shot settings to score, LAYER:GRID pairs (GRID embedding or input), comma-separated",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--work", default=None, help="keep the run folder and rasters here (default: a temp dir)")
+    p.add_argument("--out", default=str(HERE / "results" / "oscd_change.json"))
+    p.add_argument("--skip-zero-shot", action="store_true")
+    return p.parse_args(argv)
+
+
+def score_mask(mask_path: Path, label: np.ndarray) -> dict:
+    """F1/IoU of a mask COG against a label on the first date's grid (see the module docstring)."""
+    from deo_cli.infer.change import MASK_NODATA, upsample_to
+    from deo_cli.metrics import binary_scores
+
+    with rasterio.open(mask_path) as ds:
+        mask = ds.read(1)
+    h, w = label.shape
+    stride = 1 if mask.shape == label.shape else -(-h // mask.shape[0])  # the embedding grid's stride
+    mask = upsample_to(mask, stride, h, w)
+    valid = mask != MASK_NODATA
+    pred = mask == 1
+    s = binary_scores(pred, label, valid)
+    p = float(label[valid].mean()) if valid.any() else float("nan")
+    return {
+        **s,
+        "valid_pixels": int(valid.sum()),
+        "change_fraction": p,
+        "trivial_f1": 2 * p / (1 + p),
+        "mask_stride": stride,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from deo_cli import __version__
+    from deo_cli.data.oscd import list_cities, read_change_label, select_cities
+    from deo_cli.infer.change import run_change_train, run_detect_change
+    from deo_cli.recipes import ChangeRecipe, ChangeTrainRecipe, build_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cities = list_cities(args.data)
+    (test,) = select_cities(cities, [args.test_city])
+    train = (
+        select_cities(cities, args.train_cities.split(","))
+        if args.train_cities
+        else [c for c in cities if c.label is not None and c.name != test.name]
+    )
+    work_ctx = tempfile.TemporaryDirectory() if args.work is None else None
+    work = Path(args.work or work_ctx.name)
+    work.mkdir(parents=True, exist_ok=True)
+    common = [
+        f"model.name={args.model}",
+        f"model.weights={args.weights}",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        f"runtime.batch_size={args.batch_size}",
+        f"runtime.seed={args.seed}",
+    ]
+    label = read_change_label(test)
+    rows = []
+    t_all = time.perf_counter()
+    # -- supervised ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    train_recipe = build_recipe(
+        ChangeTrainRecipe,
+        sets=[
+            *common,
+            f"data={args.data}",
+            "train_cities=" + ",".join(c.name for c in train),
+            f"chip_size={args.chip_size}",
+            f"epochs={args.epochs}",
+            f"head={args.head}",
+            f"head_channels={args.head_channels}",
+            f"lr={args.lr}",
+            f"warmup_epochs={args.warmup_epochs}",
+            f"augment={args.augment}",
+        ],
+    )
+    trained = run_change_train(train_recipe, work / "change_head", overwrite=True)
+    train_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    predict = build_recipe(ChangeRecipe, sets=[*common])
+    res = run_detect_change(
+        str(test.before), str(test.after), work / "supervised.tif", predict, head=trained.head, overwrite=True
+    )
+    sup = score_mask(res.mask, label)
+    rows.append(
+        {
+            "mode": "supervised",
+            **sup,
+            "threshold": res.threshold.value,
+            "threshold_method": res.threshold.method,
+            "best_epoch": trained.metrics["best_epoch"],
+            "val_f1": trained.metrics["val_f1_at_threshold"],
+            "train_seconds": round(train_seconds, 1),
+            "predict_seconds": round(time.perf_counter() - t1, 1),
+        }
+    )
+    log.info("supervised: F1 %.4f IoU %.4f (trivial F1 %.4f)", sup["f1"], sup["iou"], sup["trivial_f1"])
+    # -- zero-shot -----------------------------------------------------------------------------
+    configs = [] if args.skip_zero_shot else [c.split(":") for c in args.zero_shot.split(",") if c.strip()]
+    for k, (layer, grid) in enumerate(configs):
+        t2 = time.perf_counter()
+        zs = build_recipe(ChangeRecipe, sets=[*common, f"layer={layer}", f"output_grid={grid}"])
+        res = run_detect_change(
+            str(test.before), str(test.after), work / f"zero_shot_{k}.tif", zs, overwrite=True
+        )
+        z = score_mask(res.mask, label)
+        rows.append(
+            {
+                "mode": "zero-shot",
+                **z,
+                "threshold": res.threshold.value,
+                "threshold_method": res.threshold.method,
+                "layer": layer,
+                "output_grid": grid,
+                "predict_seconds": round(time.perf_counter() - t2, 1),
+            }
+        )
+        log.info(
+            "zero-shot (layer %s, %s grid): F1 %.4f IoU %.4f (trivial %.4f)",
+            layer,
+            grid,
+            z["f1"],
+            z["iou"],
+            z["trivial_f1"],
+        )
+    weights_sha = None
+    if args.weights not in ("random", "default") and Path(args.weights).is_file():
+        from deo_cli.models import file_sha256
+
+        weights_sha = file_sha256(args.weights)
+    out = {
+        "benchmark": "oscd_change",
+        "dataset": str(args.data),
+        "test_city": test.name,
+        "train_cities": [c.name for c in train],
+        "model": args.model,
+        "weights": args.weights,
+        "weights_sha256": weights_sha,
+        "settings": {
+            "epochs": args.epochs,
+            "chip_size": args.chip_size,
+            "head": args.head,
+            "head_channels": args.head_channels,
+            "lr": args.lr,
+            "warmup_epochs": args.warmup_epochs,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "fusion": "diff",
+            "encoder": "frozen",
+            "augment": args.augment,
+        },
+        "trivial_f1": rows[0]["trivial_f1"],
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t_all, 1),
+        "deo_version": __version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+    }
+    if work_ctx is not None:
+        work_ctx.cleanup()
+    return out
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    result = run(args)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    for r in result["rows"]:
+        what = r["mode"] + (
+            f" (layer {r['layer']}, {r['output_grid']} grid)" if r["mode"] == "zero-shot" else ""
+        )
+        print(
+            f"{what:>40}: F1 {r['f1']:.4f}  IoU {r['iou']:.4f}  (trivial F1 {r['trivial_f1']:.4f}; "
+            f"threshold {r['threshold']:.4g} {r['threshold_method']})"
+        )
+    print(f"{result['seconds']:.0f} s; written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
