@@ -116,3 +116,47 @@ def test_other_mistakes_are_one_line(make_raster, tmp_path):
     result, lines = run(["detect-change", str(pa), str(pb), "-o", str(tmp_path / "f.parquet"), *FAST])
     assert_one_line_error(result, lines, 2, "must be a GeoTIFF")
     assert not any(p.name.startswith(("d", "e", "f")) for p in tmp_path.iterdir())
+
+
+def test_train_then_run_with_the_head(tmp_path):
+    from tests.infer.test_change_train import write_oscd
+
+    data = write_oscd(tmp_path / "oscd")
+    run_dir = tmp_path / "run"
+    result, _ = run(
+        [
+            "detect-change", "train", "--data", str(data), "-o", str(run_dir), "--train-cities", "alpha",
+            "--test-cities", "beta", "--epochs", "1", "--chip-size", "32", "--head-channels", "8",
+            "--batch-size", "8", *FAST,
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "test F1" in result.stdout and (run_dir / "metrics.json").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_cities"] == ["alpha"] and "beta" in metrics["test"]
+    city = data / "images" / "beta"
+    out = tmp_path / "c.tif"
+    result, _ = run(
+        ["detect-change", str(city / "imgs_1"), str(city / "imgs_2"), "-o", str(out), "--head", str(run_dir / "head.pt"),
+         "--num-workers", "0", "--device", "cpu", "--threshold", "0.5"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "supervised" in result.stdout and "threshold 0.5 (fixed)" in result.stdout
+    with rasterio.open(out) as s:
+        assert (
+            json.loads(s.tags()["DEO_HEAD"])["task"] == "change"
+            and s.tags()["DEO_CHANGE_MODE"] == "supervised"
+        )
+    # a change head is not a segmentation head, and the other way round
+    result, lines = run(
+        [
+            "segment",
+            "predict",
+            str(city / "imgs_1"),
+            "-o",
+            str(tmp_path / "s.tif"),
+            "--head",
+            str(run_dir / "head.pt"),
+        ]
+    )
+    assert_one_line_error(result, lines, 1, "is a change head, not a segment head")
