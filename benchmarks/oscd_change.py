@@ -45,7 +45,7 @@ log = logging.getLogger("oscd_change")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="OSCD-format folder")
-    p.add_argument("--test-city", default="bordeaux")
+    p.add_argument("--test-city", default="bordeaux", help="a city, a comma-separated list, or all")
     p.add_argument("--train-cities", default=None, help="comma-separated (default: all others)")
     p.add_argument("--model", default="deo_swin_test")
     p.add_argument("--weights", default="random", help="random, or an encoder file (deo pretrain export)")
@@ -86,8 +86,12 @@ def score_mask(mask_path: Path, label: np.ndarray) -> dict:
     pred = mask == 1
     s = binary_scores(pred, label, valid)
     p = float(label[valid].mean()) if valid.any() else float("nan")
+    t = label.astype(bool)
     return {
         **s,
+        "tp": int((pred & t & valid).sum()),
+        "fp": int((pred & ~t & valid).sum()),
+        "fn": int((~pred & t & valid).sum()),
         "valid_pixels": int(valid.sum()),
         "change_fraction": p,
         "trivial_f1": 2 * p / (1 + p),
@@ -229,22 +233,59 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def run_many(args: argparse.Namespace) -> dict:
+    """One held-out city (``--test-city NAME``), or each of several in turn (``a,b`` or ``all``:
+    leave-one-city-out), with the F1/IoU of every mode pooled over the test cities' pixels."""
+    from deo_cli.data.oscd import list_cities
+
+    names = args.test_city.split(",")
+    if names == ["all"]:
+        names = [c.name for c in list_cities(args.data) if c.label is not None]
+    if len(names) == 1:
+        return run(args)
+    runs = [run(argparse.Namespace(**{**vars(args), "test_city": n})) for n in names]
+    pooled = {}
+    for k, row in enumerate(runs[0]["rows"]):
+        tp = sum(r["rows"][k]["tp"] for r in runs)
+        fp = sum(r["rows"][k]["fp"] for r in runs)
+        fn = sum(r["rows"][k]["fn"] for r in runs)
+        key = row["mode"] + (
+            f" layer {row['layer']} {row['output_grid']}" if row["mode"] == "zero-shot" else ""
+        )
+        pooled[key] = {
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "iou": tp / (tp + fp + fn),
+            "mean_f1": float(np.mean([r["rows"][k]["f1"] for r in runs])),
+        }
+    return {
+        "benchmark": "oscd_change",
+        "protocol": "leave-one-city-out",
+        "runs": runs,
+        "pooled": pooled,
+        "trivial_f1_mean": float(np.mean([r["trivial_f1"] for r in runs])),
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+    }
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    result = run(args)
+    result = run_many(args)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
-    for r in result["rows"]:
-        what = r["mode"] + (
-            f" (layer {r['layer']}, {r['output_grid']} grid)" if r["mode"] == "zero-shot" else ""
-        )
+    for r in [row | {"city": x["test_city"]} for x in result.get("runs", [result]) for row in x["rows"]]:
+        what = f"{r['city']} {r['mode']}"
+        what += f" (layer {r['layer']}, {r['output_grid']} grid)" if r["mode"] == "zero-shot" else ""
         print(
-            f"{what:>40}: F1 {r['f1']:.4f}  IoU {r['iou']:.4f}  (trivial F1 {r['trivial_f1']:.4f}; "
+            f"{what:>48}: F1 {r['f1']:.4f}  IoU {r['iou']:.4f}  (trivial F1 {r['trivial_f1']:.4f}; "
             f"threshold {r['threshold']:.4g} {r['threshold_method']})"
+        )
+    for k, v in result.get("pooled", {}).items():
+        print(
+            f"{'pooled ' + k:>48}: F1 {v['f1']:.4f}  IoU {v['iou']:.4f}  (mean F1 over cities {v['mean_f1']:.4f})"
         )
     print(f"{result['seconds']:.0f} s; written to {path}")
     return result

@@ -739,15 +739,10 @@ def change_score_array(
     ``model``: a :class:`CosineChange` (zero-shot; ``out_stride=1`` for the input grid) or the
     :class:`DenseHeadModel` of :func:`build_change_model` (the score is then ``P(change)``).
     """
-    man = model.manifest
-    rgb = getattr(model, "rgb_manifest", None)
+    from deo_cli.recipes import InputSection
 
-    class _Inp:
-        pass
-
-    inp = _Inp()
-    inp.unit, inp.rgb_max = unit, rgb_max
-    a, b = prepare_dates(before, after, man, rgb, inp)
+    inp = InputSection(unit=unit, rgb_max=rgb_max)
+    a, b = prepare_dates(before, after, model.manifest, getattr(model, "rgb_manifest", None), inp)
     plan = aligned_plan(
         before.height, before.width, chip_size or model.input_size, model.stride, model.align, overlap
     )

@@ -152,7 +152,7 @@ def _class_table(recipe: SegmentTrainRecipe, label_paths: list[str]) -> ClassTab
 
 
 def _raster_data(recipe: SegmentTrainRecipe, manifests, chip: int):
-    """(sources, table, refs per split, describe) for image/label rasters."""
+    """(sources, class table, chip refs per split, description) for image/label rasters."""
     d = recipe.data
     if d.pairs:
         pairs = read_pairs_csv(d.pairs)
@@ -189,7 +189,7 @@ def _raster_data(recipe: SegmentTrainRecipe, manifests, chip: int):
         | {"per_image": "unit inferred and RGB scale computed per image"},
         "class_pixels": {table.classes[i].name: int(c) for i, c in enumerate(counts)},
     }
-    return sources, table, splits, info, inputs[0].manifest
+    return sources, table, splits, info
 
 
 def _assign_splits(pairs, refs: list[ChipRef], val_fraction: float, seed: int) -> dict[str, list[ChipRef]]:
@@ -242,7 +242,7 @@ def _geobench_data(recipe: SegmentTrainRecipe, manifests, chip: int | None):
         "stem": plan.stem,
         "normalization": plan.describe(),
     }
-    return sets, table, info, plan.manifest
+    return sets, table, info
 
 
 def _datasets_from_refs(sources, splits, augment):
@@ -289,9 +289,9 @@ def run_segment_train(
 
     def load_data(mans):
         if d.geobench_task:
-            sets, table, info, _ = _geobench_data(recipe, mans, chip)
+            sets, table, info = _geobench_data(recipe, mans, chip)
         else:
-            sources, table, splits, info, _ = _raster_data(recipe, mans, chip)
+            sources, table, splits, info = _raster_data(recipe, mans, chip)
             sets = _datasets_from_refs(sources, splits, d.augment)
         return sets, table, info
 
