@@ -174,3 +174,20 @@ def test_train_mistakes_are_one_line(trained, tmp_path):
          "--chip-size", "48", "-o", str(tmp_path / "r"), *FAST]
     )  # fmt: skip
     assert_one_line_error(result, lines, 2, "not a multiple of the encoder's coarsest stride 32")
+
+
+def test_predict_several_scenes_into_a_folder(trained, tmp_path):
+    import shutil
+
+    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
+    shutil.copy(trained["image"], a)
+    shutil.copy(trained["image"], b)
+    out = tmp_path / "masks"
+    result, _ = run(
+        ["segment", "predict", str(a), str(b), "-o", str(out), "--head", str(trained["run"] / "head.pt"),
+         "--num-workers", "0", "--device", "cpu"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with rasterio.open(out / "a.tif") as ma, rasterio.open(out / "b.tif") as mb:
+        np.testing.assert_array_equal(ma.read(1), mb.read(1))  # same pixels, same classes
+        assert ma.transform == mb.transform
