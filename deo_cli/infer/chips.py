@@ -124,6 +124,11 @@ class ChipBatch:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def pin_memory(self) -> ChipBatch:
+        """Called by the DataLoader (``pin_memory=True`` on CUDA) for faster host-to-GPU copies."""
+        self.x = self.x.pin_memory()
+        return self
+
 
 def collate_chips(samples: list[ChipSample]) -> ChipBatch:
     keep = [i for i, s in enumerate(samples) if not s.empty]

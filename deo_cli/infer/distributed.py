@@ -42,7 +42,8 @@ class RankInfo:
         """True when every rank reports ``ok`` (a collective: every rank must call it)."""
         if not self.active:
             return ok
-        t = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=dev)  # NCCL reduces on the GPU
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(t.item()) == 0
 

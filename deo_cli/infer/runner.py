@@ -24,6 +24,8 @@ or a segmentation sink that turns logits into classes).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import queue
@@ -53,11 +55,44 @@ WORKER_NICENESS = 10
 _worker_env = None
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+        return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Called before DataLoader workers are forked: they inherit the parent's heap, and writing
+    into its free chunks would copy those pages into every worker.
+    """
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def _fixed_mmap_threshold() -> None:
+    """Serve allocations of 1 MiB and more (chips, batches) with ``mmap`` so that freeing them
+    returns the memory, instead of glibc's default that moves the threshold up after the first
+    large free and then fragments the heap over thousands of chips."""
+    lib = _libc()
+    if lib is not None and hasattr(lib, "mallopt"):
+        lib.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def _worker_init(_worker_id: int) -> None:
     """In each DataLoader worker: a capped GDAL cache, and a lower CPU priority than the process
     running the model, so that reading fills the gaps instead of stalling the forward pass (on a
     CPU, torch's threads wait for each other at every operation)."""
     global _worker_env
+    _fixed_mmap_threshold()
     _worker_env = rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
     _worker_env.__enter__()
     try:
@@ -122,6 +157,28 @@ class BackgroundSink:
             self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+@contextlib.contextmanager
+def forked_workers(num_workers: int):
+    """Prepare this process for forking DataLoader workers, and undo it afterwards.
+
+    Workers inherit the parent's memory copy-on-write; every page they write becomes their own.
+    Two sources of such writes are removed: Python's garbage collector touching every inherited
+    object (``gc.freeze`` parks them in a generation it never scans) and freed heap chunks that
+    a worker's allocations would reuse (``malloc_trim`` returns them to the OS first). Without
+    this the workers' memory grew by about 200 MB over a 4k x 4k scene.
+    """
+    if num_workers <= 0:
+        yield
+        return
+    gc.collect()
+    release_heap()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def make_loader(
@@ -215,7 +272,10 @@ def run_dense(
     expected = (model.channels, plan.n, plan.n)
     try:
         batch: ChipBatch
-        for batch in make_loader(reader, chips, batch_size, num_workers, device, prefetch):
+        loader = make_loader(reader, chips, batch_size, num_workers, device, prefetch)
+        with forked_workers(num_workers):
+            batches = iter(loader)  # the workers start here
+        for batch in batches:
             y = None
             if batch.keep:
                 tm = time.perf_counter()
@@ -266,7 +326,10 @@ def run_pooled(
     t0 = time.perf_counter()
     progress.start(len(chips), description)
     try:
-        for batch in make_loader(reader, chips, batch_size, num_workers, device):
+        loader = make_loader(reader, chips, batch_size, num_workers, device)
+        with forked_workers(num_workers):
+            batches = iter(loader)
+        for batch in batches:
             take = [
                 k
                 for k, j in enumerate(batch.keep)

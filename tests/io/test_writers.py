@@ -60,6 +60,18 @@ def test_cog_values_georeference_metadata(tmp_path):
         st = ds.tags(ns="IMAGE_STRUCTURE")
         assert st["COMPRESSION"] == "DEFLATE" and st["PREDICTOR"] == "3"
         np.testing.assert_array_equal(ds.read(), data)
+    # overviews: NaN-aware 2 x 2 means (as GDAL's "average"), the odd last column averaged alone
+    with rasterio.open(out, overview_level=0) as ov:
+        assert ov.shape == (25, 19)
+        got = ov.read()
+    pad = np.full((6, 50, 38), np.nan, np.float32)
+    pad[:, :, :37] = data
+    q = pad.reshape(6, 25, 2, 19, 2)
+    quads = q.transpose(0, 1, 3, 2, 4).reshape(6, 25, 19, 4)
+    n = np.isfinite(quads).sum(-1)
+    expected = np.where(n > 0, np.nansum(quads, -1) / np.maximum(n, 1), np.nan)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert np.isnan(got[:, 0, 0]).all() and not np.isnan(got[:, 2, 2]).any()
 
 
 def test_int8_quantisation_roundtrip(tmp_path):
