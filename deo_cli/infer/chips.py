@@ -34,7 +34,7 @@ class ChipSample:
     """
 
     chip: Chip
-    x: np.ndarray
+    x: np.ndarray | None
     invalid: np.ndarray
     valid_fraction: float
     empty: bool
@@ -54,15 +54,17 @@ class _FusedNormalizer:
         self.ca = (1.0 / std[self.clamp]).astype(np.float32)[:, None, None]
         self.cb = (-mean[self.clamp] / std[self.clamp]).astype(np.float32)[:, None, None]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x *= self.a
-        x += self.b
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise ``x`` (bands, H, W) float32 into ``out`` (default: in place)."""
+        out = x if out is None else out
+        np.multiply(x, self.a, out=out)
+        out += self.b
         if self.clamp.any():
-            c = np.clip(x[self.clamp], 0.0, 1.0)
+            c = np.clip(out[self.clamp], 0.0, 1.0)
             c *= self.ca
             c += self.cb
-            x[self.clamp] = c
-        return x
+            out[self.clamp] = c
+        return out
 
 
 class ChipReader:
@@ -75,7 +77,9 @@ class ChipReader:
         self.plan = plan
         self._norm = _FusedNormalizer(normalizer)
 
-    def read(self, chip: Chip) -> ChipSample:
+    def read(self, chip: Chip, out: np.ndarray | None = None) -> ChipSample:
+        """Read one chip; with ``out`` (bands, C, C) float32 the pixels go there (``x`` is then
+        ``None``) unless the chip is empty."""
         h, w = self.scene.height, self.scene.width
         size, stride = self.plan.chip_size, self.plan.stride
         ri = edge_index(chip.y, size, h)
@@ -94,25 +98,66 @@ class ChipReader:
         n_inside = int(inside.sum())
         valid_fraction = float((valid & inside).sum() / n_inside) if n_inside else 0.0
         if not valid.any():
-            return ChipSample(chip, np.zeros(data.shape, np.float32), invalid, 0.0, True)
+            return ChipSample(
+                chip, None if out is not None else np.zeros(data.shape, np.float32), invalid, 0.0, True
+            )
         data = np.ascontiguousarray(data, dtype=np.float32)
         if not valid.all():
             data = fill_invalid(data, valid)
+        if out is not None:
+            self._norm(data, out=out)
+            return ChipSample(chip, None, invalid, valid_fraction, False)
         return ChipSample(chip, self._norm(data), invalid, valid_fraction, False)
 
 
-class ChipDataset(torch.utils.data.Dataset):
-    """A map-style dataset over a list of chips (row-major order is kept by the DataLoader)."""
+class ChipBatchDataset(torch.utils.data.Dataset):
+    """Item ``i`` is batch ``i`` of ``chips`` (consecutive, row-major), read by one worker.
 
-    def __init__(self, reader: ChipReader, chips: Sequence[Chip]):
+    ``reader`` is a :class:`ChipReader` (read straight into a tensor in shared memory: no
+    per-chip copies, no collate copy, and the DataLoader hands the tensor to the main process
+    without copying it again) or any object with ``plan`` and ``read(chip) -> ChipSample``.
+    """
+
+    def __init__(self, reader: ChipReader, chips: Sequence[Chip], batch_size: int):
         self.reader = reader
         self.chips = list(chips)
+        self.batch_size = int(batch_size)
 
     def __len__(self) -> int:
-        return len(self.chips)
+        return -(-len(self.chips) // self.batch_size)
 
-    def __getitem__(self, i: int) -> ChipSample:
-        return self.reader.read(self.chips[i])
+    def __getitem__(self, i: int) -> ChipBatch:
+        chips = self.chips[i * self.batch_size : (i + 1) * self.batch_size]
+        in_worker = torch.utils.data.get_worker_info() is not None
+        samples, keep = [], []
+        if isinstance(self.reader, ChipReader):
+            size = self.reader.plan.chip_size
+            x = torch.empty((len(chips), len(self.reader.bands), size, size), dtype=torch.float32)
+            if in_worker:
+                x.share_memory_()  # allocated in shared memory: sent to the main process as is
+            arr = x.numpy()
+            for c in chips:
+                s = self.reader.read(c, out=arr[len(keep)])
+                if not s.empty:
+                    keep.append(len(samples))
+                samples.append(s)
+            return ChipBatch(samples, x[: len(keep)], keep)
+        # any other reader (``plan`` and ``read(chip) -> ChipSample``), e.g. two dates stacked
+        samples = [self.reader.read(c) for c in chips]
+        keep = [j for j, s in enumerate(samples) if not s.empty]
+        shape = samples[0].x.shape
+        x = torch.empty((len(keep), *shape), dtype=torch.float32)
+        if in_worker:
+            x.share_memory_()
+        for k, j in enumerate(keep):
+            x[k] = torch.from_numpy(samples[j].x)
+        for s in samples:  # the pixels travel in ``x``
+            s.x = None
+        return ChipBatch(samples, x, keep)
+
+
+def identity_collate(batch):
+    return batch
 
 
 @dataclass
@@ -128,14 +173,3 @@ class ChipBatch:
         """Called by the DataLoader (``pin_memory=True`` on CUDA) for faster host-to-GPU copies."""
         self.x = self.x.pin_memory()
         return self
-
-
-def collate_chips(samples: list[ChipSample]) -> ChipBatch:
-    keep = [i for i, s in enumerate(samples) if not s.empty]
-    if keep:
-        x = torch.from_numpy(np.stack([samples[i].x for i in keep]))
-    else:
-        x = torch.empty((0, *samples[0].x.shape), dtype=torch.float32)
-    for s in samples:  # the pixels travel in ``x``; keep the samples light
-        s.x = None
-    return ChipBatch(samples, x, keep)

@@ -39,7 +39,7 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader
 
-from deo_cli.infer.chips import ChipBatch, ChipDataset, ChipReader, collate_chips
+from deo_cli.infer.chips import ChipBatch, ChipBatchDataset, ChipReader, identity_collate
 from deo_cli.infer.tiling import RowStitcher, round_up
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.runtime import autocast
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: GDAL block cache of each reading process (bytes): enough for the source tiles neighbouring
 #: chips of a row share, small enough that memory does not grow with the scene's width.
-READ_CACHE_BYTES = 32 * 1024 * 1024
+READ_CACHE_BYTES = 16 * 1024 * 1024
 #: Added to the niceness of reading workers (see :func:`_worker_init`).
 WORKER_NICENESS = 10
 
@@ -193,11 +193,11 @@ def make_loader(
     if num_workers > 0:
         kwargs = {"prefetch_factor": max(1, prefetch), "worker_init_fn": _worker_init}
     return DataLoader(
-        ChipDataset(reader, chips),
-        batch_size=batch_size,
+        ChipBatchDataset(reader, chips, batch_size),
+        batch_size=None,  # items are whole batches
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_chips,
+        collate_fn=identity_collate,
         pin_memory=device.type == "cuda",
         **kwargs,
     )

@@ -418,13 +418,26 @@ def _vrt(parts: Sequence[Path], grid: Grid, layout: RasterLayout, overviews: Seq
         lines += [f'    <MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in tags.items()]
         lines.append("  </Metadata>")
     offsets = []
-    for p in parts:
+    colormaps: dict[int, dict] = {}
+    for i, p in enumerate(parts):
         with rasterio.open(p) as ds:
             row = round((ds.transform.f - t.f) / t.e) if t.e else 0
             offsets.append((p, row, ds.height))
+            if i == 0:  # a colour table set on the (first) source travels to the COG
+                for b in ds.indexes:
+                    with contextlib.suppress(ValueError):
+                        colormaps[b] = ds.colormap(b)
     nodata = layout.stored_nodata
     for b in range(1, layout.count + 1):
         lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">')
+        if b in colormaps:
+            cmap = colormaps[b]
+            lines.append("    <ColorInterp>Palette</ColorInterp>")
+            lines.append("    <ColorTable>")
+            for v in range(max(cmap) + 1):
+                c = tuple(cmap.get(v, (0, 0, 0, 0))) + (255,) * 4
+                lines.append(f'      <Entry c1="{c[0]}" c2="{c[1]}" c3="{c[2]}" c4="{c[3]}"/>')
+            lines.append("    </ColorTable>")
         if b - 1 < len(layout.descriptions):
             lines.append(f"    <Description>{escape(layout.descriptions[b - 1])}</Description>")
         if nodata is not None:
