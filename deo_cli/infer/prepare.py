@@ -77,14 +77,16 @@ def _has_overviews(scene) -> bool:
 def sample_pixels(scene, bands, max_pixels: int = STATS_PIXELS, windows: int = 8):
     """About ``max_pixels`` pixels of ``bands`` for statistics, as a (bands, rows, cols) sample.
 
-    Small scenes and scenes with overviews: the whole scene decimated
-    (:meth:`~deo_cli.io.raster.Scene.overview`). Large scenes without overviews: a regular
-    ``windows`` x ``windows`` grid of small windows, so only the tiles under them are decoded
-    (a decimated read would decode every tile of the file).
+    Scenes of at most ``max_pixels``: every pixel. Larger scenes with overviews: the scene
+    decimated (:meth:`~deo_cli.io.raster.Scene.overview`). Larger scenes without overviews: a
+    regular ``windows`` x ``windows`` grid of small windows, so only the tiles under them are
+    decoded (a decimated read would decode every tile of the file, once per band).
     """
     from rasterio.windows import Window
 
-    if scene.width * scene.height <= 4 * max_pixels or _has_overviews(scene):
+    if scene.width * scene.height <= max_pixels:
+        return scene.read(bands)  # small: every pixel, in one read
+    if _has_overviews(scene):
         return scene.overview(bands, max_pixels=max_pixels)
     side = max(8, int(np.sqrt(max_pixels / windows**2)))
     side_y, side_x = min(side, scene.height), min(side, scene.width)
