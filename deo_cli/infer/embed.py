@@ -857,6 +857,10 @@ def run_embed(
     preview = Path(preview) if preview is not None else None
     if not sources:
         raise UsageError("no scene given", "pass one or more scenes")
+    if recipe.gpus > 1 and output_format(output, recipe.output.pool, recipe.output.format) == "zarr":
+        raise UsageError(
+            "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
+        )
     if recipe.gpus > 1 and model is None:
         return run_ranks(
             recipe.gpus,

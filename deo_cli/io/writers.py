@@ -805,7 +805,15 @@ class ZarrWriter:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        _write_json(self.progress_file, {"fingerprint": self.fingerprint, "rows_done": self.rows_done})
+        q = self.layout.quantization
+        _write_json(
+            self.progress_file,
+            {
+                "fingerprint": self.fingerprint,
+                "rows_done": self.rows_done,
+                "quantization": q.to_dict() if q is not None else None,
+            },
+        )
 
     def write_rows(self, row0: int, data: np.ndarray) -> None:
         if row0 != self.rows_done:
