@@ -27,9 +27,9 @@ class _Source:
         self.path = Path(path)
         self.zarr = self.path.suffix.lower() == ".zarr"
         if self.zarr:
-            import zarr
+            from deo_cli.io.writers import import_zarr
 
-            arr = zarr.open_group(str(self.path), mode="r")["embedding"]
+            arr = import_zarr().open_group(str(self.path), mode="r")["embedding"]
             self.arr = arr
             self.count, self.height, self.width = arr.shape
             attrs = dict(arr.attrs)

@@ -52,7 +52,7 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
-from deo_cli.errors import OutputExistsError
+from deo_cli.errors import OutputExistsError, UsageError
 from deo_cli.io.atomic import check_output, commit, temp_path_for
 from deo_cli.io.grid import Grid
 
@@ -689,6 +689,18 @@ ZARR_CONVENTIONS = {
 }
 
 
+def import_zarr():
+    """zarr (v3) or a one-line error: it is installed with deo on Python 3.11+."""
+    try:
+        import zarr
+    except ImportError as e:
+        raise UsageError(
+            "--format zarr needs the zarr package (v3, Python 3.11+): pip install 'zarr>=3', "
+            "or write a COG (--format cog)"
+        ) from e
+    return zarr
+
+
 def geo_attributes(grid: Grid) -> dict:
     """``proj:`` and ``spatial:`` attributes for a (y, x) grid."""
     attrs: dict = {
@@ -730,7 +742,7 @@ class ZarrWriter:
         resume: bool = False,
         overwrite: bool = False,
     ):
-        import zarr
+        zarr = import_zarr()
 
         self.path = check_output(path, overwrite)
         self.tmp, _ = partial_paths(self.path)
@@ -829,7 +841,7 @@ class ZarrWriter:
     def finish(self) -> Path:
         if self.rows_done < self.grid.height:
             raise RuntimeError(f"{self.path.name}: only {self.rows_done} of {self.grid.height} rows written")
-        import zarr
+        zarr = import_zarr()
 
         _remove(self.progress_file)
         with warnings.catch_warnings():  # "not part of the v3 spec yet": xarray reads it, others ignore it
