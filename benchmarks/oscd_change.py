@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--augment", default="none", choices=["none", "flips"], help="none: head inputs cached once"
     )
+    p.add_argument("--fusion", default="diff", choices=["diff", "concat"])
     p.add_argument(
         "--zero-shot",
         default="default:embedding,0:input",
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
             f"lr={args.lr}",
             f"warmup_epochs={args.warmup_epochs}",
             f"augment={args.augment}",
+            f"fusion={args.fusion}",
         ],
     )
     trained = run_change_train(train_recipe, work / "change_head", overwrite=True)
@@ -218,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
             "warmup_epochs": args.warmup_epochs,
             "batch_size": args.batch_size,
             "seed": args.seed,
-            "fusion": "diff",
+            "fusion": args.fusion,
             "encoder": "frozen",
             "augment": args.augment,
         },
@@ -257,9 +259,12 @@ def run_many(args: argparse.Namespace) -> dict:
             "iou": tp / (tp + fp + fn),
             "mean_f1": float(np.mean([r["rows"][k]["f1"] for r in runs])),
         }
+    first = [r["rows"][0] for r in runs]
+    p = sum(x["tp"] + x["fn"] for x in first) / sum(x["valid_pixels"] for x in first)
     return {
         "benchmark": "oscd_change",
         "protocol": "leave-one-city-out",
+        "trivial_f1_pooled": 2 * p / (1 + p),
         "runs": runs,
         "pooled": pooled,
         "trivial_f1_mean": float(np.mean([r["trivial_f1"] for r in runs])),
