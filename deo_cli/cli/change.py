@@ -214,7 +214,7 @@ def train_cmd(
     fusion: Annotated[
         str | None,
         typer.Option(
-            "--fusion", help="diff (|f1 - f2|, default) or concat ([f1, f2]).", rich_help_panel=opt.MODEL
+            "--fusion", help="diff (|f1 - f2|, default) or concat (both dates stacked).", rich_help_panel=opt.MODEL
         ),
     ] = None,
     class_weights: Annotated[
