@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import default_group, load_recipe, stdout_console
+from deo_cli.cli.common import default_group, load_recipe, runtime_flags, stdout_console
 
 app = typer.Typer(
     cls=default_group("run"),
@@ -126,10 +126,7 @@ def run_cmd(
             "limit": limit,
             "model.name": model,
             "model.weights": weights,
-            "runtime.device": device,
-            "runtime.precision": precision,
-            "runtime.batch_size": batch_size,
-            "runtime.num_workers": num_workers,
+            **runtime_flags(device, precision, batch_size, num_workers),
         },
         "bench",
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import default_group, load_recipe, stdout_console
+from deo_cli.cli.common import default_group, input_flags, load_recipe, runtime_flags, stdout_console
 
 app = typer.Typer(
     cls=default_group("run"),
@@ -143,10 +143,7 @@ def run_cmd(
             "model.name": model,
             "model.weights": weights if head is None else None,
             "layer": layer,
-            "input.band_names": band_names,
-            "input.nodata": nodata,
-            "input.allow_no_crs": allow_no_crs or None,
-            "input.unit": unit,
+            **input_flags(band_names, nodata, allow_no_crs, unit),
             "output_grid": "input" if full_resolution else None,
             "simplify": simplify,
             "tiling.chip_size": chip_size,
@@ -154,10 +151,7 @@ def run_cmd(
             "threshold": threshold,
             "percentile": percentile,
             "min_area": min_area,
-            "runtime.device": device,
-            "runtime.precision": precision,
-            "runtime.batch_size": batch_size,
-            "runtime.num_workers": num_workers,
+            **runtime_flags(device, precision, batch_size, num_workers),
         },
         "detect-change",
     )
@@ -214,7 +208,9 @@ def train_cmd(
     fusion: Annotated[
         str | None,
         typer.Option(
-            "--fusion", help="diff (|f1 - f2|, default) or concat (both dates stacked).", rich_help_panel=opt.MODEL
+            "--fusion",
+            help="diff (|f1 - f2|, default) or concat (both dates stacked).",
+            rich_help_panel=opt.MODEL,
         ),
     ] = None,
     class_weights: Annotated[
@@ -282,11 +278,7 @@ def train_cmd(
             "input.unit": unit,
             "finetune": finetune or None,
             "epochs": epochs,
-            "runtime.device": device,
-            "runtime.precision": precision,
-            "runtime.batch_size": batch_size,
-            "runtime.num_workers": num_workers,
-            "runtime.seed": seed,
+            **runtime_flags(device, precision, batch_size, num_workers, seed),
         },
         "detect-change",
     )

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from deo_cli.errors import DeoError, NotBuiltError
+from deo_cli.errors import DeoError
 
 STATE = {"verbose": 0, "quiet": False}
 
@@ -97,14 +97,6 @@ def default_group(default: str) -> type[TyperGroup]:
     return DefaultGroup
 
 
-def not_built(what: str, issue: int) -> NotBuiltError:
-    """The error a command raises while its core is not built (never pretend to work)."""
-    return NotBuiltError(
-        f"{what} is not built yet in this version of deo",
-        f"it is tracked as issue {issue}; see CHANGELOG.md for what works today",
-    )
-
-
 def load_recipe(schema, recipe, sets, flags: dict, command: str):
     """Resolve a command's recipe: defaults < --recipe file < --set < explicit flags."""
     from deo_cli.recipes import build_recipe
@@ -122,3 +114,39 @@ def exit_code_for(errors: int) -> None:
     """Non-zero exit when some inputs failed while others succeeded (partial failure)."""
     if errors:
         raise typer.Exit(1)
+
+
+def input_flags(band_names, nodata, allow_no_crs, unit) -> dict:
+    """The recipe keys of the shared Input options (``None`` leaves the recipe's value)."""
+    return {
+        "input.band_names": band_names,
+        "input.nodata": nodata,
+        "input.allow_no_crs": allow_no_crs or None,
+        "input.unit": unit,
+    }
+
+
+def runtime_flags(device, precision, batch_size, num_workers, seed=None) -> dict:
+    """The recipe keys of the shared Runtime options."""
+    return {
+        "runtime.device": device,
+        "runtime.precision": precision,
+        "runtime.batch_size": batch_size,
+        "runtime.num_workers": num_workers,
+        "runtime.seed": seed,
+    }
+
+
+def report_scenes(results, summary_line) -> None:
+    """One summary line per written scene, one error line per failed one; exit 1 if any failed."""
+    console = stdout_console()
+    failed = 0
+    for r in results:
+        if r.error is not None:
+            failed += 1
+            typer.echo(f"error: {r.source}: {r.error.one_line()}", err=True)
+        else:
+            console.print(summary_line(r))
+    if failed and len(results) > 1:
+        stderr_console().print(f"{len(results) - failed} of {len(results)} scenes written, {failed} failed")
+    exit_code_for(failed)

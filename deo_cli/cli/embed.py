@@ -13,7 +13,12 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import exit_code_for, load_recipe, stderr_console, stdout_console
+from deo_cli.cli.common import (
+    input_flags,
+    load_recipe,
+    report_scenes,
+    runtime_flags,
+)
 
 
 def embed_cmd(
@@ -86,18 +91,12 @@ def embed_cmd(
             "model.name": model,
             "model.weights": weights,
             "layer": layer,
-            "input.band_names": band_names,
-            "input.nodata": nodata,
-            "input.allow_no_crs": allow_no_crs or None,
-            "input.unit": unit,
+            **input_flags(band_names, nodata, allow_no_crs, unit),
             "tiling.chip_size": chip_size,
             "tiling.overlap": overlap,
             "output.pool": pool,
             "output.dtype": dtype,
-            "runtime.device": device,
-            "runtime.precision": precision,
-            "runtime.batch_size": batch_size,
-            "runtime.num_workers": num_workers,
+            **runtime_flags(device, precision, batch_size, num_workers),
             "gpus": gpus,
         },
         "embed",
@@ -111,14 +110,4 @@ def embed_cmd(
         preview=preview,
         progress=RichProgress("chips"),
     )
-    console = stdout_console()
-    failed = 0
-    for r in results:
-        if r.error is not None:
-            failed += 1
-            typer.echo(f"error: {r.source}: {r.error.one_line()}", err=True)
-        else:
-            console.print(summary_line(r))
-    if failed and len(results) > 1:
-        stderr_console().print(f"{len(results) - failed} of {len(results)} scenes written, {failed} failed")
-    exit_code_for(failed)
+    report_scenes(results, summary_line)

@@ -55,7 +55,9 @@ class RichProgress:
         if self._progress is None:
             return
         if metrics:
-            text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            text = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+            )
             self._progress.update(self._task, advance=n, metrics=text)
         else:
             self._progress.update(self._task, advance=n)

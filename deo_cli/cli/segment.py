@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import exit_code_for, load_recipe, stdout_console
+from deo_cli.cli.common import (
+    input_flags,
+    load_recipe,
+    report_scenes,
+    runtime_flags,
+    stdout_console,
+)
 from deo_cli.errors import UsageError
 
 app = typer.Typer(
@@ -127,10 +133,7 @@ def train_cmd(
             "model.weights": weights,
             "head": head,
             "head_channels": head_channels,
-            "input.band_names": band_names,
-            "input.nodata": nodata,
-            "input.allow_no_crs": allow_no_crs or None,
-            "input.unit": unit,
+            **input_flags(band_names, nodata, allow_no_crs, unit),
             "data.images": images,
             "data.labels": labels,
             "data.pairs": str(pairs) if pairs is not None else None,
@@ -142,11 +145,7 @@ def train_cmd(
             "chip_size": chip_size,
             "epochs": epochs,
             "ignore_index": ignore_index,
-            "runtime.device": device,
-            "runtime.precision": precision,
-            "runtime.batch_size": batch_size,
-            "runtime.num_workers": num_workers,
-            "runtime.seed": seed,
+            **runtime_flags(device, precision, batch_size, num_workers, seed),
         },
         "segment",
     )
@@ -228,16 +227,10 @@ def predict_cmd(
         recipe,
         set_,
         {
-            "input.band_names": band_names,
-            "input.nodata": nodata,
-            "input.allow_no_crs": allow_no_crs or None,
-            "input.unit": unit,
+            **input_flags(band_names, nodata, allow_no_crs, unit),
             "tiling.chip_size": chip_size,
             "tiling.overlap": overlap,
-            "runtime.device": device,
-            "runtime.precision": precision,
-            "runtime.batch_size": batch_size,
-            "runtime.num_workers": num_workers,
+            **runtime_flags(device, precision, batch_size, num_workers),
         },
         "segment",
     )
@@ -252,12 +245,4 @@ def predict_cmd(
         progress=RichProgress("chips"),
         weights=weights,
     )
-    console = stdout_console()
-    failed = 0
-    for r in results:
-        if r.error is not None:
-            failed += 1
-            typer.echo(f"error: {r.source}: {r.error.one_line()}", err=True)
-        else:
-            console.print(summary_line(r))
-    exit_code_for(failed)
+    report_scenes(results, summary_line)
