@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--augment", default="none", choices=["none", "flips"], help="none: head inputs cached once"
     )
     p.add_argument("--fusion", default="diff", choices=["diff", "concat"])
+    p.add_argument("--pixel-channels", type=int, default=32, help="full-resolution |x1 - x2| branch; 0: off")
+    p.add_argument("--finetune", action="store_true", help="train the encoder too (siamese network)")
+    p.add_argument("--class-weights", default=None, help="no change,change (default: the command's)")
+    p.add_argument("--set", action="append", default=[], help="more ChangeTrainRecipe key=value")
     p.add_argument(
         "--zero-shot",
         default="default:embedding,0:input",
@@ -147,6 +151,10 @@ def run(args: argparse.Namespace) -> dict:
             f"warmup_epochs={args.warmup_epochs}",
             f"augment={args.augment}",
             f"fusion={args.fusion}",
+            f"pixel_channels={args.pixel_channels}",
+            f"finetune={args.finetune}",
+            *([f"class_weights={args.class_weights}"] if args.class_weights else []),
+            *args.set,
         ],
     )
     trained = run_change_train(train_recipe, work / "change_head", overwrite=True)
@@ -157,6 +165,13 @@ def run(args: argparse.Namespace) -> dict:
         str(test.before), str(test.after), work / "supervised.tif", predict, head=trained.head, overwrite=True
     )
     sup = score_mask(res.mask, label)
+    with rasterio.open(res.output) as ds:  # the same scores at other thresholds (diagnostic)
+        score = ds.read(1)
+    ok, t = np.isfinite(score), label.astype(bool)
+    sup["f1_at"] = {}
+    for thr in (0.3, 0.4, 0.5, 0.6, 0.7):
+        pred = (score > thr) & ok
+        sup["f1_at"][str(thr)] = float(2 * (pred & t).sum() / (pred.sum() + (t & ok).sum()))
     rows.append(
         {
             "mode": "supervised",
@@ -221,7 +236,10 @@ def run(args: argparse.Namespace) -> dict:
             "batch_size": args.batch_size,
             "seed": args.seed,
             "fusion": args.fusion,
-            "encoder": "frozen",
+            "pixel_channels": args.pixel_channels,
+            "class_weights": trained.metrics["class_weights"],
+            "extra": list(args.set),
+            "encoder": "fine-tuned" if args.finetune else "frozen",
             "augment": args.augment,
         },
         "trivial_f1": rows[0]["trivial_f1"],

@@ -615,6 +615,9 @@ class ChangeTrainRecipe:
     fusion: Literal["diff", "concat"] = "diff"
     #: Cross-entropy weights (no change, change); empty: (1, sqrt(no-change / change pixels)).
     class_weights: list[float] = field(default_factory=list)
+    #: Channels of the full-resolution branch on the two dates' per-pixel ``|x1 - x2|`` that
+    #: refines the head's logits (:class:`deo_cli.infer.change.PixelDiffHead`); 0: off.
+    pixel_channels: int = 32
     warmup_epochs: float = 5
     min_lr: float = 1e-6
     weight_decay: float = 0.01
@@ -627,6 +630,8 @@ class ChangeTrainRecipe:
     def __post_init__(self):
         if self.epochs < 1 or self.head_channels < 1:
             raise ValueError("epochs and head_channels must be >= 1")
+        if self.pixel_channels < 0:
+            raise ValueError("pixel_channels must be >= 0 (0: off)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be within (0, 1)")
 
