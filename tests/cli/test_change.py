@@ -8,24 +8,11 @@ import rasterio
 from affine import Affine
 from typer.testing import CliRunner
 
-from deo_cli.cli.app import app
+from tests.cli.helpers import assert_one_line_error, run
 from tests.infer.helpers import S2_BANDS, assert_valid_cog, smooth_scene
 
 runner = CliRunner()
 FAST = ["--model", "deo_swin_test", "--weights", "random", "--num-workers", "0", "--device", "cpu"]
-
-
-def run(args):
-    result = runner.invoke(app, args)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    return result, lines
-
-
-def assert_one_line_error(result, lines, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _pair(make_raster, shift=0.0, crs="EPSG:32633"):

@@ -10,27 +10,13 @@ import rasterio
 from affine import Affine
 from typer.testing import CliRunner
 
-from deo_cli.cli.app import app
+from tests.cli.helpers import assert_one_line_error, run
 from tests.infer.helpers import S2_BANDS, assert_valid_cog, smooth_scene
 
 needs_zarr = pytest.mark.skipif(importlib.util.find_spec("zarr") is None, reason="zarr 3 needs Python 3.11+")
 
 runner = CliRunner()
 FAST = ["--model", "deo_swin_test", "--weights", "random", "--num-workers", "0"]
-
-
-def run(args):
-    result = runner.invoke(app, args)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    return result, lines
-
-
-def assert_one_line_error(result, lines, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def reference_grid(folder: Path):

@@ -5,22 +5,9 @@ import pytest
 from typer.testing import CliRunner
 
 from deo_cli.cli.app import app
+from tests.cli.helpers import assert_one_line_error, run
 
 runner = CliRunner()
-
-
-def run(args):
-    result = runner.invoke(app, args)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    return result, lines
-
-
-def assert_one_line_error(result, lines, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture
