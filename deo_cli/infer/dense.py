@@ -19,18 +19,15 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
 from torch import nn
 
 from deo_cli.errors import UsageError
 from deo_cli.infer.tiling import TilePlan, round_up
-from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
-from deo_cli.io.writers import RasterLayout, TiledWriter, finish_cog, partial_paths
+from deo_cli.io.writers import RasterLayout, StreamingRasterWriter
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +87,11 @@ def gdal_tags(meta: Mapping) -> dict[str, str]:
     return out
 
 
-class CogSink:
+class CogSink(StreamingRasterWriter):
     """Rows into a COG at ``path``; ``finish()`` writes it (with ``colormap`` on band 1).
 
     Checks ``path`` (exists without ``overwrite`` -> :class:`OutputExistsError`) on creation.
-    ``abort()`` removes the temporary file.
+    ``abort()`` removes the temporary file (class maps and change scores do not resume).
     """
 
     def __init__(
@@ -106,37 +103,11 @@ class CogSink:
         colormap: Mapping[int, tuple] | None = None,
         overwrite: bool = False,
     ):
-        self.path = check_output(path, overwrite)
-        self.grid = grid
-        self.layout = layout
-        self.block_rows = block_rows
-        self.colormap = dict(colormap) if colormap else None
-        tmp, _ = partial_paths(self.path)
-        self._writer = TiledWriter(tmp, grid, layout, block_rows)
+        super().__init__(path, grid, layout, block_rows, overwrite=overwrite, colormap=colormap)
 
-    @property
-    def rows_done(self) -> int:
-        return self._writer.rows_done
-
-    def write_rows(self, row0: int, data: np.ndarray) -> None:
-        self._writer.write_rows(row0, data)
-
-    def finish(self) -> Path:
-        self._writer.close()
-        if not self._writer.complete:
-            raise RuntimeError(
-                f"{self.path.name}: only {self._writer.rows_done} of {self.grid.height} rows written"
-            )
-        if self.colormap:
-            with rasterio.open(self._writer.path, "r+") as ds:
-                ds.write_colormap(1, self.colormap)
-        out = finish_cog([self._writer.path], self.path, self.grid, self.layout, overwrite=True)
-        self._writer.discard()
-        return out
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._writer.discard()
+    def abort(self, keep: bool = False) -> None:
+        with contextlib.suppress(Exception):  # never hide the error that made the caller abort
+            super().abort(keep=keep)
 
 
 class ArraySink:

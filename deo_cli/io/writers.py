@@ -612,7 +612,7 @@ class StreamingRasterWriter:
     """Stream row blocks into a COG at ``path``: :class:`TiledWriter`, then :func:`finish_cog`.
 
     ``write_rows(row0, data)`` as for :class:`TiledWriter`; ``finish()`` returns the COG path
-    (call it once every row is in); ``abort()`` after a failure keeps the temporary file and its
+    (call it once every row is in; ``colormap`` becomes band 1's colour table); ``abort()`` after a failure keeps the temporary file and its
     sidecar for ``resume`` (or removes them with ``keep=False``).
     """
 
@@ -625,6 +625,7 @@ class StreamingRasterWriter:
         fingerprint: str = "",
         resume: bool = False,
         overwrite: bool = False,
+        colormap: Mapping[int, tuple] | None = None,
     ):
         self.path = check_output(path, overwrite)
         self.overwrite = overwrite
@@ -632,6 +633,7 @@ class StreamingRasterWriter:
         self.grid = grid
         self.layout = layout
         self.block_rows = block_rows
+        self.colormap = dict(colormap) if colormap else None
         self._writer = TiledWriter(tmp, grid, layout, block_rows, fingerprint=fingerprint, resume=resume)
 
     @property
@@ -647,6 +649,9 @@ class StreamingRasterWriter:
             raise RuntimeError(
                 f"{self.path.name}: only {self._writer.rows_done} of {self.grid.height} rows written"
             )
+        if self.colormap:  # band 1's colour table, carried into the COG and its overviews
+            with rasterio.open(self._writer.path, "r+") as ds:
+                ds.write_colormap(1, self.colormap)
         out = finish_cog([self._writer.path], self.path, self.grid, self.layout, overwrite=True)
         self._writer.discard()
         return out
