@@ -89,11 +89,15 @@ def write_preview(
     path: str | os.PathLike,
     png: str | os.PathLike,
     max_size: int = 1024,
+    min_size: int = 256,
     sample: int = 20000,
     seed: int = 0,
     overwrite: bool = True,
 ) -> Path:
-    """Write the PCA-to-RGB PNG of the embedding at ``path`` (a COG or ``.zarr``) to ``png``."""
+    """Write the PCA-to-RGB PNG of the embedding at ``path`` (a COG or ``.zarr``) to ``png``.
+
+    An embedding smaller than ``min_size`` on its longest side (a small scene at stride 16) is
+    enlarged by a whole factor with square pixels, so each feature pixel stays visible."""
     from PIL import Image
 
     src = _Source(Path(path))
@@ -126,6 +130,9 @@ def write_preview(
                 rgba[r0 : r0 + k, :, 3] = np.where(ok, 255, 0).reshape(k, out_w)
     finally:
         src.close()
+    up = max(1, min_size // max(out_h, out_w))
+    if up > 1:
+        rgba = np.repeat(np.repeat(rgba, up, axis=0), up, axis=1)
     with atomic_output(png, overwrite=overwrite) as tmp:
         Image.fromarray(rgba, mode="RGBA").save(tmp, format="PNG")
     return Path(png)

@@ -78,10 +78,14 @@ def test_preview_is_rgba_with_transparent_nodata(tmp_path):
     w.finish()
     from PIL import Image
 
-    png = write_preview(tmp_path / "e.tif", tmp_path / "p.png")
+    png = write_preview(tmp_path / "e.tif", tmp_path / "p.png", min_size=1)
     img = np.asarray(Image.open(png))
     assert img.shape == (20, 30, 4)
     assert (img[:5, :7, 3] == 0).all() and (img[5:, 7:, 3] == 255).all()
     assert img[5:, 7:, :3].std() > 10  # colours vary
+    # a small embedding is enlarged by a whole factor (256 // 30 = 8), each pixel a square
+    big = np.asarray(Image.open(write_preview(tmp_path / "e.tif", tmp_path / "big.png")))
+    assert big.shape == (160, 240, 4)
+    np.testing.assert_array_equal(big[::8, ::8], img)
     with rasterio.open(tmp_path / "e.tif") as ds:
         assert ds.count == 6
