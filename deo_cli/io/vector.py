@@ -2,7 +2,8 @@
 
 :func:`polygonize` vectorises the ``True`` pixels of a mask (8-connected regions, through
 ``rasterio.features.shapes``) with the grid's transform, so coordinates are in the raster's
-CRS. Each polygon gets an ``id``, its ``area`` (CRS units squared), its ``pixels`` and, given a
+CRS. Each polygon gets an ``id``, its ``area`` (CRS units squared), ``area_m2`` (square metres:
+geodesic on the CRS's ellipsoid for a geographic CRS), its ``pixels`` and, given a
 score raster, the mean and max score over its pixels (regions are rasterised back once to a
 label image, then summed with ``np.bincount``). :func:`write_vectors` writes GeoParquet
 (``.parquet``, the default) or GeoPackage (``.gpkg``) atomically; GeoJSON only in WGS84 (RFC 7946).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import shapely
 from rasterio import features
 from shapely.geometry import shape
 
@@ -56,7 +58,7 @@ def polygonize(
         for g, v in features.shapes(m.astype(np.uint8), mask=m, transform=grid.transform, connectivity=8)
         if v == 1
     ]
-    columns = ["id", "area", "pixels", "score_mean", "score_max"]
+    columns = ["id", "area", "area_m2", "pixels", "score_mean", "score_max"]
     if not geoms:
         return gpd.GeoDataFrame({c: [] for c in columns}, geometry=[], crs=grid.crs)
     labels = features.rasterize(
@@ -91,11 +93,27 @@ def polygonize(
     )
     if simplify > 0:
         gdf["geometry"] = gdf.geometry.simplify(simplify, preserve_topology=True)
-    gdf["area"] = gdf.geometry.area
+    gdf["area"] = shapely.area(np.asarray(gdf.geometry.values))  # CRS units (no geographic warning)
     if min_area > 0:
         gdf = gdf[gdf["area"] >= min_area].reset_index(drop=True)
         gdf["id"] = np.arange(1, len(gdf) + 1, dtype=np.int64)
-    return gdf[["id", "area", "pixels", "score_mean", "score_max", "geometry"]]
+    gdf["area_m2"] = area_m2(gdf.geometry, grid.crs)
+    return gdf[[*columns, "geometry"]]
+
+
+def area_m2(geoms, crs) -> np.ndarray:
+    """Areas in square metres: geodesic (pyproj ``Geod`` on the CRS's ellipsoid) for a geographic
+    CRS, planar area times the squared linear unit otherwise (NaN without a CRS)."""
+    import pyproj
+
+    if crs is None:
+        return np.full(len(geoms), np.nan)
+    c = pyproj.CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    if c.is_geographic:
+        geod = c.get_geod()
+        return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms], dtype=np.float64)
+    factor = c.axis_info[0].unit_conversion_factor if c.axis_info else 1.0
+    return shapely.area(np.asarray(geoms.values)).astype(np.float64) * factor**2
 
 
 def vector_format(path: str | os.PathLike) -> str:

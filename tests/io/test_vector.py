@@ -43,6 +43,18 @@ def test_polygon_count_areas_and_crs():
     # bounds in map coordinates: the rectangle starts 3 px right, 2 px down of the origin
     rect = gdf[gdf["area"] == 2000.0].iloc[0].geometry
     assert rect.bounds == (500030.0, 4999940.0, 500080.0, 4999980.0)
+    np.testing.assert_allclose(gdf["area_m2"], gdf["area"])  # UTM: metres already
+
+
+def test_area_in_square_metres_for_a_geographic_crs():
+    # 0.001 deg pixels at 45 N: about 111.1 km x 78.8 km per degree -> 20 px ~ 1.75e5 m2
+    grid = Grid(CRS.from_epsg(4326), Affine(0.001, 0, 10.0, 0, -0.001, 45.0), 40, 30)
+    gdf = polygonize(_mask(), grid)
+    rect = gdf[gdf["pixels"] == 20].iloc[0]
+    assert rect["area"] == pytest.approx(20e-6)  # degrees squared
+    lat = np.radians(45.0 - 0.004)
+    approx = 20 * (111_132.0 * 0.001) * (111_320.0 * np.cos(lat) * 0.001)
+    assert rect["area_m2"] == pytest.approx(approx, rel=5e-3)
 
 
 def test_min_area_filter_and_valid_mask():
