@@ -87,6 +87,8 @@ def test_frozen_head_then_detect_change_with_it(oscd, tmp_path):
     assert 0 < m["change_fraction_train"] < 0.2 and m["class_weights"][1] > 1
     head = load_head(res.head, "change")
     assert head.head["fusion"] == "diff" and head.head["in_channels"] == [16, 32, 64, 128]
+    assert head.head["pixel_channels"] == 32 and head.head["pixel_bands"] == 10  # |x1 - x2| branch
+    assert any(k.startswith("pixel.") for k in head.head_state)
     assert head.encoder["embedded"] and head.threshold == m["threshold"]
     city = oscd / "images" / "beta"
     out = tmp_path / "c.tif"
