@@ -5,8 +5,9 @@ method.md §3.1, so its 60.4 F1 is not the target here):
 
 1. **supervised**: ``deo detect-change train`` (:func:`deo_cli.infer.change.run_change_train`)
    on every labelled city but the test city (siamese encoder, ``|f1 - f2|`` per level into
-   UPerNet, class weights ``(1, sqrt(no-change / change))``, best validation F1 on 20 % of the
-   training chips, P(change) threshold chosen on those chips);
+   UPerNet, refined at full resolution by the ``[|x1 - x2|, (x1 + x2) / 2]`` branch
+   (``--pixel-channels``, 0: off), class weights ``(1, sqrt(no-change / change))``, best
+   validation F1 on 20 % of the training chips, P(change) threshold chosen on those chips);
 2. **zero-shot**: no training; cosine distance of the two dates' DEO features, Otsu threshold;
 3. both are run on the test city **through the command's own code path**
    (:func:`deo_cli.infer.change.run_detect_change`, which writes the score and mask COGs), and
@@ -19,6 +20,7 @@ Writes one JSON file (``--out``, default ``benchmarks/results/oscd_change.json``
 of both modes and the trivial F1, the weights used and the run time.
 
     python benchmarks/oscd_change.py --model deo_swin_test --weights random --epochs 10
+    python benchmarks/oscd_change.py --test-city all --epochs 20 --head-channels 16 --augment flips
     python benchmarks/oscd_change.py --weights runs/tiny/encoder.pt --test-city bordeaux
 """
 

@@ -29,7 +29,10 @@ overlapping chips are blended with the runner's weights.
 
 **Supervised score** (``--head`` from :func:`run_change_train`, :class:`SiameseChange`): one
 encoder on both dates, per level ``|f1 - f2|`` (or ``[f1, f2]``) into a UPerNet head whose
-logits are upsampled to the chip; blended logits -> softmax -> ``P(change)`` on the input grid.
+logits are upsampled to the chip and, by default, refined at full resolution by a small
+convolutional branch on the normalised input's ``[|x1 - x2|, (x1 + x2) / 2]``
+(:class:`PixelDiffHead`, ``pixel_channels``; changes are often a few pixels, finer than any
+encoder level); blended logits -> softmax -> ``P(change)`` on the input grid.
 
 **Threshold** (:mod:`deo_cli.infer.threshold`): Otsu on the valid scores (zero-shot default),
 ``--threshold`` or ``--percentile``; with a head, the threshold chosen on its validation chips
