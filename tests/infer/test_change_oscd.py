@@ -3,8 +3,10 @@
 Supervised: trained on bercy, bordeaux and aguasclaras, scored on paris (0.29 % change, so the
 trivial "everything changed" F1 is 0.0057) through ``run_detect_change`` with the trained head.
 Settings chosen for speed *and* a wide margin: frozen tiny encoder, no augmentation (the head's
-inputs are computed once), 12 epochs at lr 3e-3, change weighted by sqrt(no-change / change).
-Measured here: F1 0.059 and 0.063 (10x the trivial F1) at seeds 0 and 1.
+inputs are computed once), 12 epochs at lr 3e-3, change weighted by sqrt(no-change / change),
+the command's default full-resolution pixel-difference branch. Measured here: F1 0.073 and
+0.119 (13x and 21x the trivial F1) at seeds 0 and 1, 35 s on one thread. One torch thread: on a
+2-core machine shared with other work, two threads took ten times as long.
 """
 
 import importlib.util
@@ -27,7 +29,7 @@ def _bench():
 @pytest.mark.slow
 def test_oscd_both_modes_beat_the_trivial_f1(shared_data, tmp_path):
     n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+    torch.set_num_threads(1)
     try:
         out = tmp_path / "oscd.json"
         _bench().main(
@@ -54,7 +56,7 @@ def test_oscd_both_modes_beat_the_trivial_f1(shared_data, tmp_path):
         assert {"f1", "iou", "precision", "recall", "threshold", "trivial_f1"} <= set(r)
         assert 0.0 <= r["iou"] <= r["f1"] <= 1.0
         assert r["valid_pixels"] == 408 * 390  # scored on paris's whole 10 m grid
-    assert rows["supervised"]["f1"] > 2 * trivial
+    assert rows["supervised"]["f1"] > 5 * trivial
     assert rows["supervised"]["threshold_method"] == "head"
     assert rows["zero-shot"]["threshold_method"] == "otsu"
     # the supervised run left its head and the rasters the command wrote
