@@ -209,7 +209,7 @@ def test_zarr_output_and_preview(make_raster, tmp_path):
         assert attrs["spatial:transform"] == list(src.transform * Affine.scale(16))[:6]
     assert (out / "recipe.yaml").exists()
     img = Image.open(png)
-    assert img.mode == "RGBA" and img.size == (5, 6)
+    assert img.mode == "RGBA" and img.size == (5 * 42, 6 * 42)  # 5 x 6 px enlarged by 256 // 6
 
 
 def test_dtypes_int8_and_float16(make_raster, tmp_path):
