@@ -1,0 +1,291 @@
+"""OSCD change detection with a tiny encoder pretrained by ``deo pretrain`` on the training cities.
+
+The random-weights run (``benchmarks/results/oscd_change.json``) shows that zero-shot change from
+random deep features is noise. Here, for each held-out city:
+
+1. a CSV manifest lists both dates (``imgs_1``, ``imgs_2``) of the **other** cities only, as
+   unlabeled imagery (the test city's pixels are never seen, not even unlabeled);
+2. ``deo pretrain --recipe tiny_cpu`` (deo_swin_test, random DINOv3-tiny optical teacher, 64 px
+   windows) trains on it for ``--epochs`` epochs of ``--windows-per-scene`` windows per scene, and
+   ``deo pretrain export`` writes the EMA teacher's encoder;
+3. :mod:`oscd_change` runs both modes on the held-out city with ``--weights`` = that encoder, with
+   the settings of the committed random-weights run (20 epochs, UPerNet 16 ch, flips, one thread);
+4. optional multi-level zero-shot settings (``--zero-shot-multi 0+1+2:input``) are scored too,
+   through the same ``run_detect_change`` path.
+
+Rows are pooled over the test cities as in ``oscd_change.py --test-city all`` and written with
+each city's pretraining summary (steps, first/last loss, seconds, encoder SHA-256) to ``--out``.
+
+``--pretrain-without CITY`` pretrains once (without CITY) for every test city instead (faster; then
+the other test cities' images were seen, unlabeled). ``--reuse`` keeps encoders and per-city
+results already in ``--work``, so cities can be run in several calls and pooled by a last one.
+
+    python benchmarks/oscd_pretrain_tiny.py --epochs 12 --windows-per-scene 32   # 288 steps a city
+    python benchmarks/oscd_pretrain_tiny.py --test-city all --reuse               # pool earlier calls
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import oscd_change  # noqa: E402  (the benchmark beside this file)
+
+log = logging.getLogger("oscd_pretrain_tiny")
+
+#: The committed random-weights run's settings (benchmarks/results/oscd_change.json "settings").
+BENCH_ARGS = [
+    "--epochs", "20", "--chip-size", "64", "--head", "upernet", "--head-channels", "16",
+    "--lr", "0.001", "--warmup-epochs", "1.0", "--batch-size", "8", "--seed", "0",
+    "--fusion", "diff", "--pixel-channels", "32", "--augment", "flips", "--threads", "1",
+]  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(oscd_change.DEFAULT_DATA), help="OSCD-format folder")
+    p.add_argument("--test-city", default="all", help="a city, a comma-separated list, or all")
+    p.add_argument("--recipe", default="tiny_cpu", help="deo pretrain recipe")
+    p.add_argument("--epochs", type=int, default=12, help="pretraining epochs")
+    p.add_argument("--windows-per-scene", type=int, default=32, help="64 px windows per scene per epoch")
+    p.add_argument("--pretrain-seed", type=int, default=0)
+    p.add_argument(
+        "--pretrain-without",
+        default=None,
+        help="one pretraining, without this city's images, for every test city (default: one per test city)",
+    )
+    p.add_argument("--set", action="append", default=[], help="more deo pretrain --set key=value")
+    p.add_argument(
+        "--zero-shot",
+        default="default:embedding,0:input,default:input,1:embedding,1:input,last:embedding",
+        help="single-level zero-shot settings for oscd_change.py (LAYER:GRID, comma-separated)",
+    )
+    p.add_argument(
+        "--zero-shot-multi",
+        default="0+1+2:input,0+1+2:embedding,1+2:embedding",
+        help="multi-level zero-shot settings (levels joined by +, distances averaged), comma-separated",
+    )
+    p.add_argument("--work", default="runs/oscd_pretrain_tiny", help="run folders and encoders")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse encoders and per-city results already in --work"
+    )
+    p.add_argument("--out", default=str(HERE / "results" / "oscd_change_pretrained.json"))
+    return p.parse_args(argv)
+
+
+def pretrain(args, test: str, train_cities, work: Path, reuse: bool) -> dict:
+    """Pretrain on ``train_cities``' images (both dates) and export; the run's summary."""
+    enc = work / "encoder.pt"
+    run_dir = work / "run"
+    if not (reuse and enc.is_file()):
+        work.mkdir(parents=True, exist_ok=True)
+        manifest = work / "manifest.csv"
+        with manifest.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["ms_path"])
+            for c in train_cities:
+                w.writerow([str(Path(c.before).resolve())])
+                w.writerow([str(Path(c.after).resolve())])
+        cmd = [
+            "deo", "pretrain", "--recipe", args.recipe, "--data", str(manifest), "--out", str(run_dir),
+            "--epochs", str(args.epochs), "--seed", str(args.pretrain_seed), "--overwrite",
+            "--set", f"data.windows_per_scene={args.windows_per_scene}",
+            *[x for s in args.set for x in ("--set", s)],
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        with (work / "pretrain.log").open("w") as fh:
+            subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - t0
+        subprocess.run(["deo", "pretrain", "export", str(run_dir), "-o", str(enc), "--overwrite"], check=True)
+        (work / "pretrain_seconds.txt").write_text(f"{seconds:.1f}\n")
+    seconds = float((work / "pretrain_seconds.txt").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r for r in rows if "loss" in r]
+    losses = np.array([float(r["loss"]) for r in steps])
+    k = max(1, len(losses) // 10)
+    from deo_cli.models import file_sha256
+
+    return {
+        "held_out_city": test,
+        "pretrain_cities": [c.name for c in train_cities],
+        "recipe": args.recipe,
+        "epochs": args.epochs,
+        "windows_per_scene": args.windows_per_scene,
+        "seed": args.pretrain_seed,
+        "extra": list(args.set),
+        "steps": int(steps[-1]["step"]) if steps else 0,
+        "loss_first": float(losses[0]),
+        "loss_last": float(losses[-1]),
+        "loss_first_10pct_mean": float(losses[:k].mean()),
+        "loss_last_10pct_mean": float(losses[-k:].mean()),
+        "seconds": round(seconds, 1),
+        "encoder_sha256": file_sha256(enc),
+    }
+
+
+def score_multi(args, city, encoder: Path, work: Path, label) -> list[dict]:
+    """Multi-level zero-shot rows (levels' distances averaged), scored like oscd_change's rows."""
+    from deo_cli.infer.change import run_detect_change
+    from deo_cli.recipes import ChangeRecipe, build_recipe
+
+    rows = []
+    for k, item in enumerate(c for c in args.zero_shot_multi.split(",") if c.strip()):
+        levels, grid = item.split(":")
+        sets = [
+            "model.name=deo_swin_test",
+            f"model.weights={encoder}",
+            "runtime.device=cpu",
+            "runtime.num_workers=0",
+            "runtime.batch_size=8",
+            "runtime.seed=0",
+            f"layer={levels.replace('+', ',')}",
+            f"output_grid={grid}",
+        ]
+        t0 = time.perf_counter()
+        res = run_detect_change(
+            str(city.before),
+            str(city.after),
+            work / f"zero_shot_multi_{k}.tif",
+            build_recipe(ChangeRecipe, sets=sets),
+            overwrite=True,
+        )
+        z = oscd_change.score_mask(res.mask, label)
+        rows.append(
+            {
+                "mode": "zero-shot",
+                **z,
+                "threshold": res.threshold.value,
+                "threshold_method": res.threshold.method,
+                "layer": levels.replace("+", ","),
+                "output_grid": grid,
+                "predict_seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        log.info(
+            "zero-shot (levels %s, %s grid): F1 %.4f (trivial %.4f)", levels, grid, z["f1"], z["trivial_f1"]
+        )
+    return rows
+
+
+def pool(runs: list[dict]) -> dict:
+    """Every row's F1/IoU over all test cities' pixels (as oscd_change.run_many)."""
+    pooled = {}
+    for k, row in enumerate(runs[0]["rows"]):
+        tp = sum(r["rows"][k]["tp"] for r in runs)
+        fp = sum(r["rows"][k]["fp"] for r in runs)
+        fn = sum(r["rows"][k]["fn"] for r in runs)
+        key = row["mode"] + (
+            f" layer {row['layer']} {row['output_grid']}" if row["mode"] == "zero-shot" else ""
+        )
+        pooled[key] = {
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "iou": tp / (tp + fp + fn),
+            "mean_f1": float(np.mean([r["rows"][k]["f1"] for r in runs])),
+            "beats_trivial_in_every_city": all(r["rows"][k]["f1"] > r["trivial_f1"] for r in runs),
+        }
+    return pooled
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    from deo_cli.data.oscd import list_cities, read_change_label
+
+    cities = [c for c in list_cities(args.data) if c.label is not None]
+    names = [c.name for c in cities] if args.test_city == "all" else args.test_city.split(",")
+    runs, done = [], set()
+    for name in names:
+        (test,) = [c for c in cities if c.name == name]
+        work = Path(args.work) / f"heldout_{name}"
+        if args.pretrain_without:  # one encoder for all: the test city may be in its pretraining data
+            out_city = args.pretrain_without
+            work = Path(args.work) / f"without_{out_city}" / f"test_{name}"
+            enc_dir = Path(args.work) / f"without_{out_city}"
+        else:
+            out_city, enc_dir = name, work
+        cached = work / "result.json"
+        if args.reuse and cached.is_file():
+            runs.append(json.loads(cached.read_text()))
+            continue
+        train = [c for c in cities if c.name != out_city]
+        info = pretrain(args, out_city, train, enc_dir, args.reuse or enc_dir in done)
+        done.add(enc_dir)
+        info["test_city_in_pretraining_data"] = out_city != name
+        log.info(
+            "%s: pretrained %d steps in %.0f s, loss %.4f -> %.4f",
+            name,
+            info["steps"],
+            info["seconds"],
+            info["loss_first_10pct_mean"],
+            info["loss_last_10pct_mean"],
+        )
+        enc = enc_dir / "encoder.pt"
+        bench = oscd_change.parse_args(
+            [
+                *BENCH_ARGS,
+                "--data",
+                args.data,
+                "--test-city",
+                name,
+                "--weights",
+                str(enc),
+                "--zero-shot",
+                args.zero_shot,
+                "--work",
+                str(work / "bench"),
+            ]  # fmt: skip
+        )
+        result = oscd_change.run(bench)
+        result["rows"] += score_multi(args, test, enc, work / "bench", read_change_label(test))
+        result["pretraining"] = info
+        cached.write_text(json.dumps(result, indent=1))
+        runs.append(result)
+    first = [r["rows"][0] for r in runs]
+    p = sum(x["tp"] + x["fn"] for x in first) / sum(x["valid_pixels"] for x in first)
+    out = {
+        "benchmark": "oscd_change",
+        "protocol": "leave-one-city-out; encoder pretrained by deo pretrain "
+        + (
+            f"once, on every city but {args.pretrain_without}"
+            if args.pretrain_without
+            else "on the training cities only"
+        ),
+        "trivial_f1_pooled": 2 * p / (1 + p),
+        "runs": runs,
+        "pooled": pool(runs),
+        "trivial_f1_mean": float(np.mean([r["trivial_f1"] for r in runs])),
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "pretrain_seconds": round(sum(r["pretraining"]["seconds"] for r in runs), 1),
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+    for r in runs:
+        for row in r["rows"]:
+            what = f"{r['test_city']} {row['mode']}"
+            what += f" ({row['layer']}, {row['output_grid']})" if row["mode"] == "zero-shot" else ""
+            print(f"{what:>44}: F1 {row['f1']:.4f} IoU {row['iou']:.4f} (trivial {row['trivial_f1']:.4f})")
+    for k, v in out["pooled"].items():
+        print(
+            f"{'pooled ' + k:>44}: F1 {v['f1']:.4f} IoU {v['iou']:.4f} every city > trivial: {v['beats_trivial_in_every_city']}"
+        )
+    print(f"pooled trivial F1 {out['trivial_f1_pooled']:.4f}; written to {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
