@@ -255,17 +255,8 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_many(args: argparse.Namespace) -> dict:
-    """One held-out city (``--test-city NAME``), or each of several in turn (``a,b`` or ``all``:
-    leave-one-city-out), with the F1/IoU of every mode pooled over the test cities' pixels."""
-    from deo_cli.data.oscd import list_cities
-
-    names = args.test_city.split(",")
-    if names == ["all"]:
-        names = [c.name for c in list_cities(args.data) if c.label is not None]
-    if len(names) == 1:
-        return run(args)
-    runs = [run(argparse.Namespace(**{**vars(args), "test_city": n})) for n in names]
+def pool(runs: list[dict]) -> dict:
+    """Every row's F1/IoU over all test cities' pixels, keyed by mode (and level/grid)."""
     pooled = {}
     for k, row in enumerate(runs[0]["rows"]):
         tp = sum(r["rows"][k]["tp"] for r in runs)
@@ -279,6 +270,21 @@ def run_many(args: argparse.Namespace) -> dict:
             "iou": tp / (tp + fp + fn),
             "mean_f1": float(np.mean([r["rows"][k]["f1"] for r in runs])),
         }
+    return pooled
+
+
+def run_many(args: argparse.Namespace) -> dict:
+    """One held-out city (``--test-city NAME``), or each of several in turn (``a,b`` or ``all``:
+    leave-one-city-out), with the F1/IoU of every mode pooled over the test cities' pixels."""
+    from deo_cli.data.oscd import list_cities
+
+    names = args.test_city.split(",")
+    if names == ["all"]:
+        names = [c.name for c in list_cities(args.data) if c.label is not None]
+    if len(names) == 1:
+        return run(args)
+    runs = [run(argparse.Namespace(**{**vars(args), "test_city": n})) for n in names]
+    pooled = pool(runs)
     first = [r["rows"][0] for r in runs]
     p = sum(x["tp"] + x["fn"] for x in first) / sum(x["valid_pixels"] for x in first)
     return {

@@ -180,21 +180,10 @@ def score_multi(args, city, encoder: Path, work: Path, label) -> list[dict]:
 
 
 def pool(runs: list[dict]) -> dict:
-    """Every row's F1/IoU over all test cities' pixels (as oscd_change.run_many)."""
-    pooled = {}
-    for k, row in enumerate(runs[0]["rows"]):
-        tp = sum(r["rows"][k]["tp"] for r in runs)
-        fp = sum(r["rows"][k]["fp"] for r in runs)
-        fn = sum(r["rows"][k]["fn"] for r in runs)
-        key = row["mode"] + (
-            f" layer {row['layer']} {row['output_grid']}" if row["mode"] == "zero-shot" else ""
-        )
-        pooled[key] = {
-            "f1": 2 * tp / (2 * tp + fp + fn),
-            "iou": tp / (tp + fp + fn),
-            "mean_f1": float(np.mean([r["rows"][k]["f1"] for r in runs])),
-            "beats_trivial_in_every_city": all(r["rows"][k]["f1"] > r["trivial_f1"] for r in runs),
-        }
+    """oscd_change.pool, plus whether each row beats the trivial F1 in every city."""
+    pooled = oscd_change.pool(runs)
+    for k, key in enumerate(pooled):
+        pooled[key]["beats_trivial_in_every_city"] = all(r["rows"][k]["f1"] > r["trivial_f1"] for r in runs)
     return pooled
 
 

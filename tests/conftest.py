@@ -17,6 +17,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models run many small ops, and two threads on the
+    (shared) 2 cores mostly wait for each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_raster(
     path,
     data,

@@ -95,8 +95,7 @@ from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.threshold import ScoreHistogram, Threshold, choose_threshold
 from deo_cli.infer.trainchips import (
     LabelledChips,
-    cache_head_inputs,
-    cached_forward,
+    cache_frozen_inputs,
     collect_chips,
     make_loader,
     training_plan,
@@ -1028,13 +1027,11 @@ def run_change_train(
     for ds in (train_ds, val_ds):
         ds.preload()
     forward_fn = image_forward
-    if frozen and recipe.augment == "none":
+    if frozen:
         model.to(device)
-        cached = [
-            cache_head_inputs(d, model.head_inputs, rt.batch_size, device, dtype) for d in (train_ds, val_ds)
-        ]
-        if cached[0] is not None and (cached[1] is not None or not len(val_ds)):
-            train_ds, val_ds, forward_fn = cached[0], cached[1] or val_ds, cached_forward
+        (train_ds, val_ds), forward_fn = cache_frozen_inputs(
+            (train_ds, val_ds), model.head_inputs, rt.batch_size, device, dtype
+        )
     train_loader = make_loader(
         train_ds, rt.batch_size, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True
     )

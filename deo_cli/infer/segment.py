@@ -77,8 +77,7 @@ from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.trainchips import (
     ChipRef,
     LabelledChips,
-    cache_head_inputs,
-    cached_forward,
+    cache_frozen_inputs,
     collect_chips,
     make_loader,
     training_plan,
@@ -101,7 +100,6 @@ from deo_cli.train.supervised import (
     FrozenEncoderSegmenter,
     evaluate_dense,
     fit_dense,
-    image_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -332,16 +330,10 @@ def run_segment_train(
     model = FrozenEncoderSegmenter(encoder, head, freeze=True)
     rt = recipe.runtime
     bs = rt.batch_size
-    forward_fn = image_forward
-    if isinstance(train_ds, LabelledChips) and train_ds.augment == "none":
-        model.to(device)
-        cached = [
-            cache_head_inputs(d, model.features, bs, device, dtype) if isinstance(d, LabelledChips) else None
-            for d in (train_ds, val_ds, test_ds)
-        ]
-        if cached[0] is not None and all(c is not None for c, d in zip(cached[1:], (val_ds, test_ds)) if d):
-            train_ds, forward_fn = cached[0], cached_forward
-            val_ds, test_ds = cached[1] or val_ds, cached[2] or test_ds
+    model.to(device)
+    (train_ds, val_ds, test_ds), forward_fn = cache_frozen_inputs(
+        (train_ds, val_ds, test_ds), model.features, bs, device, dtype
+    )
     train_loader = make_loader(train_ds, bs, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True)
     val_loader = (
         make_loader(val_ds, bs, rt.num_workers, shuffle=False) if val_ds is not None and len(val_ds) else None

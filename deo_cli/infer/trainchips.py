@@ -209,6 +209,27 @@ def cache_head_inputs(
     return CachedHeadInputs(feats, masks)
 
 
+def cache_frozen_inputs(datasets: Sequence, inputs_fn, batch_size: int, device: torch.device, dtype=None):
+    """``(datasets, forward_fn)`` for training a head on a frozen encoder: every non-empty
+    :class:`LabelledChips` set with its head inputs cached (:func:`cache_head_inputs`) and
+    :func:`cached_forward`, or, when any of them cannot be cached (augmented, not chips, too
+    large), the sets unchanged and the plain image forward."""
+    from deo_cli.train.supervised import image_forward
+
+    def cache(d):
+        if not isinstance(d, LabelledChips) or not len(d):
+            return None
+        return cache_head_inputs(d, inputs_fn, batch_size, device, dtype)
+
+    out = []
+    for d in datasets:  # the training set first: nothing else is computed if it cannot be cached
+        c = cache(d)
+        if c is None and (not out or (d is not None and len(d))):
+            return list(datasets), image_forward
+        out.append(c if c is not None else d)
+    return out, cached_forward
+
+
 def cached_forward(model, batch: dict, device: torch.device):
     """The ``fit_dense`` forward for :class:`CachedHeadInputs` batches: the head alone."""
     feats = [f.to(device, non_blocking=True) for f in batch["feats"]]

@@ -5,7 +5,6 @@ import csv
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from deo_cli.bench.results import COLUMNS
@@ -18,13 +17,7 @@ runner = CliRunner()
 TINY = ["-m", "deo_swin_test", "-w", "random", "--num-workers", "0", "--set", "bootstrap=200"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many small tensors: two threads only fight over the (shared) cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -48,12 +48,7 @@ def tiny_recipe(*sets) -> ChangeRecipe:
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _grid(crs, transform, w, h):

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 from affine import Affine
 
 from deo_cli.errors import DataError, UsageError
@@ -68,12 +67,7 @@ def oscd(tmp_path_factory):
     return write_oscd(tmp_path_factory.mktemp("oscd"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_frozen_head_then_detect_change_with_it(oscd, tmp_path):
