@@ -398,10 +398,16 @@ class RuntimeSection:
     batch_size: int = 16
     num_workers: int = 2
     seed: int = 0
+    #: Chips per forward call (inference): a batch is run in slices of this many. 0 = auto:
+    #: 4 on the CPU (faster and ~330 MB less memory than 16 for Swin-T on 2 cores), the whole
+    #: batch on GPUs.
+    micro_batch: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.micro_batch < 0:
+            raise ValueError("micro_batch must be >= 0 (0 = auto)")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
 
@@ -564,8 +570,9 @@ class ChangeRecipe:
     """``deo detect-change``: change score, mask and polygons from two dates."""
 
     model: ModelSection = field(default_factory=ModelSection)
-    #: Zero-shot feature level(s): ``default`` (as deo embed), ``last``, an index, or a
-    #: comma-separated list of indices whose distances are averaged.
+    #: Zero-shot feature level(s): ``default`` (Swin: levels 0-2 averaged on the stride-4 grid;
+    #: ViT: deo embed's level; ``deo_cli.infer.change.default_change_layers``), ``last``, an
+    #: index, or a comma-separated list of indices whose distances are averaged.
     layer: str = "default"
     input: InputSection = field(default_factory=InputSection)
     tiling: TilingSection = field(default_factory=TilingSection)
@@ -624,6 +631,10 @@ class ChangeTrainRecipe:
     #: Share of the training chips held out (deterministically) for model selection and for
     #: choosing the P(change) threshold.
     val_fraction: float = 0.2
+    #: How far the validation F1-best P(change) threshold is pulled toward 0.5 (0: keep it;
+    #: 1: 0.5, the default: validation chips come from the training cities and the optimum did
+    #: not transfer to held-out cities; ``deo_cli.infer.change.transfer_threshold``).
+    threshold_shrink: float = 1.0
     chip_overlap: int = 0
     augment: Literal["none", "flips"] = "flips"
 
@@ -634,6 +645,8 @@ class ChangeTrainRecipe:
             raise ValueError("pixel_channels must be >= 0 (0: off)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be within (0, 1)")
+        if not 0.0 <= self.threshold_shrink <= 1.0:
+            raise ValueError("threshold_shrink must be within [0, 1] (0: validation optimum, 1: 0.5)")
 
 
 @dataclass

@@ -345,6 +345,7 @@ def _dense(
         max_nodata_fraction=t.max_nodata_fraction,
         batch_size=rt.batch_size,
         num_workers=rt.num_workers,
+        micro_batch=rt.micro_batch,
         device=device,
         precision=precision,
         progress=progress,
@@ -404,7 +405,9 @@ def _dense(
             stats = run_dense(reader, model, sink, rows=(sink.rows_done, out_grid.height), **common)
             if fmt == "zarr":
                 save_recipe(recipe, sink.tmp / "recipe.yaml", "embed")
+            t_finish = time.perf_counter()
             sink.finish()
+            stats.extra["finish_seconds"] = time.perf_counter() - t_finish
         except BaseException:
             sink.abort(keep=True)
             raise
@@ -536,6 +539,7 @@ def _pooled(
             max_nodata_fraction=thr,
             batch_size=recipe.runtime.batch_size,
             num_workers=recipe.runtime.num_workers,
+            micro_batch=recipe.runtime.micro_batch,
             device=device,
             precision=precision,
             chips=chips,
@@ -674,6 +678,12 @@ def embed_scene(
     res.chips = stats.chips if stats else 0
     res.chips_per_second = stats.chips_per_second if stats else 0.0
     res.extra = {"stem": inp.stem, "unit": inp.unit, "plan": info["plan"].describe()}
+    if stats:  # where the time went: streaming (reads, forward, stitching, writing), the COG
+        res.extra["timing"] = {
+            "stream_seconds": round(stats.seconds, 3),
+            "model_seconds": round(stats.model_seconds, 3),
+            "finish_seconds": round(stats.extra.get("finish_seconds", 0.0), 3),
+        }
     return res
 
 

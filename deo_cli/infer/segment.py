@@ -641,6 +641,7 @@ def _predict_scene(
                 max_nodata_fraction=t.max_nodata_fraction,
                 batch_size=rt.batch_size,
                 num_workers=rt.num_workers,
+                micro_batch=rt.micro_batch,
                 device=device,
                 precision=precision,
                 progress=progress,

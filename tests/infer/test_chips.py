@@ -45,6 +45,33 @@ def test_edge_chips_replicate_the_scene_edge(make_raster):
     assert (s.invalid[:6, :3] == 0).all() and (s.invalid[6:] == 1).all() and (s.invalid[:, 3:] == 1).all()
 
 
+def test_a_row_of_chips_read_as_one_strip_equals_each_chip_read_alone(make_raster):
+    """``read_many`` reads a chip row as one window; every chip (scene edges, nodata holes,
+    an all-nodata chip) must come out exactly as ``read`` gives it alone."""
+    data = smooth_scene(70, 90)
+    data[:, 20:30, 10:45] = 0  # a nodata hole across chip boundaries
+    data[:, 40:, 60:] = 0  # an all-nodata corner
+    scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS, nodata=0))
+    plan = TilePlan.create(70, 90, 32, 4, 8)
+    n = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)
+    reader = ChipReader(scene, DEO_S2_MANIFEST.bands, n, plan)
+    chips = plan.chips()
+    out = np.full((len(chips), 10, 32, 32), np.nan, np.float32)
+    many = reader.read_many(chips, out=out)
+    assert len({c.y for c in chips}) > 2 and any(s.empty for s in many)
+    assert any(0 < s.valid_fraction < 1 for s in many)
+    for k, (chip, s) in enumerate(zip(chips, many)):
+        alone = reader.read(chip)
+        assert s.chip == chip and s.empty == alone.empty and s.x is None
+        assert s.valid_fraction == alone.valid_fraction
+        np.testing.assert_array_equal(s.invalid, alone.invalid)
+        if not s.empty:
+            np.testing.assert_array_equal(out[k], alone.x)
+    # without ``out`` the pixels come back in ``x``
+    for s, alone in zip(reader.read_many(chips[:7]), (reader.read(c) for c in chips[:7])):
+        np.testing.assert_array_equal(s.x, alone.x)
+
+
 def test_prepare_input_picks_stem_unit_and_scale(make_raster):
     dn = smooth_scene(64, 64)
     ms = open_scene(make_raster("ms.tif", dn, descriptions=S2_BANDS))

@@ -9,7 +9,13 @@ import torch
 
 from deo_cli.errors import UsageError
 from deo_cli.infer.embed import output_format, run_embed, scene_stem
-from deo_cli.infer.model import EncoderFeatures, default_embed_layer, forward_level, resolve_layer
+from deo_cli.infer.model import (
+    EncoderFeatures,
+    default_embed_layer,
+    forward_level,
+    forward_levels,
+    resolve_layer,
+)
 from deo_cli.io.writers import partial_paths
 from deo_cli.models import build_encoder, get_model_spec
 from deo_cli.recipes import EmbedRecipe, build_recipe
@@ -38,7 +44,7 @@ class Interrupting(torch.nn.Module):
     def forward(self, x):
         self.calls += 1
         self.chips += x.shape[0]
-        if self.stop is not None and self.calls == self.stop:
+        if self.stop is not None and self.chips > self.stop:  # ``stop`` chips were computed
             raise KeyboardInterrupt
         return self.model(x)
 
@@ -51,7 +57,7 @@ def test_resume_continues_from_the_last_finished_block(make_raster, tmp_path):
     run_embed([str(path)], full, recipe(*sets), model=m_full)
 
     out = tmp_path / "emb.tif"
-    m1 = Interrupting(ConvFeatures(), stop=6)
+    m1 = Interrupting(ConvFeatures(), stop=30)  # five batches of 6
     with pytest.raises(KeyboardInterrupt):
         run_embed([str(path)], out, recipe(*sets), model=m1)
     tmp, side = partial_paths(out)
@@ -101,6 +107,19 @@ def test_truncated_forward_equals_the_full_forward(name, level):
         np.testing.assert_array_equal(forward_level(enc, x, level).numpy(), enc(x)[level].numpy())
     f = EncoderFeatures(enc, level)
     assert f.stride == enc.spec.feature_strides[level] and f.channels == enc.spec.feature_channels[level]
+
+
+@pytest.mark.parametrize("name", ["deo_swin_test", "deo_vit_test"])
+def test_truncated_forward_of_several_levels_equals_the_full_forward(name):
+    torch.manual_seed(0)
+    enc = build_encoder(name, weights=None)
+    x = torch.randn(2, 10, 64, 64)
+    with torch.no_grad():
+        full = enc(x)
+        got = forward_levels(enc, x, [2, 0, 1])  # in the order asked
+    assert len(got) == 3
+    for g, lv in zip(got, (2, 0, 1)):
+        np.testing.assert_array_equal(g.numpy(), full[lv].numpy())
 
 
 def test_output_format_and_names(tmp_path):
