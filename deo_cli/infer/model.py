@@ -82,17 +82,28 @@ def forward_level(encoder, x: Tensor, level: int) -> Tensor:
     ``level`` only (stage 4 is about a sixth of Swin-T's compute and not needed for stage 3);
     other encoders run whole. The result equals ``encoder(x)[level]`` exactly (tested).
     """
+    return forward_levels(encoder, x, [level])[0]
+
+
+def forward_levels(encoder, x: Tensor, levels: list[int]) -> list[Tensor]:
+    """``[encoder(x)[lv] for lv in levels]``, stopping after the deepest of them where the
+    encoder allows it (as :func:`forward_level`)."""
     from deo_cli.models.swin import STAGE_INDICES, DeoSwin
 
     if isinstance(encoder, DeoSwin):
         stem = encoder.stem_for(x)
         h = stem(encoder.pad_input(x))
-        last = STAGE_INDICES[level]
+        wanted = {STAGE_INDICES[lv]: lv for lv in levels}
+        maps = {}
         for i, block in enumerate(encoder.features):
             h = block(h)
-            if i == last:
-                return h.permute(0, 3, 1, 2)
-    return encoder(x)[level]
+            if i in wanted:
+                maps[wanted[i]] = h.permute(0, 3, 1, 2)
+                if len(maps) == len(wanted):
+                    break
+        return [maps[lv] for lv in levels]
+    out = encoder(x)
+    return [out[lv] for lv in levels]
 
 
 class EncoderFeatures(torch.nn.Module):
