@@ -111,7 +111,8 @@ def run_cmd(
         str | None,
         typer.Option(
             "--layer",
-            help="Zero-shot feature level: default (as deo embed), last, an index or a list (0,1,2).",
+            help="Zero-shot feature level(s): default (Swin: levels 0,1,2 averaged on the stride-4 grid, "
+            "since OSCD changes are a few 10 m pixels; ViT: deo embed's level), last, an index or a list.",
             rich_help_panel=opt.MODEL,
         ),
     ] = None,
@@ -251,7 +252,8 @@ def train_cmd(
     """Train a siamese change head (shared DEO encoder, feature difference into UPerNet) on OSCD pairs.
 
     Keeps the epoch with the best validation F1 of the change class and the P(change) threshold
-    with the best validation F1; test cities are scored with the streaming prediction path.
+    0.5 (--set threshold_shrink=0: the validation F1-best one); test cities are scored with the
+    streaming prediction path.
     """
     from deo_cli.cli.progress import RichProgress
     from deo_cli.infer.change import run_change_train

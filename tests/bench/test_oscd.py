@@ -28,9 +28,9 @@ def test_plan_cities_and_errors(shared_data):
     plan = plan_oscd(
         build_recipe(BenchRecipe, flags={"suite": "oscd", "data": str(root), "model.name": "deo_swin_test"})
     )
-    # the subset holds only training labels: every labelled city, detect-change's default level
+    # the subset holds only training labels: every labelled city, detect-change's default levels
     assert [c.name for c in plan.cities] == ["aguasclaras", "bercy", "bordeaux", "paris"]
-    assert plan.partition == "labelled" and plan.layers == [2]
+    assert plan.partition == "labelled" and plan.layers == [0, 1, 2]
     flags = {
         "suite": "oscd",
         "data": str(root),

@@ -121,9 +121,8 @@ def test_oscd_subset_f1_rows(shared_data, tmp_path):
     assert f1["weights"] == "random" and f1["dataset"] == "oscd" and f1["task"] == "change_detection"
     assert f1["protocol"] == "zero-shot" and f1["partition"] == "labelled"  # the subset has no test labels
     assert f1["n_test"] == "4" and f1["paper_value"] == "0.604" and rows[1]["paper_value"] == ""
-    assert (
-        f1["image_size"] == "192" and f1["feature_dim"] == "64"
-    )  # deo_swin_test stage 3 (detect-change's level)
+    # deo_swin_test stages 1-3 (detect-change's default levels): 16 + 32 + 64 channels
+    assert f1["image_size"] == "192" and f1["feature_dim"] == "112"
     assert 0.0 <= float(f1["value"]) <= 1.0 and float(f1["ci_low"]) <= float(f1["value"]) <= float(
         f1["ci_high"]
     )

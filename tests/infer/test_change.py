@@ -15,7 +15,9 @@ from deo_cli.infer.change import (
     PairChipReader,
     change_score_array,
     check_overlap,
+    default_change_layers,
     open_dates,
+    parse_layers,
     run_detect_change,
     write_mask,
     write_polygons,
@@ -25,7 +27,7 @@ from deo_cli.infer.dense import CogSink
 from deo_cli.infer.tiling import TilePlan
 from deo_cli.io.grid import Grid
 from deo_cli.io.writers import RasterLayout
-from deo_cli.models import build_encoder
+from deo_cli.models import build_encoder, get_model_spec
 from deo_cli.recipes import ChangeRecipe, InputSection, build_recipe
 from tests.conftest import write_raster
 from tests.infer.helpers import S2_BANDS, smooth_scene
@@ -102,6 +104,75 @@ def test_pair_reader_stacks_both_dates_and_takes_nodata_from_either(make_raster)
     assert s.invalid[:4].max() == 1.0  # rows 0..7 of the scene (chip rows 8..15): first date's nodata
 
 
+def test_default_levels_swin_stages_1_to_3_vit_the_embed_level():
+    swin = get_model_spec("deo_swin_b")
+    assert default_change_layers(swin) == [0, 1, 2]  # strides 4, 8, 16: up to deo embed's stage 3
+    assert [swin.feature_strides[lv] for lv in default_change_layers(swin)] == [4, 8, 16]
+    assert parse_layers(swin, None) == parse_layers(swin, "default") == [0, 1, 2]
+    assert parse_layers(swin, "2") == [2] and parse_layers(swin, "2,0") == [0, 2]
+    assert parse_layers(get_model_spec("deo_swin_test"), "default") == [0, 1, 2]
+    for name in ("deo_vit_b16", "deo_vit_test"):  # one stride: averaging would not refine the grid
+        vit = get_model_spec(name)
+        assert default_change_layers(vit) == parse_layers(vit, "default") == [3]
+
+
+def test_default_zero_shot_averages_three_levels_on_the_stride_4_grid(make_raster, tmp_path):
+    """The default score: levels 0, 1, 2 (as ``--layer 0,1,2``), transform = input transform x 4,
+    polygons on that grid (16 input pixels each)."""
+    import json
+
+    import geopandas as gpd
+
+    a_data = smooth_scene(64, 96, seed=8)
+    b_data = a_data.copy()
+    b_data[:, 20:44, 30:62] = np.clip(b_data[:, 20:44, 30:62].astype(np.int32) * 3 % 4000 + 300, 0, 65535)
+    a = make_raster("a.tif", a_data, descriptions=S2_BANDS)
+    b = make_raster("b.tif", b_data, descriptions=S2_BANDS)
+    out = tmp_path / "c.tif"
+    recipe = tiny_recipe("input.rgb_max=3000")
+    res = run_detect_change(str(a), str(b), out, recipe, polygons=tmp_path / "p.parquet")
+    assert res.extra["stride"] == 4
+    with rasterio.open(out) as s, rasterio.open(res.mask) as m, rasterio.open(a) as src:
+        assert s.crs == m.crs == src.crs
+        assert s.transform == m.transform == src.transform * Affine.scale(4)
+        assert s.shape == m.shape == (16, 24) and s.bounds == src.bounds
+        described = json.loads(s.tags()["DEO_CHANGE_SCORE"])
+        assert described["layers"] == [0, 1, 2] and described["level_strides"] == [4, 8, 16]
+        assert described["stride"] == 4 and described["resized"] == "bilinear"
+        written, mask = s.read(1), m.read(1)
+    # the same scores as an explicit list of the three levels through the in-memory path
+    from deo_cli.runtime import seed_everything
+
+    seed_everything(0)  # the command seeds random weights with runtime.seed
+    enc = build_encoder("deo_swin_test", weights="random")
+    first, second, _ = open_dates(str(a), str(b), recipe.input)
+    score, grid = change_score_array(first, second, CosineChange(enc, [0, 1, 2]), rgb_max=3000)
+    np.testing.assert_allclose(written, score, atol=1e-6)
+    assert grid.transform == src.transform * Affine.scale(4)
+    gdf = gpd.read_parquet(tmp_path / "p.parquet")
+    assert len(gdf) >= 1 and gdf.crs == src.crs
+    np.testing.assert_allclose(gdf["area"], gdf["pixels"] * 40.0 * 40.0)  # 4 x 10 m score pixels
+    assert int(gdf["pixels"].sum()) == int((mask == 1).sum())
+
+
+def test_cosine_change_averages_the_levels_on_the_finest_grid():
+    torch.manual_seed(0)
+    enc = build_encoder("deo_swin_test", weights=None).eval()
+    x = torch.randn(2, 20, 64, 64)  # both dates stacked
+    with torch.no_grad():
+        got = CosineChange(enc, [0, 1, 2])(x)
+        feats = enc(torch.cat([x[:, :10], x[:, 10:]]))
+        want = 0
+        for lv in (0, 1, 2):
+            a, b = feats[lv].chunk(2)
+            d = (1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-6))[:, None]
+            want = want + torch.nn.functional.interpolate(
+                d, size=(16, 16), mode="bilinear", align_corners=False
+            )
+    assert got.shape == (2, 1, 16, 16)  # stride 4
+    torch.testing.assert_close(got, want / 3, atol=1e-6, rtol=0)
+
+
 def test_identical_dates_score_zero_on_the_embedding_grid(make_raster, tmp_path):
     data = smooth_scene(70, 90, seed=3)
     a = make_raster("a.tif", data, descriptions=S2_BANDS)
@@ -111,9 +182,9 @@ def test_identical_dates_score_zero_on_the_embedding_grid(make_raster, tmp_path)
     with rasterio.open(out) as s, rasterio.open(res.mask) as m, rasterio.open(a) as src:
         assert s.crs == src.crs and m.crs == src.crs
         stride = res.extra["stride"]
-        assert stride == 16  # deo_swin_test's stage 3, as deo embed
+        assert stride == 4  # default levels 0-2 of deo_swin_test, on the finest (stride-4) grid
         assert s.transform == src.transform * Affine.scale(stride) == m.transform
-        assert (s.width, s.height) == (-(-90 // 16), -(-70 // 16))
+        assert (s.width, s.height) == (-(-90 // 4), -(-70 // 4))
         score = s.read(1)
         assert np.isfinite(score).all() and np.abs(score).max() < 1e-4
         assert (m.read(1) == 0).all()  # nothing above the (degenerate) Otsu threshold

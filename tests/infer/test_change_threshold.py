@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deo_cli.errors import UsageError
-from deo_cli.infer.change import best_f1_threshold
+from deo_cli.infer.change import best_f1_threshold, f1_at, transfer_threshold
 from deo_cli.infer.threshold import ScoreHistogram, choose_threshold, otsu_threshold
 
 
@@ -61,3 +61,18 @@ def test_best_f1_threshold_finds_the_separating_cut():
     )  # ties: the lowest cut, as best_f1_threshold
     thr, f1 = best_f1_threshold(p, t)
     assert f1 == pytest.approx(best[0]) and thr == pytest.approx(-best[1])
+
+
+def test_transfer_threshold_pulls_the_validation_optimum_toward_one_half():
+    # bordeaux, pretrained: validation picked 0.81
+    assert transfer_threshold(0.81, 1.0) == 0.5  # the default: the head's trained decision
+    assert transfer_threshold(0.81, 0.5) == pytest.approx(0.655)
+    assert transfer_threshold(0.81, 0.0) == pytest.approx(0.81)  # the validation optimum
+    assert transfer_threshold(0.3, 0.5) == pytest.approx(0.4)  # from below too
+    with pytest.raises(ValueError):
+        transfer_threshold(0.7, 1.5)
+    prob = np.array([0.1, 0.45, 0.55, 0.9])
+    target = np.array([0, 1, 0, 1], bool)
+    assert f1_at(prob, target, 0.5) == pytest.approx(0.5)  # TP 1, FP 1, FN 1
+    assert f1_at(prob, target, 0.4) == pytest.approx(0.8)  # TP 2, FP 1
+    assert np.isnan(f1_at(prob, np.zeros(4, bool), 0.95))

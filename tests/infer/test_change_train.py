@@ -8,7 +8,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from deo_cli.errors import DataError, UsageError
+from deo_cli.errors import DataError, RecipeError, UsageError
 from deo_cli.infer.change import run_change_train, run_detect_change
 from deo_cli.infer.headfile import load_head
 from deo_cli.recipes import ChangeRecipe, ChangeTrainRecipe, build_recipe
@@ -77,7 +77,8 @@ def test_frozen_head_then_detect_change_with_it(oscd, tmp_path):
     )
     m = res.metrics
     assert m["train_cities"] == ["alpha"] and set(m["test"]) == {"beta"}
-    assert m["encoder"] == "frozen" and len(m["history"]) == 2 and 0.05 <= m["threshold"] <= 0.95
+    assert m["encoder"] == "frozen" and len(m["history"]) == 2 and 0.05 <= m["val_best_threshold"] <= 0.95
+    assert m["threshold_shrink"] == 1.0 and m["threshold"] == 0.5  # default: the trained decision
     assert 0 < m["change_fraction_train"] < 0.2 and m["class_weights"][1] > 1
     head = load_head(res.head, "change")
     assert head.head["fusion"] == "diff" and head.head["in_channels"] == [16, 32, 64, 128]
@@ -107,11 +108,20 @@ def test_frozen_head_then_detect_change_with_it(oscd, tmp_path):
 def test_finetuned_encoder_travels_in_the_head_file(oscd, tmp_path):
     res = run_change_train(
         train_recipe(
-            oscd, "train_cities=alpha,beta", "epochs=1", "finetune=true", "fusion=concat", "head=linear"
+            oscd,
+            "train_cities=alpha,beta",
+            "epochs=1",
+            "finetune=true",
+            "fusion=concat",
+            "head=linear",
+            "threshold_shrink=0.5",
         ),
         tmp_path / "run",
     )
     head = load_head(res.head, "change")
+    m = res.metrics
+    assert m["threshold"] == pytest.approx(0.5 + 0.5 * (m["val_best_threshold"] - 0.5))  # halfway
+    assert head.threshold == m["threshold"] and m["threshold_shrink"] == 0.5
     assert head.encoder["frozen"] is False and head.encoder["embedded"]
     assert head.head["in_channels"] == [32, 64, 128, 256]  # [f1, f2] per level
     assert any(k.startswith("stages") or k.startswith("features") for k in head.encoder_state)
@@ -125,4 +135,6 @@ def test_train_mistakes(oscd, tmp_path):
         run_change_train(train_recipe(oscd, "train_cities=gamma"), tmp_path / "b")
     with pytest.raises(UsageError, match="coarsest stride 32"):
         run_change_train(train_recipe(oscd, "chip_size=48"), tmp_path / "c")
+    with pytest.raises(RecipeError, match="threshold_shrink"):
+        train_recipe(oscd, "threshold_shrink=2")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
