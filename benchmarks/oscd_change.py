@@ -7,8 +7,13 @@ method.md §3.1, so its 60.4 F1 is not the target here):
    on every labelled city but the test city (siamese encoder, ``|f1 - f2|`` per level into
    UPerNet, refined at full resolution by the ``[|x1 - x2|, (x1 + x2) / 2]`` branch
    (``--pixel-channels``, 0: off), class weights ``(1, sqrt(no-change / change))``, best
-   validation F1 on 20 % of the training chips, P(change) threshold chosen on those chips);
+   validation F1 on 20 % of the training chips, the command's P(change) threshold (the
+   validation optimum pulled toward 0.5 by ``threshold_shrink``, fully by default; the
+   optimum is recorded as ``val_best_threshold``);
 2. **zero-shot**: no training; cosine distance of the two dates' DEO features, Otsu threshold;
+   ``--zero-shot`` lists the settings as LEVELS:GRID, where LEVELS is ``default`` (the
+   command's default levels, recorded as ``levels``), ``last``, an index or indices joined by
+   ``+`` (distances averaged), and GRID ``embedding`` or ``input``;
 3. both are run on the test city **through the command's own code path**
    (:func:`deo_cli.infer.change.run_detect_change`, which writes the score and mask COGs), and
    the mask is compared with the city's label on its 10 m grid (a zero-shot mask on the
@@ -68,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], help="more ChangeTrainRecipe key=value")
     p.add_argument(
         "--zero-shot",
-        default="default:embedding,0:input",
-        help="zero-shot settings to score, LAYER:GRID pairs (GRID embedding or input), comma-separated",
+        default="default:embedding,2:embedding,0:input",
+        help="zero-shot settings to score, LEVELS:GRID pairs, comma-separated; LEVELS default, last, "
+        "an index or indices joined by + (e.g. 0+1+2:embedding), GRID embedding or input",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -86,8 +92,8 @@ def score_mask(mask_path: Path, label: np.ndarray) -> dict:
 
     with rasterio.open(mask_path) as ds:
         mask = ds.read(1)
+        stride = int(json.loads(ds.tags()["DEO_CHANGE_SCORE"])["stride"])  # the score grid's stride
     h, w = label.shape
-    stride = 1 if mask.shape == label.shape else -(-h // mask.shape[0])  # the embedding grid's stride
     mask = upsample_to(mask, stride, h, w)
     valid = mask != MASK_NODATA
     pred = mask == 1
@@ -182,6 +188,8 @@ def run(args: argparse.Namespace) -> dict:
             "threshold_method": res.threshold.method,
             "best_epoch": trained.metrics["best_epoch"],
             "val_f1": trained.metrics["val_f1_at_threshold"],
+            "val_best_threshold": trained.metrics["val_best_threshold"],
+            "val_best_f1": trained.metrics["val_best_f1"],
             "train_seconds": round(train_seconds, 1),
             "predict_seconds": round(time.perf_counter() - t1, 1),
         }
@@ -191,11 +199,14 @@ def run(args: argparse.Namespace) -> dict:
     configs = [] if args.skip_zero_shot else [c.split(":") for c in args.zero_shot.split(",") if c.strip()]
     for k, (layer, grid) in enumerate(configs):
         t2 = time.perf_counter()
+        layer = layer.replace("+", ",")
         zs = build_recipe(ChangeRecipe, sets=[*common, f"layer={layer}", f"output_grid={grid}"])
         res = run_detect_change(
             str(test.before), str(test.after), work / f"zero_shot_{k}.tif", zs, overwrite=True
         )
         z = score_mask(res.mask, label)
+        with rasterio.open(res.output) as ds:
+            levels = json.loads(ds.tags()["DEO_CHANGE_SCORE"])["layers"]
         rows.append(
             {
                 "mode": "zero-shot",
@@ -203,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
                 "threshold": res.threshold.value,
                 "threshold_method": res.threshold.method,
                 "layer": layer,
+                "levels": levels,
                 "output_grid": grid,
                 "predict_seconds": round(time.perf_counter() - t2, 1),
             }
@@ -240,6 +252,7 @@ def run(args: argparse.Namespace) -> dict:
             "fusion": args.fusion,
             "pixel_channels": args.pixel_channels,
             "class_weights": trained.metrics["class_weights"],
+            "threshold_shrink": trained.metrics["threshold_shrink"],
             "extra": list(args.set),
             "encoder": "fine-tuned" if args.finetune else "frozen",
             "augment": args.augment,

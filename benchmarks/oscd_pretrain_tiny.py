@@ -9,19 +9,22 @@ random deep features is noise. Here, for each held-out city:
    windows) trains on it for ``--epochs`` epochs of ``--windows-per-scene`` windows per scene, and
    ``deo pretrain export`` writes the EMA teacher's encoder;
 3. :mod:`oscd_change` runs both modes on the held-out city with ``--weights`` = that encoder, with
-   the settings of the committed random-weights run (20 epochs, UPerNet 16 ch, flips, one thread);
-4. optional multi-level zero-shot settings (``--zero-shot-multi 0+1+2:input``) are scored too,
-   through the same ``run_detect_change`` path.
+   the settings of the committed random-weights run (20 epochs, UPerNet 16 ch, flips, one thread)
+   and the zero-shot settings of ``--zero-shot`` (``default`` is the command's default levels,
+   0+1+2 for Swin; levels joined by ``+`` are averaged).
 
 Rows are pooled over the test cities as in ``oscd_change.py --test-city all`` and written with
 each city's pretraining summary (steps, first/last loss, seconds, encoder SHA-256) to ``--out``.
 
 ``--pretrain-without CITY`` pretrains once (without CITY) for every test city instead (faster; then
 the other test cities' images were seen, unlabeled). ``--reuse`` keeps encoders and per-city
-results already in ``--work``, so cities can be run in several calls and pooled by a last one.
+results already in ``--work``, so cities can be run in several calls and pooled by a last one;
+``--reuse-encoders`` keeps only the encoders and scores every city again (after a change to
+``detect-change``).
 
     python benchmarks/oscd_pretrain_tiny.py --epochs 12 --windows-per-scene 32   # 288 steps a city
     python benchmarks/oscd_pretrain_tiny.py --test-city all --reuse               # pool earlier calls
+    python benchmarks/oscd_pretrain_tiny.py --reuse-encoders                      # score again
 """
 
 from __future__ import annotations
@@ -69,17 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], help="more deo pretrain --set key=value")
     p.add_argument(
         "--zero-shot",
-        default="default:embedding,0:input,default:input,1:embedding,1:input,last:embedding",
-        help="single-level zero-shot settings for oscd_change.py (LAYER:GRID, comma-separated)",
-    )
-    p.add_argument(
-        "--zero-shot-multi",
-        default="0+1+2:input,0+1+2:embedding,1+2:embedding",
-        help="multi-level zero-shot settings (levels joined by +, distances averaged), comma-separated",
+        default="default:embedding,default:input,2:embedding,2:input,0:input,1:embedding,1:input,"
+        "last:embedding,1+2:embedding",
+        help="zero-shot settings for oscd_change.py (LEVELS:GRID, comma-separated; levels joined by +)",
     )
     p.add_argument("--work", default="runs/oscd_pretrain_tiny", help="run folders and encoders")
     p.add_argument(
         "--reuse", action="store_true", help="reuse encoders and per-city results already in --work"
+    )
+    p.add_argument(
+        "--reuse-encoders", action="store_true", help="reuse encoders already in --work, score again"
     )
     p.add_argument("--out", default=str(HERE / "results" / "oscd_change_pretrained.json"))
     return p.parse_args(argv)
@@ -135,50 +137,6 @@ def pretrain(args, test: str, train_cities, work: Path, reuse: bool) -> dict:
     }
 
 
-def score_multi(args, city, encoder: Path, work: Path, label) -> list[dict]:
-    """Multi-level zero-shot rows (levels' distances averaged), scored like oscd_change's rows."""
-    from deo_cli.infer.change import run_detect_change
-    from deo_cli.recipes import ChangeRecipe, build_recipe
-
-    rows = []
-    for k, item in enumerate(c for c in args.zero_shot_multi.split(",") if c.strip()):
-        levels, grid = item.split(":")
-        sets = [
-            "model.name=deo_swin_test",
-            f"model.weights={encoder}",
-            "runtime.device=cpu",
-            "runtime.num_workers=0",
-            "runtime.batch_size=8",
-            "runtime.seed=0",
-            f"layer={levels.replace('+', ',')}",
-            f"output_grid={grid}",
-        ]
-        t0 = time.perf_counter()
-        res = run_detect_change(
-            str(city.before),
-            str(city.after),
-            work / f"zero_shot_multi_{k}.tif",
-            build_recipe(ChangeRecipe, sets=sets),
-            overwrite=True,
-        )
-        z = oscd_change.score_mask(res.mask, label)
-        rows.append(
-            {
-                "mode": "zero-shot",
-                **z,
-                "threshold": res.threshold.value,
-                "threshold_method": res.threshold.method,
-                "layer": levels.replace("+", ","),
-                "output_grid": grid,
-                "predict_seconds": round(time.perf_counter() - t0, 1),
-            }
-        )
-        log.info(
-            "zero-shot (levels %s, %s grid): F1 %.4f (trivial %.4f)", levels, grid, z["f1"], z["trivial_f1"]
-        )
-    return rows
-
-
 def pool(runs: list[dict]) -> dict:
     """oscd_change.pool, plus whether each row beats the trivial F1 in every city."""
     pooled = oscd_change.pool(runs)
@@ -190,7 +148,7 @@ def pool(runs: list[dict]) -> dict:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    from deo_cli.data.oscd import list_cities, read_change_label
+    from deo_cli.data.oscd import list_cities
 
     cities = [c for c in list_cities(args.data) if c.label is not None]
     names = [c.name for c in cities] if args.test_city == "all" else args.test_city.split(",")
@@ -209,7 +167,7 @@ def main(argv=None) -> dict:
             runs.append(json.loads(cached.read_text()))
             continue
         train = [c for c in cities if c.name != out_city]
-        info = pretrain(args, out_city, train, enc_dir, args.reuse or enc_dir in done)
+        info = pretrain(args, out_city, train, enc_dir, args.reuse or args.reuse_encoders or enc_dir in done)
         done.add(enc_dir)
         info["test_city_in_pretraining_data"] = out_city != name
         log.info(
@@ -237,7 +195,6 @@ def main(argv=None) -> dict:
             ]  # fmt: skip
         )
         result = oscd_change.run(bench)
-        result["rows"] += score_multi(args, test, enc, work / "bench", read_change_label(test))
         result["pretraining"] = info
         cached.write_text(json.dumps(result, indent=1))
         runs.append(result)

@@ -4,9 +4,13 @@ Supervised: trained on bercy, bordeaux and aguasclaras, scored on paris (0.29 % 
 trivial "everything changed" F1 is 0.0057) through ``run_detect_change`` with the trained head.
 Settings chosen for speed *and* a wide margin: frozen tiny encoder, no augmentation (the head's
 inputs are computed once), 12 epochs at lr 3e-3, change weighted by sqrt(no-change / change),
-the command's default full-resolution pixel-difference branch. Measured here: F1 0.073 and
-0.119 (13x and 21x the trivial F1) at seeds 0 and 1, 35 s on one thread. One torch thread: on a
-2-core machine shared with other work, two threads took ten times as long.
+the command's default full-resolution pixel-difference branch and P(change) threshold 0.5.
+Measured here: F1 0.072 and 0.128 (13x and 22x the trivial F1) at seeds 0 and 1, 22 s on one
+thread. One torch thread: on a 2-core machine shared with other work, two threads took ten
+times as long.
+
+Zero-shot at the command's defaults (levels 0-2 on the stride-4 grid, Otsu): F1 0.018 and 0.030
+(3x and 5x the trivial F1; stage 3 alone on the stride-16 grid gave 0.0041, below it).
 """
 
 import importlib.util
@@ -36,7 +40,7 @@ def test_oscd_both_modes_beat_the_trivial_f1(shared_data, tmp_path):
             [
                 "--data", str(shared_data / "oscd_subset"), "--test-city", "paris",
                 "--epochs", "12", "--head-channels", "16", "--lr", "3e-3", "--chip-size", "64",
-                "--zero-shot", "0:input", "--work", str(tmp_path / "work"), "--out", str(out),
+                "--zero-shot", "default:embedding", "--work", str(tmp_path / "work"), "--out", str(out),
             ]
         )  # fmt: skip
     finally:
@@ -58,7 +62,11 @@ def test_oscd_both_modes_beat_the_trivial_f1(shared_data, tmp_path):
         assert r["valid_pixels"] == 408 * 390  # scored on paris's whole 10 m grid
     assert rows["supervised"]["f1"] > 5 * trivial
     assert rows["supervised"]["threshold_method"] == "head"
-    assert rows["zero-shot"]["threshold_method"] == "otsu"
+    assert rows["supervised"]["threshold"] == 0.5  # threshold_shrink 1: the head's trained decision
+    # zero-shot at the command's defaults (levels 0-2 on the stride-4 grid, Otsu) beats the trivial F1
+    z = rows["zero-shot"]
+    assert z["threshold_method"] == "otsu" and z["levels"] == [0, 1, 2] and z["mask_stride"] == 4
+    assert z["f1"] > trivial
     # the supervised run left its head and the rasters the command wrote
     work = tmp_path / "work"
     assert (work / "change_head" / "head.pt").exists() and (work / "supervised_mask.tif").exists()
