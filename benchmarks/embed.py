@@ -198,6 +198,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     from deo_cli.io.raster import open_scene
     from deo_cli.models import build_encoder, get_model_spec
     from deo_cli.recipes import EmbedRecipe, build_recipe
+    from deo_cli.runtime import resolve_num_workers
 
     torch.manual_seed(0)
     spec = get_model_spec(model_name)
@@ -269,6 +270,9 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
         "channels": model.channels,
         "batch_size": bs,
         "num_workers": args.num_workers,
+        "num_workers_resolved": resolve_num_workers(
+            args.num_workers if args.num_workers == "auto" else int(args.num_workers), torch.device("cpu")
+        ),
         "chips": res.chips,
         "end_to_end_s": round(e2e_s, 2),
         "end_to_end_chips_per_s": round(e2e_cps, 3),
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--chip-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--num-workers", default="auto", help="runtime.num_workers (default: deo's auto)")
     ap.add_argument("--micro-batch", type=int, default=0, help="runtime.micro_batch (0: deo's default)")
     ap.add_argument("--forward-chips", type=int, default=64)
     ap.add_argument("--forward-rounds", type=int, default=2, help="pure-forward rounds (the best counts)")

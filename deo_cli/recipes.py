@@ -396,7 +396,10 @@ class RuntimeSection:
     device: Device = "auto"
     precision: Precision = "auto"
     batch_size: int = 16
-    num_workers: int = 2
+    #: Processes reading rasters. ``auto``: none (the main process reads) for inference on a
+    #: CPU with at most 4 cores, where workers take cores from the forward pass; 2 otherwise
+    #: (:func:`deo_cli.runtime.resolve_num_workers`).
+    num_workers: int | Literal["auto"] = "auto"
     seed: int = 0
     #: Chips per forward call (inference): a batch is run in slices of this many. 0 = auto:
     #: 4 on the CPU (faster and ~330 MB less memory than 16 for Swin-T on 2 cores), the whole
@@ -408,8 +411,8 @@ class RuntimeSection:
             raise ValueError("batch_size must be >= 1")
         if self.micro_batch < 0:
             raise ValueError("micro_batch must be >= 0 (0 = auto)")
-        if self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0 or auto")
 
 
 @dataclass

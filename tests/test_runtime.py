@@ -36,3 +36,18 @@ def test_autocast_and_seed():
     assert y.dtype == torch.bfloat16
     with autocast(torch.device("cpu"), None):
         assert torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4)).dtype == torch.float32
+
+
+def test_auto_workers_read_in_the_main_process_on_a_small_cpu(monkeypatch):
+    import deo_cli.runtime as rt
+    from deo_cli.recipes import EmbedRecipe, build_recipe
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert build_recipe(EmbedRecipe).runtime.num_workers == "auto"
+    assert build_recipe(EmbedRecipe, sets=["runtime.num_workers=3"]).runtime.num_workers == 3
+    monkeypatch.setattr(rt.os, "cpu_count", lambda: 2)
+    assert rt.resolve_num_workers("auto", cpu) == 0
+    assert rt.resolve_num_workers("auto", gpu) == 2 and rt.resolve_num_workers("auto") == 2
+    assert rt.resolve_num_workers(3, cpu) == 3 and rt.resolve_num_workers(0, gpu) == 0
+    monkeypatch.setattr(rt.os, "cpu_count", lambda: 32)
+    assert rt.resolve_num_workers("auto", cpu) == 2

@@ -129,7 +129,10 @@ BatchSize = Annotated[
 NumWorkers = Annotated[
     int | None,
     typer.Option(
-        "--num-workers", help="DataLoader worker processes reading rasters.", rich_help_panel=RUNTIME
+        "--num-workers",
+        help="DataLoader worker processes reading rasters (default: none on a CPU with 4 cores or "
+        "fewer, where they would slow the model; else 2).",
+        rich_help_panel=RUNTIME,
     ),
 ]
 Gpus = Annotated[

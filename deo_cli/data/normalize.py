@@ -47,7 +47,9 @@ class Normalizer:
         for b in manifest.bands:
             if b in manifest.max_scaled:
                 if rgb_max is None or not np.isfinite(rgb_max) or rgb_max <= 0:
-                    raise ValueError(f"manifest {manifest.name} max-scales {b}: a positive rgb_max is required")
+                    raise ValueError(
+                        f"manifest {manifest.name} max-scales {b}: a positive rgb_max is required"
+                    )
                 scale.append(1.0 / float(rgb_max))
                 clamp.append(True)
             else:

