@@ -136,18 +136,11 @@ class ChipReader:
         if not valid.any():
             x = None if out is not None else np.zeros(data.shape, np.float32)
             return ChipSample(chip, x, invalid, 0.0, True)
-        if valid.all():
-            if out is not None:
-                self._norm(data, out=out[k])
-                return ChipSample(chip, None, invalid, valid_fraction, False)
-            return ChipSample(
-                chip, self._norm(data, out=np.empty(data.shape, np.float32)), invalid, valid_fraction, False
-            )
-        data = fill_invalid(np.array(data, dtype=np.float32), valid)  # a copy: the strip is shared
-        if out is not None:
-            self._norm(data, out=out[k])
-            return ChipSample(chip, None, invalid, valid_fraction, False)
-        return ChipSample(chip, self._norm(data), invalid, valid_fraction, False)
+        if not valid.all():
+            data = fill_invalid(np.array(data, dtype=np.float32), valid)  # a copy: the strip is shared
+        target = out[k] if out is not None else np.empty(data.shape, np.float32)
+        self._norm(data, out=target)
+        return ChipSample(chip, None if out is not None else target, invalid, valid_fraction, False)
 
 
 class ChipBatchDataset(torch.utils.data.Dataset):
