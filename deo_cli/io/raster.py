@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioIOError, WindowError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -254,22 +254,34 @@ class Scene:
             for items in groups.values():
                 ds = self._dataset(items[0][1])
                 indexes = [s.index for _, s in items]
+                first = items[0][0]
+                # bands in scene order: GDAL decodes straight into ``data`` (no second copy)
+                direct = [pos for pos, _ in items] == list(range(first, first + len(items)))
+                target = data[first : first + len(items), r0 : r0 + ih, c0 : c0 + iw] if direct else None
                 try:
-                    arr = ds.read(indexes=indexes, window=inner, out_dtype="float32")
-                    masks = ds.read_masks(indexes=indexes, window=inner)
+                    if direct:
+                        arr = ds.read(indexes=indexes, window=inner, out=target)
+                    else:
+                        arr = ds.read(indexes=indexes, window=inner, out_dtype="float32")
+                    # a band without nodata, mask or alpha is valid everywhere: no mask to read
+                    flags = [ds.mask_flag_enums[i - 1] for i in indexes]
+                    if any(f != [MaskFlags.all_valid] for f in flags):
+                        sub_valid &= (ds.read_masks(indexes=indexes, window=inner) > 0).all(axis=0)
                 except RasterioIOError as e:
                     raise RasterReadError(
                         f"reading {items[0][1].path} failed ({str(e).splitlines()[0]})",
                         "check the file is complete and readable (gdalinfo -checksum)",
                     ) from e
-                sub_valid &= (masks > 0).all(axis=0)
-                sub_valid &= np.isfinite(arr).all(axis=0)
+                if any(np.dtype(ds.dtypes[i - 1]).kind in "fc" for i in indexes):  # NaN/inf only here
+                    sub_valid &= np.isfinite(arr).all(axis=0)
                 if self.nodata is not None:
                     sub_valid &= (arr != self.nodata).all(axis=0)
-                for k, (pos, _) in enumerate(items):
-                    data[pos, r0 : r0 + ih, c0 : c0 + iw] = arr[k]
-            block = data[:, r0 : r0 + ih, c0 : c0 + iw]  # a view: zero invalid pixels (no NaN leaves io/)
-            block[:, ~sub_valid] = 0.0
+                if not direct:
+                    for k, (pos, _) in enumerate(items):
+                        data[pos, r0 : r0 + ih, c0 : c0 + iw] = arr[k]
+            if not sub_valid.all():
+                block = data[:, r0 : r0 + ih, c0 : c0 + iw]  # a view: zero invalid pixels (no NaN leaves io/)
+                block[:, ~sub_valid] = 0.0
             valid[r0 : r0 + ih, c0 : c0 + iw] = sub_valid
         return RasterSample(
             data=data,

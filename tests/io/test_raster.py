@@ -55,6 +55,35 @@ def test_nodata_and_nan_make_pixels_invalid(make_raster):
     assert not s2.valid[0, 0] and s2.valid.sum() == 15
 
 
+def test_masks_without_nodata_and_band_order(tmp_path, make_raster):
+    """Validity comes from whatever the file has (NaN in a float file without nodata, an
+    internal mask on an integer file), and bands read in file order (decoded straight into
+    the output) equal the same bands read in another order."""
+    import rasterio
+
+    f = RNG.random((2, 12, 12)).astype(np.float32)
+    f[1, 4, 7] = np.nan
+    s = open_scene(make_raster("f.tif", f, descriptions=["B11", "B12"])).read()
+    assert not s.valid[4, 7] and s.valid.sum() == 143 and s.data[1, 4, 7] == 0.0
+
+    data = RNG.integers(1, 5000, (3, 20, 20)).astype(np.uint16)
+    path = make_raster("m.tif", data, descriptions=["B04", "B03", "B02"])
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+        mask = np.full((20, 20), 255, np.uint8)
+        mask[:5, :3] = 0
+        ds.write_mask(mask)
+    scene = open_scene(path)
+    win = Window(-2, -1, 10, 10)  # reaches outside the scene: read into a view of the output
+    ordered, shuffled = scene.read(["B04", "B03", "B02"], win), scene.read(["B02", "B04", "B03"], win)
+    np.testing.assert_array_equal(shuffled.data, ordered.data[[2, 0, 1]])
+    np.testing.assert_array_equal(shuffled.valid, ordered.valid)
+    expected = np.zeros((10, 10), bool)
+    expected[1:, 2:] = mask[:9, :8] > 0
+    np.testing.assert_array_equal(ordered.valid, expected)
+    np.testing.assert_array_equal(ordered.data[:, expected], data[:, :9, :8][:, mask[:9, :8] > 0])
+    assert (ordered.data[:, ~expected] == 0).all()
+
+
 def test_band_folder_resamples_coarse_bands_to_finest_grid(tmp_path, make_raster):
     folder = tmp_path / "T31UDQ_20200101T103000"
     folder.mkdir()
