@@ -128,7 +128,7 @@ class BackgroundSink:
     ``write_rows`` or by ``close``.
     """
 
-    def __init__(self, sink, depth: int = 2):
+    def __init__(self, sink, depth: int = 1):
         self.sink = sink
         self.block_rows = sink.block_rows
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))

@@ -14,7 +14,9 @@ def test_normalizer_matches_method_md_formula():
     m, s = np.array(DEO_S2_MANIFEST.mean), np.array(DEO_S2_MANIFEST.std)
     rgb = np.clip(x[:, :3] / 4000.0, 0, 1)
     np.testing.assert_allclose(y[:, :3], (rgb - m[:3, None, None]) / s[:3, None, None], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y[:, 3:], (x[:, 3:] - m[3:, None, None]) / s[3:, None, None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y[:, 3:], (x[:, 3:] - m[3:, None, None]) / s[3:, None, None], rtol=1e-5, atol=1e-5
+    )
     # torch gives the same numbers
     yt = n(torch.from_numpy(x))
     np.testing.assert_allclose(yt.numpy(), y, rtol=1e-5, atol=1e-5)
