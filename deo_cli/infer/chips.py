@@ -23,7 +23,6 @@ from rasterio.windows import Window
 
 from deo_cli.infer.tiling import Chip, TilePlan, edge_index, fill_invalid, invalid_fraction
 
-
 #: Most chips read as one strip window. A whole batch row (16 chips, 10 bands) was a 24 MB float
 #: strip on a wide scene against 9 MB on a 1k x 1k one, which made peak memory grow with the
 #: scene's width; GDAL's block cache keeps the tiles two strips share, so decoding is the same.
