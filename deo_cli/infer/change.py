@@ -711,6 +711,7 @@ def run_detect_change(
                 max_nodata_fraction=t.max_nodata_fraction,
                 batch_size=rt.batch_size,
                 num_workers=rt.num_workers,
+                micro_batch=rt.micro_batch,
                 device=device,
                 precision=precision,
                 progress=progress,

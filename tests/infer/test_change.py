@@ -196,6 +196,31 @@ def test_identical_dates_score_zero_on_the_embedding_grid(make_raster, tmp_path)
         run_detect_change(str(a), str(b), out, tiny_recipe("input.rgb_max=3000"))
 
 
+def test_runtime_micro_batch_reaches_the_forward_and_keeps_the_scores(make_raster, tmp_path, monkeypatch):
+    import deo_cli.infer.runner as runner
+
+    data = smooth_scene(64, 80, seed=5)
+    a = make_raster("a.tif", data, descriptions=S2_BANDS)
+    b = make_raster("b.tif", data[::-1].copy(), descriptions=S2_BANDS)
+    seen = []
+    forward = runner._forward
+
+    def spy(*args, micro_batch=0, **kw):
+        seen.append(micro_batch)
+        return forward(*args, micro_batch=micro_batch, **kw)
+
+    monkeypatch.setattr(runner, "_forward", spy)
+    scores = {}
+    for mb in (0, 1):
+        out = tmp_path / f"c{mb}.tif"
+        run_detect_change(str(a), str(b), out, tiny_recipe("input.rgb_max=3000", f"runtime.micro_batch={mb}"))
+        with rasterio.open(out) as s:
+            scores[mb] = s.read(1)
+        assert seen and set(seen) == {mb or runner.CPU_MICRO_BATCH}
+        seen.clear()
+    np.testing.assert_allclose(scores[1], scores[0], atol=1e-5)
+
+
 def test_in_memory_scores_equal_the_written_cog(make_raster, tmp_path):
     a = make_raster("a.tif", smooth_scene(64, 80, seed=4), descriptions=S2_BANDS)
     b = make_raster("b.tif", smooth_scene(64, 80, seed=5), descriptions=S2_BANDS)
