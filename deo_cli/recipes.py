@@ -463,7 +463,10 @@ class TilingSection:
 class EmbedOutputSection:
     pool: Literal["none", "mean", "cls"] = "none"
     dtype: Literal["float32", "float16", "int8"] = "float32"
-    compress: Literal["deflate", "zstd", "lzw", "none"] = "deflate"
+    #: ZSTD: the COG of a 625 x 625 x 384 embedding is written in 10 s instead of 19 s with
+    #: DEFLATE (both at level 1 with the predictor), at the same size; ``deflate`` for readers
+    #: built without ZSTD (GDAL < 2.3).
+    compress: Literal["deflate", "zstd", "lzw", "none"] = "zstd"
     #: ``auto``: from -o (``.zarr`` -> zarr, a chip pool -> parquet, else a COG).
     format: Literal["auto", "cog", "zarr", "parquet"] = "auto"
 

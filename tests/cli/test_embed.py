@@ -45,6 +45,8 @@ def test_real_scenes_give_georeferenced_cogs(shared_data, tmp_path, folder):
         assert (ds.width, ds.height) == (-(-w // 16), -(-h // 16))
         assert ds.count == 64 and ds.descriptions[0] == "emb_0000" and ds.descriptions[-1] == "emb_0063"
         assert ds.dtypes[0] == "float32" and np.isnan(ds.nodata)
+        st = ds.tags(ns="IMAGE_STRUCTURE")  # ZSTD with the floating-point predictor by default
+        assert st["COMPRESSION"] == "ZSTD" and st["PREDICTOR"] == "3", st
         tags = ds.tags()
         assert (
             tags["DEO_MODEL"] == "deo_swin_test" and tags["DEO_LAYER"] == "2" and tags["DEO_STRIDE"] == "16"
