@@ -9,9 +9,13 @@ tiled, DEFLATE-compressed GeoTIFFs into a work folder), a fresh subprocess:
    rounds;
 3. runs :func:`deo_cli.infer.embed.run_embed` on the scene (everything a user waits for: unit
    and RGB statistics, reads, forward passes, stitching, the tiled GeoTIFF, the COG copy with
-   overviews), with the kernel's RSS high-water mark reset just before (``VmHWM``; DataLoader
-   workers, when there are any, are sampled every 0.5 s for their PSS);
+   overviews), probing the pure forward during it (:class:`ForwardProbe`);
 4. times the model alone again as in 2, then in calls of 4, 8 and ``--batch-size`` chips.
+
+Memory comes from a second subprocess that only builds the model and runs ``run_embed``, as a
+user would, with the kernel's RSS high-water mark (``VmHWM``) reset just before; the timing
+above fragments the heap and raised the peak by 40-70 MB. (With DataLoader workers the speed
+run also samples their PSS every 0.5 s.)
 
 It reports (a) end-to-end chips/s divided by the pure-forward chips/s of 2 and 4 (the mean of
 the rounds next to the run: this VM's speed drifts by +-15 % within minutes, so a baseline
@@ -253,6 +257,38 @@ class ForwardProbe:
 # ---------------------------------------------------------------------------------------------
 
 
+def memory_run(model, recipe, scene: Path, out: Path) -> dict:
+    """Peak RSS of one ``run_embed`` with no timing around it: the forward-speed measurements
+    of :func:`child` leave the heap fragmented (a 64-chip forward before the run raised the
+    tiny model's 4k peak from ~900 to 971 MB), so memory gets a process of its own."""
+    from deo_cli.infer.embed import run_embed
+    from deo_cli.infer.runner import release_heap
+    from deo_cli.io.writers import StreamingRasterWriter
+
+    finish = StreamingRasterWriter.finish
+    before_finish = {}
+
+    def timed_finish(self):  # the peak of the streaming part alone
+        before_finish["kb"] = _peak_rss_kb()
+        return finish(self)
+
+    gc.collect()
+    release_heap()
+    base_kb = _rss_kb(os.getpid())
+    StreamingRasterWriter.finish = timed_finish
+    _reset_peak_rss()
+    try:
+        (res,) = run_embed([str(scene)], out, recipe, model=model, overwrite=True)
+    finally:
+        StreamingRasterWriter.finish = finish
+    return {
+        "rss_before_mb": round(base_kb / 1024, 1),
+        "peak_mb": round(_peak_rss_kb() / 1024, 1),
+        "peak_rss_streaming_mb": round(before_finish.get("kb", 0) / 1024, 1),
+        "chips": res.chips,
+    }
+
+
 def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     import numpy as np
     import torch
@@ -288,6 +324,8 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     out = outdir / f"{model_name}_{size}.tif"
     if out.exists():
         out.unlink()
+    if args.memory_only:  # the run as a user makes it: nothing else in the process
+        return memory_run(model, recipe, scene, out)
     workers = resolve_num_workers(
         args.num_workers if args.num_workers == "auto" else int(args.num_workers), torch.device("cpu")
     )
@@ -454,6 +492,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compress", default="deflate", help="compression of the synthetic scenes (deflate, none)"
     )
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "SIZE", "SCENE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -509,6 +548,17 @@ def main(argv=None) -> int:
         row["repeats"] = len(tries)
         row["ratios_of_repeats"] = [t["ratio"] for t in tries]
         row["scene_compression"] = args.compress
+        # memory from a run of its own (the speed run's probes and pure forwards perturb it)
+        proc = subprocess.run([*cmd, "--memory-only"], capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        mem = json.loads(line[-1][7:])
+        row["peak_mb_speed_run"] = row["peak_mb"]
+        row["peak_rss_streaming_mb_speed_run"] = row["peak_rss_streaming_mb"]
+        row.update(peak_mb=mem["peak_mb"], peak_rss_streaming_mb=mem["peak_rss_streaming_mb"])
+        row["rss_before_memory_run_mb"] = mem["rss_before_mb"]
         rows.append(row)
         print(
             f"  {row['chips']} chips: end-to-end {row['end_to_end_chips_per_s']:.2f} chips/s, "
