@@ -33,6 +33,7 @@ models/sizes already in the file are kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -257,34 +258,43 @@ class ForwardProbe:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def peak_before_finish():
+    """Yields a dict whose ``kb`` is set to the RSS high-water mark when the COG copy starts
+    (``StreamingRasterWriter.finish``): the peak of the streaming part alone."""
+    from deo_cli.io.writers import StreamingRasterWriter
+
+    finish = StreamingRasterWriter.finish
+    seen = {"kb": 0}
+
+    def timed_finish(self):
+        seen["kb"] = _peak_rss_kb()
+        return finish(self)
+
+    StreamingRasterWriter.finish = timed_finish
+    try:
+        yield seen
+    finally:
+        StreamingRasterWriter.finish = finish
+
+
 def memory_run(model, recipe, scene: Path, out: Path) -> dict:
     """Peak RSS of one ``run_embed`` with no timing around it: the forward-speed measurements
     of :func:`child` leave the heap fragmented (a 64-chip forward before the run raised the
     tiny model's 4k peak from ~900 to 971 MB), so memory gets a process of its own."""
     from deo_cli.infer.embed import run_embed
     from deo_cli.infer.runner import release_heap
-    from deo_cli.io.writers import StreamingRasterWriter
-
-    finish = StreamingRasterWriter.finish
-    before_finish = {}
-
-    def timed_finish(self):  # the peak of the streaming part alone
-        before_finish["kb"] = _peak_rss_kb()
-        return finish(self)
 
     gc.collect()
     release_heap()
     base_kb = _rss_kb(os.getpid())
-    StreamingRasterWriter.finish = timed_finish
     _reset_peak_rss()
-    try:
+    with peak_before_finish() as before_finish:
         (res,) = run_embed([str(scene)], out, recipe, model=model, overwrite=True)
-    finally:
-        StreamingRasterWriter.finish = finish
     return {
         "rss_before_mb": round(base_kb / 1024, 1),
         "peak_mb": round(_peak_rss_kb() / 1024, 1),
-        "peak_rss_streaming_mb": round(before_finish.get("kb", 0) / 1024, 1),
+        "peak_rss_streaming_mb": round(before_finish["kb"] / 1024, 1),
         "chips": res.chips,
     }
 
@@ -300,7 +310,6 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     from deo_cli.infer.runner import default_micro_batch, release_heap
     from deo_cli.infer.tiling import TilePlan
     from deo_cli.io.raster import open_scene
-    from deo_cli.io.writers import StreamingRasterWriter
     from deo_cli.models import build_encoder, get_model_spec
     from deo_cli.recipes import EmbedRecipe, build_recipe
     from deo_cli.runtime import resolve_num_workers
@@ -374,18 +383,8 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     probe = ForwardProbe(model, every=args.probe_every)
-    finish = StreamingRasterWriter.finish
-    before_finish = {}
-
-    def timed_finish(self):  # the peak of the streaming part alone
-        before_finish["kb"] = _peak_rss_kb()
-        return finish(self)
-
-    StreamingRasterWriter.finish = timed_finish
-    try:
+    with peak_before_finish() as before_finish:
         (res,) = run_embed([str(scene)], out, recipe, model=probe, overwrite=True)
-    finally:
-        StreamingRasterWriter.finish = finish
     e2e_s = time.perf_counter() - t0 - probe.seconds  # the run without its probes
     e2e_cpu = _cpu_seconds() - cpu0 - probe.cpu_seconds  # this process + its (joined) workers
     # the kernel's high-water mark of this process's RSS over the run: exact, unlike sampling,
@@ -445,7 +444,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
             1,
         ),
         "peak_rss_e2e_mb": round(maxrss_kb / 1024, 1),
-        "peak_rss_streaming_mb": round(before_finish.get("kb", 0) / 1024, 1),
+        "peak_rss_streaming_mb": round(before_finish["kb"] / 1024, 1),
         # share of the end-to-end time spent in the model's forward calls (robust to the VM's
         # speed changing between the end-to-end run and the pure-forward timing)
         "model_share": round(timing["model_seconds"] / e2e_s, 4),

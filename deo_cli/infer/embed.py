@@ -50,15 +50,7 @@ from deo_cli.infer.chips import ChipReader
 from deo_cli.infer.distributed import RankInfo, run_ranks
 from deo_cli.infer.model import EncoderFeatures, resolve_layer
 from deo_cli.infer.prepare import InputPlan, prepare_input
-from deo_cli.infer.runner import (
-    _forward,
-    block_rows_for,
-    masked_mean,
-    release_heap,
-    run_dense,
-    run_pooled,
-    split_rows,
-)
+from deo_cli.infer.runner import _forward, block_rows_for, masked_mean, run_dense, run_pooled, split_rows
 from deo_cli.infer.tiling import TilePlan
 from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
@@ -413,7 +405,6 @@ def _dense(
             stats = run_dense(reader, model, sink, rows=(sink.rows_done, out_grid.height), **common)
             if fmt == "zarr":
                 save_recipe(recipe, sink.tmp / "recipe.yaml", "embed")
-            release_heap()  # what the stream freed, back to the OS before the COG copy
             t_finish = time.perf_counter()
             sink.finish()
             stats.extra["finish_seconds"] = time.perf_counter() - t_finish

@@ -25,6 +25,7 @@ or a segmentation sink that turns logits into classes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -58,6 +59,7 @@ WORKER_NICENESS = 10
 _worker_env = None
 
 
+@functools.cache
 def _libc():
     import ctypes
     import ctypes.util
@@ -223,16 +225,23 @@ def default_micro_batch(device: torch.device, micro_batch: int = 0) -> int:
 
 
 def _forward(
-    model, x: torch.Tensor, device, precision, fn: Callable | None = None, micro_batch: int = 0
+    model,
+    x: torch.Tensor,
+    device,
+    precision,
+    fn: Callable | None = None,
+    micro_batch: int = 0,
+    extra: tuple = (),
 ) -> np.ndarray:
-    """``(fn or model)(x)`` on ``device`` as float32 numpy, in slices of ``micro_batch`` chips
-    (0: all at once)."""
+    """``(fn or model)(x, *extra)`` on ``device`` as float32 numpy, in slices of ``micro_batch``
+    chips (0: all at once); ``extra`` arrays are sliced along with ``x``."""
     fn = fn or model
     step = micro_batch if 0 < micro_batch < len(x) else len(x)
     out = None
     with torch.inference_mode(), autocast(device, precision):
         for i in range(0, len(x), step):
-            y = fn(x[i : i + step].to(device, non_blocking=True)).float().cpu()
+            part = (a[i : i + step] for a in extra)
+            y = fn(x[i : i + step].to(device, non_blocking=True), *part).float().cpu()
             if step == len(x):
                 return y.numpy()
             if out is None:
@@ -339,6 +348,7 @@ def run_dense(
             if stats.chips // batch_size % TRIM_EVERY == 0:
                 release_heap()
         stitcher.close()
+        release_heap()  # what the stream freed, back to the OS before the caller finishes the sink
     finally:
         if out is not sink:
             out.close()
@@ -388,17 +398,9 @@ def run_pooled(
                 if 1.0 - batch.samples[j].valid_fraction <= max_nodata_fraction
             ]
             if take:
-                x = batch.x[take].to(device, non_blocking=True)
                 inv = np.stack([batch.samples[batch.keep[k]].invalid for k in take])
                 tm = time.perf_counter()
-                with torch.inference_mode(), autocast(device, precision):
-                    v = torch.cat(
-                        [
-                            vectors(x[i : i + step], inv[i : i + step]).float().cpu()
-                            for i in range(0, len(x), step)
-                        ]
-                    )
-                v = v.numpy()
+                v = _forward(None, batch.x[take], device, precision, vectors, step, (inv,))
                 stats.model_seconds += time.perf_counter() - tm
                 write([batch.samples[batch.keep[k]] for k in take], v)
             stats.chips += len(batch)

@@ -123,6 +123,7 @@ class Scene:
         self.datetime = datetime
         self.tags = dict(tags or {})
         self._handles: dict = {}
+        self._checks: dict = {}  # (path, warp, indexes) -> what validity needs reading there
         self._pid = os.getpid()
 
     # -- description -------------------------------------------------------------------------
@@ -219,6 +220,19 @@ class Scene:
                 ds = base
         return ds
 
+    def _band_checks(self, ds, key, indexes: list[int]) -> tuple[bool, bool]:
+        """``(read_masks, may_be_nan)`` for ``indexes`` of ``ds``: a band without nodata, mask or
+        alpha is valid everywhere (no mask to read), and only floating-point bands hold NaN.
+        Worked out once per file and band list (GDAL's mask flags cost ~40 us per call)."""
+        ck = (*key, tuple(indexes))
+        if ck not in self._checks:
+            flags = ds.mask_flag_enums
+            self._checks[ck] = (
+                any(flags[i - 1] != [MaskFlags.all_valid] for i in indexes),
+                any(np.dtype(ds.dtypes[i - 1]).kind in "fc" for i in indexes),
+            )
+        return self._checks[ck]
+
     def read(
         self,
         bands: Sequence[str] | None = None,
@@ -251,9 +265,10 @@ class Scene:
             for pos, i in enumerate(idx):
                 src = self.sources[i]
                 groups.setdefault((src.path, not src.grid.same_as(self.grid)), []).append((pos, src))
-            for items in groups.values():
+            for key, items in groups.items():
                 ds = self._dataset(items[0][1])
                 indexes = [s.index for _, s in items]
+                read_masks, may_be_nan = self._band_checks(ds, key, indexes)
                 first = items[0][0]
                 # bands in scene order: GDAL decodes straight into ``data`` (no second copy)
                 direct = [pos for pos, _ in items] == list(range(first, first + len(items)))
@@ -263,16 +278,14 @@ class Scene:
                         arr = ds.read(indexes=indexes, window=inner, out=target)
                     else:
                         arr = ds.read(indexes=indexes, window=inner, out_dtype="float32")
-                    # a band without nodata, mask or alpha is valid everywhere: no mask to read
-                    flags = [ds.mask_flag_enums[i - 1] for i in indexes]
-                    if any(f != [MaskFlags.all_valid] for f in flags):
+                    if read_masks:
                         sub_valid &= (ds.read_masks(indexes=indexes, window=inner) > 0).all(axis=0)
                 except RasterioIOError as e:
                     raise RasterReadError(
                         f"reading {items[0][1].path} failed ({str(e).splitlines()[0]})",
                         "check the file is complete and readable (gdalinfo -checksum)",
                     ) from e
-                if any(np.dtype(ds.dtypes[i - 1]).kind in "fc" for i in indexes):  # NaN/inf only here
+                if may_be_nan:
                     sub_valid &= np.isfinite(arr).all(axis=0)
                 if self.nodata is not None:
                     sub_valid &= (arr != self.nodata).all(axis=0)
