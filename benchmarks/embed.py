@@ -328,8 +328,10 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     recipe = build_recipe(EmbedRecipe, sets=sets)
     bs = args.batch_size
 
+    # the pipeline's slices
+    step = default_micro_batch(torch.device("cpu"), args.micro_batch, model, args.chip_size) or bs
     with torch.inference_mode():  # warm-up (first calls allocate)
-        model(torch.zeros(args.micro_batch or 4, 10, args.chip_size, args.chip_size))
+        model(torch.zeros(step, 10, args.chip_size, args.chip_size))
     out = outdir / f"{model_name}_{size}.tif"
     if out.exists():
         out.unlink()
@@ -338,7 +340,6 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     workers = resolve_num_workers(
         args.num_workers if args.num_workers == "auto" else int(args.num_workers), torch.device("cpu")
     )
-    step = default_micro_batch(torch.device("cpu"), args.micro_batch) or bs  # the pipeline's slices
 
     def forward_chips():
         """The chips a forward-only run uses: a band of real chips from the middle of the plan."""
@@ -428,6 +429,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
         "forward_best_chips_per_s": round(fwd_best, 3),
         "forward_chips_per_s_by_slice": {str(k): [round(v, 3) for v in r] for k, r in by_step.items()},
         "micro_batch": args.micro_batch,
+        "micro_batch_resolved": step,
         "timing_s": timing,
         # (a): end-to-end over the pure forward timed during the run on the pipeline's slices
         "ratio": round(e2e_cps / probe.chips_per_second, 4),

@@ -294,6 +294,8 @@ class CosineChange(nn.Module):
         self.name = encoder.name
         self.input_size = int(encoder.spec.input_size)
         self.align = int(max(encoder.feature_strides))
+        # both dates go through the encoder in one batch
+        self.activation_bytes_per_pixel = 2 * encoder.spec.activation_bytes_per_pixel
         self.manifest = encoder.manifest
         self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
         self.weights_uri = encoder.weights_uri

@@ -68,6 +68,7 @@ class DenseHeadModel(nn.Module):
         self.channels = int(channels)
         self.input_size = int(encoder.spec.input_size)
         self.align = int(max(encoder.feature_strides))
+        self.activation_bytes_per_pixel = encoder.spec.activation_bytes_per_pixel
         self.manifest = encoder.manifest
         self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
         self.weights_uri = encoder.weights_uri

@@ -540,6 +540,7 @@ def _pooled(
             batch_size=recipe.runtime.batch_size,
             num_workers=recipe.runtime.num_workers,
             micro_batch=recipe.runtime.micro_batch,
+            model=model,
             device=device,
             precision=precision,
             chips=chips,

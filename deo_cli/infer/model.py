@@ -119,6 +119,7 @@ class EncoderFeatures(torch.nn.Module):
         self.channels = int(spec.feature_channels[self.layer])
         self.input_size = int(spec.input_size)
         self.pooled_dim = int(spec.pooled_dim)
+        self.activation_bytes_per_pixel = spec.activation_bytes_per_pixel
         self.manifest = encoder.manifest
         self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
         self.weights_uri = encoder.weights_uri

@@ -12,8 +12,9 @@ Shared by ``deo embed``, ``deo segment predict`` and ``deo detect-change``::
   the scene pickles and each worker opens its own files), ``prefetch`` batches ahead each.
 - The main process runs batches on the device under the resolved precision (autocast), skips
   chips without any valid pixel, and stitches (:class:`~deo_cli.infer.tiling.RowStitcher`).
-- Finished row blocks go to the sink in a background thread (:class:`BackgroundSink`), so
-  compression and disk writes overlap the next forward pass. Memory is bounded by the
+- Finished row blocks go to a compressing sink in a background thread
+  (:class:`BackgroundSink`), so compression overlaps the next forward pass; a sink that does
+  not compress (float temporaries) is written directly. Memory is bounded by the
   stitcher's band of rows, the prefetch queue and the GDAL cache (capped at
   :data:`READ_CACHE_BYTES` per worker), none of which grows with the scene's height.
 
@@ -208,20 +209,32 @@ def make_loader(
     )
 
 
-#: Chips per forward call on the CPU (a read batch is run in slices of this many). Measured on
-#: the 2-core CI machine, forward of 64 random 224 px chips (benchmarks/embed.py models):
+#: Most chips per forward call on the CPU (a read batch is run in slices). Measured on the
+#: 2-core CI machine, forward of 64 random 224 px chips (benchmarks/embed.py models):
 #: deo_swin_t 13.6 chips/s in slices of 4 against 11.0 in one batch of 16, with the process's
 #: peak RSS 1109 MB against 1450 MB (a batch's activations are the largest transient of a
 #: run); deo_swin_test 164 against 108 chips/s. Smaller slices stay in the CPU's caches.
 CPU_MICRO_BATCH = 4
+#: Activation bytes a CPU slice aims at (the finest feature map of all its chips; see
+#: :func:`default_micro_batch`). deo_swin_t (1.15 MB per 224 px chip) then runs 2 chips per
+#: call: 10.2 against 9.8 chips/s for 4 (same VM, interleaved), and the forward's transient
+#: memory 85 against 137 MB, which was the largest and most variable part of a run's peak.
+CPU_SLICE_BYTES = 2.5 * 2**20
 
 
-def default_micro_batch(device: torch.device, micro_batch: int = 0) -> int:
-    """``micro_batch`` when set (> 0); else :data:`CPU_MICRO_BATCH` on the CPU and 0 (the whole
-    batch in one call) on GPUs, which want large batches."""
+def default_micro_batch(device: torch.device, micro_batch: int = 0, model=None, chip_size: int = 0) -> int:
+    """``micro_batch`` when set (> 0); else 0 (the whole batch in one call) on GPUs, which want
+    large batches, and on the CPU as many chips as fit :data:`CPU_SLICE_BYTES` of the model's
+    finest feature map (its ``activation_bytes_per_pixel`` times ``chip_size``²), between 1 and
+    :data:`CPU_MICRO_BATCH` (that many for a model that does not say)."""
     if micro_batch > 0:
         return int(micro_batch)
-    return CPU_MICRO_BATCH if device.type == "cpu" else 0
+    if device.type != "cpu":
+        return 0
+    per_pixel = getattr(model, "activation_bytes_per_pixel", None)
+    if not per_pixel or chip_size <= 0:
+        return CPU_MICRO_BATCH
+    return max(1, min(CPU_MICRO_BATCH, int(CPU_SLICE_BYTES // (per_pixel * chip_size**2))))
 
 
 def _forward(
@@ -290,7 +303,7 @@ def run_dense(
     progress: Progress | None = None,
     description: str = "",
     prefetch: int | None = None,
-    background: bool = True,
+    background: bool | None = None,
     micro_batch: int = 0,
 ) -> RunStats:
     """Stitch ``model`` maps over ``reader``'s plan into ``sink`` (output rows ``rows``, default all).
@@ -299,6 +312,10 @@ def run_dense(
     with ``stride == reader.plan.stride``. Batches of ``batch_size`` chips are read; the model
     sees them in slices of ``micro_batch`` (0: :func:`default_micro_batch`). The caller
     finishes the sink.
+
+    ``background``: write row blocks in a thread (:class:`BackgroundSink`). Default: when the
+    sink compresses (its ``compresses`` attribute, True when absent); a sink that only copies
+    rows to disk is called directly, so no finished block waits in memory for the thread.
     """
     plan = reader.plan
     device = device or torch.device("cpu")
@@ -306,11 +323,13 @@ def run_dense(
     rows = rows or (0, plan.out_height)
     if prefetch is None:
         prefetch = default_prefetch(device)
-    micro_batch = default_micro_batch(device, micro_batch)
+    micro_batch = default_micro_batch(device, micro_batch, model, plan.chip_size)
     num_workers = resolve_num_workers(num_workers, device)
     stats = RunStats(rows=rows)
     if model.stride != plan.stride:
         raise ValueError(f"model stride {model.stride} differs from the plan's {plan.stride}")
+    if background is None:
+        background = bool(getattr(sink, "compresses", True))
     out = BackgroundSink(sink) if background else sink
     stitcher = RowStitcher(
         plan,
@@ -372,15 +391,17 @@ def run_pooled(
     progress: Progress | None = None,
     description: str = "",
     micro_batch: int = 0,
+    model=None,
 ) -> RunStats:
     """One vector per chip: ``vectors(x, invalid)`` -> ``(B, D)``; ``write(samples, vectors)``.
 
     Chips whose in-scene pixels are more than ``max_nodata_fraction`` nodata are skipped.
     ``invalid`` is the batch's (B, n, n) per-feature-pixel invalid fraction (numpy). The model
-    sees slices of ``micro_batch`` chips (0: :func:`default_micro_batch`).
+    sees slices of ``micro_batch`` chips (0: :func:`default_micro_batch` for ``model``, the
+    feature model behind ``vectors``).
     """
     device = device or torch.device("cpu")
-    step = default_micro_batch(device, micro_batch) or batch_size
+    step = default_micro_batch(device, micro_batch, model, reader.plan.chip_size) or batch_size
     num_workers = resolve_num_workers(num_workers, device)
     progress = progress or NullProgress()
     chips = reader.plan.chips() if chips is None else chips

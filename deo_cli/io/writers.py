@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 #: embedding filled it and peak memory grew with the scene (10k x 10k, tiny model: 1061 MB
 #: against 997 MB at 16 MB, the COG finish taking the same 3.7-3.9 s).
 WRITER_CACHE_BYTES = 16 * 1024 * 1024
+#: GDAL block cache while a :class:`TiledWriter` writes a block (bytes). Each block fills whole
+#: tiles that are never written again, so holding them in the cache gains nothing: a small cache
+#: sends them to disk during the write instead of keeping a whole block (15 MB for a 625 px wide,
+#: 384-band embedding) in memory until later reads push it out.
+TILE_WRITE_CACHE_BYTES = 4 * 1024 * 1024
 #: Buffer of the final copy to the COG driver (bytes).
 WRITER_SWATH_BYTES = 16 * 1024 * 1024
 #: Bytes of one row of COG tiles across the raster that :meth:`RasterLayout.cog_tile_size` aims at.
@@ -275,7 +280,7 @@ class TiledWriter:
         self.rows_done = self.row_begin
         self._ds = None
         self._last_checkpoint = time.monotonic()
-        self._env = rasterio.Env(GDAL_CACHEMAX=WRITER_CACHE_BYTES)
+        self._env = rasterio.Env(GDAL_CACHEMAX=TILE_WRITE_CACHE_BYTES)
         state = read_progress(self.sidecar, fingerprint) if resume else None
         if state is not None and self.path.exists():
             self.rows_done = int(state["rows_done"])
@@ -301,6 +306,12 @@ class TiledWriter:
     def complete(self) -> bool:
         return self.rows_done >= self.row_end
 
+    @property
+    def compresses(self) -> bool:
+        """Whether writing a block compresses it (integer data); float temporaries are stored
+        uncompressed, so writing costs a copy and a disk write (see :func:`run_dense`)."""
+        return np.dtype(self.layout.stored_dtype).kind != "f"
+
     def _profile(self) -> dict:
         g = self.part_grid
         bx = min(self.layout.cog_blocksize, max(16, -(-g.width // 16) * 16))
@@ -325,7 +336,7 @@ class TiledWriter:
         # floating-point features hardly at all (ZSTD saved ~10 % on an embedding), and
         # compressing them cost CPU the model needs (overviews of a 625 x 625 x 384 raster:
         # 8.3 s with ZSTD, 5.8 s without)
-        if np.dtype(self.layout.stored_dtype).kind != "f":
+        if self.compresses:
             prof.update(compress="zstd", zstd_level=1)
         if g.crs is not None:
             prof["crs"] = g.crs
@@ -680,6 +691,10 @@ class StreamingRasterWriter:
     @property
     def rows_done(self) -> int:
         return self._writer.rows_done
+
+    @property
+    def compresses(self) -> bool:
+        return self._writer.compresses
 
     def write_rows(self, row0: int, data: np.ndarray) -> None:
         self._writer.write_rows(row0, data)

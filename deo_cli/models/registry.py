@@ -67,6 +67,13 @@ class ModelSpec:
     def num_levels(self) -> int:
         return len(self.feature_channels)
 
+    @property
+    def activation_bytes_per_pixel(self) -> float:
+        """Float32 bytes of the finest feature map per input pixel (Swin: stage 1, C/16 per
+        pixel), a measure of how much memory the forward pass of one chip takes; the CPU
+        runner sizes its micro-batches by it (:func:`deo_cli.infer.runner.default_micro_batch`)."""
+        return 4.0 * self.feature_channels[0] / self.feature_strides[0] ** 2
+
 
 @dataclass(frozen=True)
 class _Entry:
