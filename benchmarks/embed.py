@@ -604,12 +604,15 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
         },
         "targets": {"ratio": ">= 0.85", "peak_memory_growth_smallest_to_largest": "< 0.10"},
-        "memory": "peak_mb: the process's RSS high-water mark (VmHWM, reset right before the run) "
-        "over the run when it reads in the process (no workers); with workers, the larger of that "
-        "and the peak summed PSS of the process and its workers sampled every 0.5 s",
-        "ratio": "end-to-end chips/s over the mean pure-forward chips/s of the rounds right before "
-        "and after the run, in the pipeline's slices; ratio_vs_best_forward: over the best round "
-        "of any slice size",
+        "memory": "peak_mb: the RSS high-water mark (VmHWM, reset right before the run) of a "
+        "separate process that only runs the embedding (no probes, no pure forwards); with "
+        "workers, the larger of that and the peak summed PSS of the process and its workers "
+        "sampled every 0.5 s; peak_mb_speed_run: the same in the timed run",
+        "ratio": "end-to-end chips/s (probe time taken out) over the pure forward probed during "
+        "the run (every --probe-every s the current slice run again on its own), in the "
+        "pipeline's slices; with --repeat the best run is kept (ratios_of_repeats lists all); "
+        "ratio_adjacent: over the mean of the forward rounds right before and after the run; "
+        "ratio_vs_best_forward: over the best round of any slice size",
         "runs": allrows,
         "rss_growth": growth,
     }

@@ -402,8 +402,9 @@ class RuntimeSection:
     num_workers: int | Literal["auto"] = "auto"
     seed: int = 0
     #: Chips per forward call (inference): a batch is run in slices of this many. 0 = auto:
-    #: 4 on the CPU (faster and ~330 MB less memory than 16 for Swin-T on 2 cores), the whole
-    #: batch on GPUs.
+    #: on the CPU as many chips as keep the model's finest feature map within 3.2 MB, at most
+    #: 4 (Swin-T and Swin-B: 2; ViT-B/8: 1; ViT-B/16, ViT-S/16 and the tiny models: 4), the whole
+    #: batch on GPUs (:func:`deo_cli.infer.runner.default_micro_batch`).
     micro_batch: int = 0
 
     def __post_init__(self):

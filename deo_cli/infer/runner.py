@@ -217,9 +217,10 @@ def make_loader(
 CPU_MICRO_BATCH = 4
 #: Activation bytes a CPU slice aims at (the finest feature map of all its chips; see
 #: :func:`default_micro_batch`). deo_swin_t (1.15 MB per 224 px chip) then runs 2 chips per
-#: call: 10.2 against 9.8 chips/s for 4 (same VM, interleaved), and the forward's transient
-#: memory 85 against 137 MB, which was the largest and most variable part of a run's peak.
-CPU_SLICE_BYTES = 2.5 * 2**20
+#: call: 10.2 against 9.8 chips/s for 4 and 8.3 for 1 (same VM, interleaved rounds), and the
+#: forward's transient memory 85 against 137 MB, the largest part of a run's peak above the
+#: model. deo_swin_b (1.53 MB) also gets 2; deo_vit_b8 (3 MB at 256 px) 1.
+CPU_SLICE_BYTES = 3.2 * 2**20
 
 
 def default_micro_batch(device: torch.device, micro_batch: int = 0, model=None, chip_size: int = 0) -> int:

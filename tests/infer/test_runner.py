@@ -49,14 +49,15 @@ def test_default_micro_batch_is_small_on_the_cpu_and_whole_on_gpus():
     [
         ("deo_swin_t", 224, 2),
         ("deo_swin_t", 448, 1),
-        ("deo_swin_b", 224, 1),
+        ("deo_swin_b", 224, 2),
+        ("deo_vit_b8", 256, 1),
         ("deo_swin_test", 224, 4),
         ("deo_vit_b16", 224, 4),
     ],
 )
 def test_cpu_micro_batch_follows_the_models_activation_size(name, chip, expected):
     """Swin-T's stage 1 is 1.15 MB per 224 px chip: 2 chips per call keep a slice within
-    CPU_SLICE_BYTES; a model without the attribute gets CPU_MICRO_BATCH; GPUs the whole batch."""
+    CPU_SLICE_BYTES, 3 would not; a model without the attribute gets CPU_MICRO_BATCH; GPUs the whole batch."""
 
     class Spec:
         activation_bytes_per_pixel = get_model_spec(name).activation_bytes_per_pixel
