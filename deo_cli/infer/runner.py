@@ -219,7 +219,8 @@ CPU_MICRO_BATCH = 4
 #: :func:`default_micro_batch`). deo_swin_t (1.15 MB per 224 px chip) then runs 2 chips per
 #: call: 10.2 against 9.8 chips/s for 4 and 8.3 for 1 (same VM, interleaved rounds), and the
 #: forward's transient memory 85 against 137 MB, the largest part of a run's peak above the
-#: model. deo_swin_b (1.53 MB) also gets 2; deo_vit_b8 (3 MB at 256 px) 1.
+#: model. deo_swin_b (1.53 MB) also gets 2: 2.3 chips/s at 1, 2 or 4, transient 74-107 /
+#: 140-168 / 300-335 MB. deo_vit_b8 (3 MB at 256 px) gets 1.
 CPU_SLICE_BYTES = 3.2 * 2**20
 
 
