@@ -5,8 +5,8 @@ tiled, DEFLATE-compressed GeoTIFFs into a work folder), a fresh subprocess:
 
 1. builds the model (random weights) and warms it up;
 2. times the model alone on a band of real chips from the middle of the plan (read beforehand
-   into memory) in the pipeline's slices (4 chips per call on a CPU), ``--forward-rounds``
-   rounds;
+   into memory) in the pipeline's slices (on a CPU sized by the model's activations, see
+   :func:`deo_cli.infer.runner.default_micro_batch`), ``--forward-rounds`` rounds;
 3. runs :func:`deo_cli.infer.embed.run_embed` on the scene (everything a user waits for: unit
    and RGB statistics, reads, forward passes, stitching, the tiled GeoTIFF, the COG copy with
    overviews), probing the pure forward during it (:class:`ForwardProbe`);
@@ -17,14 +17,14 @@ user would, with the kernel's RSS high-water mark (``VmHWM``) reset just before;
 above fragments the heap and raised the peak by 40-70 MB. (With DataLoader workers the speed
 run also samples their PSS every 0.5 s.)
 
-It reports (a) end-to-end chips/s divided by the pure-forward chips/s of 2 and 4 (the mean of
-the rounds next to the run: this VM's speed drifts by +-15 % within minutes, so a baseline
-taken at another time says more about the VM than about the pipeline), target >= 0.85 on a
-2-core CPU, also against the best pure forward of any round and slice (``ratio_vs_best_forward``)
-and as the model's share of the end-to-end time (``model_share``, immune to the drift); and
-(b) the peak RSS of each run and its growth from the smallest to the largest scene (target
-< 10 %). Results are printed and written to ``benchmarks/results/embed.json`` (entries of other
-models/sizes already in the file are kept).
+It reports (a) end-to-end chips/s (probe time taken out) divided by the pure forward probed
+during the run (this VM's speed drifts by +-15 % within minutes, so a baseline taken at another
+time says more about the VM than about the pipeline), target >= 0.85 on a 2-core CPU; also
+against the mean of the rounds of 2 and 4 (``ratio_adjacent``) and the best pure forward of any
+round and slice (``ratio_vs_best_forward``), and as the model's share of the end-to-end time
+(``model_share``); and (b) the peak RSS of each run and its growth from the smallest to the
+largest scene (target < 10 %). Results are printed and written to
+``benchmarks/results/embed.json`` (entries of other models/sizes already in the file are kept).
 
     python benchmarks/embed.py                                   # tiny model 1k/4k/10k, swin_t 1k/4k
     python benchmarks/embed.py --models deo_swin_t --sizes 10000  # the long one (~10 min on 2 cores)
@@ -470,6 +470,17 @@ def _peak(row: dict) -> float:
     return row.get("peak_mb") or row["peak_pss_mb"]
 
 
+def run_child(cmd: list[str]) -> dict | None:
+    """Run one child (``--child ...``) and return its ``RESULT`` row; None (output printed) if it
+    failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        return None
+    return json.loads(line[-1][7:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", help="models to run (default: the standard set)")
@@ -537,25 +548,17 @@ def main(argv=None) -> int:
             str(args.probe_every),
         ]
         print(f"running {name} on {size} x {size} px ...", flush=True)
-        tries = []
-        for _ in range(max(1, args.repeat)):
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                return 1
-            tries.append(json.loads(line[-1][7:]))
+        tries = [run_child(cmd) for _ in range(max(1, args.repeat))]
+        if None in tries:
+            return 1
         row = max(tries, key=lambda r: r["ratio"])
         row["repeats"] = len(tries)
         row["ratios_of_repeats"] = [t["ratio"] for t in tries]
         row["scene_compression"] = args.compress
         # memory from a run of its own (the speed run's probes and pure forwards perturb it)
-        proc = subprocess.run([*cmd, "--memory-only"], capture_output=True, text=True, cwd=ROOT)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        mem = run_child([*cmd, "--memory-only"])
+        if mem is None:
             return 1
-        mem = json.loads(line[-1][7:])
         row["peak_mb_speed_run"] = row["peak_mb"]
         row["peak_rss_streaming_mb_speed_run"] = row["peak_rss_streaming_mb"]
         row.update(peak_mb=mem["peak_mb"], peak_rss_streaming_mb=mem["peak_rss_streaming_mb"])

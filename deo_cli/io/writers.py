@@ -59,7 +59,7 @@ from deo_cli.io.grid import Grid
 
 log = logging.getLogger(__name__)
 
-#: GDAL block cache used while writing and finishing (bytes); keeps memory flat with scene size.
+#: GDAL block cache while finishing (overview levels, the COG copy; bytes); keeps memory flat.
 #: GDAL's cache is one per process, shared with reading: at 64 MB the written tiles of a wide
 #: embedding filled it and peak memory grew with the scene (10k x 10k, tiny model: 1061 MB
 #: against 997 MB at 16 MB, the COG finish taking the same 3.7-3.9 s).
