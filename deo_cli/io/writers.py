@@ -12,9 +12,10 @@ by GDAL's COG driver (overviews, ``average`` for continuous values and ``nearest
 classes, DEFLATE or ZSTD with a predictor: floating-point for floats, horizontal for integers),
 written under a second temporary name and renamed into place. (Writing straight to the COG
 driver would go through an in-memory copy; STYLE.md.) GDAL 3.10's COG driver interleaves
-pixels and holds about a row of tiles across the raster while copying; rasters with more than
-64 bands, or wider than :data:`COG_TILE_ROW_BYTES` allows at 256 px, use 128-pixel tiles
-(the driver's smallest), so that one tile (every band of 128 x 128 pixels) stays near 30 MB.
+pixels, and its copy holds several uncompressed tiles (every band of a tile) at once, so the
+tile side shrinks with the bands from 256 px down to 64 px until a tile is at most
+:data:`COG_TILE_BYTES` (:attr:`RasterLayout.cog_blocksize`): 256 px up to 32 float bands,
+64 px for a 384-band embedding.
 
 **Resume.** Beside the temporary file a small JSON sidecar ``.NAME.partial.json`` records the
 output rows known to be on disk (``rows_done``) and a fingerprint of the run (recipe, model,
@@ -71,10 +72,17 @@ WRITER_CACHE_BYTES = 16 * 1024 * 1024
 TILE_WRITE_CACHE_BYTES = 4 * 1024 * 1024
 #: Buffer of the final copy to the COG driver (bytes).
 WRITER_SWATH_BYTES = 16 * 1024 * 1024
-#: Bytes of one row of COG tiles across the raster that :meth:`RasterLayout.cog_tile_size` aims at.
-COG_TILE_ROW_BYTES = 16 * 1024 * 1024
+#: Largest uncompressed COG tile (every band of it; bytes) that :attr:`RasterLayout.cog_blocksize`
+#: allows above its smallest side (64 px). GDAL 3.10's COG copy holds a few tiles at once:
+#: finishing a 250 x 250 x 384 float32 raster peaked at +155 MB with 128 px tiles (25 MB each)
+#: against +69 MB with 64 px (6 MB), and 625 px x 64 bands at +113 MB with 256 px (17 MB)
+#: against +53 MB with 128 px. (Not below 64 px: at 32 px the copy of the overview levels
+#: peaked at +151 MB for 384 bands and +278 MB for 768.)
+COG_TILE_BYTES = 8 * 1024 * 1024
+#: Side limits of COG tiles (pixels).
+COG_MAX_BLOCKSIZE, COG_MIN_BLOCKSIZE = 256, 64
 #: Bytes of source pixels read at a time while building an overview level.
-OVERVIEW_READ_BYTES = 16 * 1024 * 1024
+OVERVIEW_READ_BYTES = 4 * 1024 * 1024
 
 INT8_NODATA = -128
 
@@ -220,22 +228,13 @@ class RasterLayout:
 
     @property
     def cog_blocksize(self) -> int:
-        """The largest tile size used for this many bands (``blocksize`` when set)."""
+        """The COG's tile side (``blocksize`` when set): the largest of 256, 128 and 64 pixels
+        whose tile, every band uncompressed, is within :data:`COG_TILE_BYTES` (else 64)."""
         if self.blocksize:
             return self.blocksize
-        return 256 if self.count <= 64 else 128
-
-    def cog_tile_size(self, width: int) -> int:
-        """The COG's tile size for a raster ``width`` pixels wide: ``blocksize`` when set, else
-        :attr:`cog_blocksize` halved (down to 128, the COG driver's smallest) while a row of
-        tiles across the raster exceeds :data:`COG_TILE_ROW_BYTES`. GDAL's COG copy holds about
-        one such row (and more while copying overviews), so the smaller tile keeps the finish
-        of a wide raster smaller (625 px x 64 bands: +113 MB at 256 px tiles, +53 MB at 128)."""
-        if self.blocksize:
-            return self.blocksize
-        bs = self.cog_blocksize
-        row = width * self.count * np.dtype(self.stored_dtype).itemsize
-        while bs > 128 and row * bs > COG_TILE_ROW_BYTES:
+        pixel_bytes = self.count * np.dtype(self.stored_dtype).itemsize
+        bs = COG_MAX_BLOCKSIZE
+        while bs > COG_MIN_BLOCKSIZE and bs * bs * pixel_bytes > COG_TILE_BYTES:
             bs //= 2
         return bs
 
@@ -617,7 +616,7 @@ def finish_cog(
     sources = [Path(s) for s in sources]
     tmp = temp_path_for(path, "cog")
     vrt = temp_path_for(path.with_suffix(".vrt"), "src")
-    bs = layout.cog_tile_size(grid.width)
+    bs = layout.cog_blocksize
     levels = _overview_count(grid.width, grid.height, bs)
     ovrs: list[Path] = []
     opts = {

@@ -11,6 +11,7 @@ from rasterio.crs import CRS
 
 from deo_cli.io.grid import Grid
 from deo_cli.io.writers import (
+    COG_TILE_BYTES,
     GeoParquetChipWriter,
     LinearQuantization,
     RasterLayout,
@@ -47,6 +48,40 @@ def write_all(writer, data, block=16, upto=None):
     h = data.shape[1] if upto is None else upto
     for r in range(0, h, block):
         writer.write_rows(r, data[:, r : min(r + block, h)])
+
+
+@pytest.mark.parametrize(
+    "count, dtype, side",
+    [
+        (1, "uint8", 256),
+        (10, "float32", 256),
+        (64, "float32", 128),
+        (384, "float32", 64),
+        (384, "int8", 128),
+        (1024, "float32", 64),
+    ],
+)
+def test_cog_tile_side_keeps_a_tile_within_its_byte_budget(count, dtype, side):
+    lay = RasterLayout(count=count, dtype=dtype)
+    assert lay.cog_blocksize == side
+    tile = side * side * count * np.dtype(dtype).itemsize
+    assert tile <= COG_TILE_BYTES or side == 64  # 64 px is the floor
+    assert (
+        side == 256 or (2 * side) ** 2 * count * np.dtype(dtype).itemsize > COG_TILE_BYTES
+    )  # the largest that fits
+    assert RasterLayout(count=count, dtype=dtype, blocksize=32).cog_blocksize == 32
+
+
+def test_many_band_cog_has_small_tiles(tmp_path):
+    grid = Grid(GRID.crs, GRID.transform, 150, 70)
+    data = field(count=200, grid=grid)
+    w = StreamingRasterWriter(tmp_path / "emb.tif", grid, layout(200))
+    write_all(w, data)
+    out = w.finish()
+    assert_valid_cog(out)
+    with rasterio.open(out) as ds:
+        assert ds.block_shapes[0] == (64, 64) and ds.overviews(1) == [2, 4]
+        np.testing.assert_array_equal(ds.read(), data)
 
 
 def test_cog_values_georeference_metadata(tmp_path):
