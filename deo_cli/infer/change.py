@@ -232,6 +232,10 @@ class PairChipReader:
         self.after = after
         self.plan = before.plan
 
+    def set_decode_threads(self, threads: int) -> None:
+        self.before.set_decode_threads(threads)
+        self.after.set_decode_threads(threads)
+
     def read(self, chip) -> ChipSample:
         a = self.before.read(chip)
         b = self.after.read(chip)

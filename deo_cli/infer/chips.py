@@ -82,6 +82,10 @@ class ChipReader:
         self.plan = plan
         self._norm = _FusedNormalizer(normalizer)
 
+    def set_decode_threads(self, threads: int) -> None:
+        """See :meth:`deo_cli.io.raster.Scene.set_decode_threads`."""
+        self.scene.set_decode_threads(threads)
+
     def read(self, chip: Chip, out: np.ndarray | None = None) -> ChipSample:
         """Read one chip; with ``out`` (bands, C, C) float32 the pixels go there (``x`` is then
         ``None``) unless the chip is empty."""

@@ -59,8 +59,13 @@ class BandSource:
         return canonical_band_name(self.name) == self.name
 
 
-def _open(path: str):
+def _open(path: str, decode_threads: int = 1):
+    """Open ``path`` (``decode_threads`` > 1: GDAL decodes the blocks of one read in that many
+    threads; drivers read ``GDAL_NUM_THREADS`` when a file is opened)."""
     try:
+        if decode_threads > 1:
+            with rasterio.Env(GDAL_NUM_THREADS=str(decode_threads)):
+                return rasterio.open(gdal_path(path))
         return rasterio.open(gdal_path(path))
     except RasterioIOError as e:
         msg = str(e).split("\n")[0]
@@ -125,6 +130,7 @@ class Scene:
         self._handles: dict = {}
         self._checks: dict = {}  # (path, warp, indexes) -> what validity needs reading there
         self._pid = os.getpid()
+        self.decode_threads = 1
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -188,6 +194,14 @@ class Scene:
             ds.close()
         self._handles = {}
 
+    def set_decode_threads(self, threads: int) -> None:
+        """Decode each read's blocks in ``threads`` GDAL threads from now on (open files are
+        reopened). Worth it where the reads are not already running beside other work."""
+        threads = max(1, int(threads))
+        if threads != self.decode_threads:
+            self.close()
+            self.decode_threads = threads
+
     def __enter__(self):
         return self
 
@@ -203,7 +217,7 @@ class Scene:
         ds = self._handles.get(key)
         if ds is None:
             configure_gdal()
-            base = self._handles.get((src.path, False)) or _open(src.path)
+            base = self._handles.get((src.path, False)) or _open(src.path, self.decode_threads)
             self._handles[(src.path, False)] = base
             if warp:
                 ds = WarpedVRT(

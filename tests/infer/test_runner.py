@@ -1,5 +1,6 @@
 """The streaming runner: forward in micro-batches."""
 
+import os
 import threading
 
 import numpy as np
@@ -11,7 +12,15 @@ from rasterio.crs import CRS
 
 from deo_cli.data.normalize import Normalizer
 from deo_cli.infer.chips import ChipReader
-from deo_cli.infer.runner import CPU_MICRO_BATCH, CPU_SLICE_BYTES, _forward, default_micro_batch, run_dense
+from deo_cli.infer.runner import (
+    CPU_MICRO_BATCH,
+    CPU_SLICE_BYTES,
+    _forward,
+    decode_threads,
+    default_micro_batch,
+    make_loader,
+    run_dense,
+)
 from deo_cli.infer.tiling import TilePlan
 from deo_cli.io.grid import Grid
 from deo_cli.io.raster import open_scene
@@ -141,3 +150,36 @@ def test_tiled_writer_compresses_integer_temporaries_only(tmp_path):
         w.close()
         with rasterio.open(w.path) as ds:
             assert (ds.compression is not None) is compresses
+
+
+def test_chips_read_in_this_process_are_decoded_by_every_core(tmp_path, monkeypatch):
+    """Without DataLoader workers the model waits for each read, so GDAL decodes with every
+    core; workers decode with one each; a GDAL_NUM_THREADS of the user's is left to GDAL. The
+    pixels are the same either way."""
+    monkeypatch.delenv("GDAL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert decode_threads(0) == 3 and decode_threads(2) == 1
+    data = smooth_scene(150, 90)
+    path = tmp_path / "deflate.tif"  # DEFLATE tiles of 32 px: each chip strip spans several
+    profile = dict(driver="GTiff", width=90, height=150, count=10, dtype="uint16", crs="EPSG:32633")
+    profile |= dict(
+        transform=Affine(10, 0, 500000, 0, -10, 5000000), tiled=True, blockxsize=32, blockysize=32
+    )
+    with rasterio.open(path, "w", compress="deflate", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = tuple(S2_BANDS)
+    scene = open_scene(path)
+    plan = TilePlan.create(150, 90, 64, 16, 8)
+    reader = ChipReader(
+        scene, DEO_S2_MANIFEST.bands, Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0), plan
+    )
+    chips = plan.chips()
+    one = np.stack([s.x for s in reader.read_many(chips)])
+    make_loader(reader, chips, 4, 0, torch.device("cpu"))
+    assert scene.decode_threads == 3
+    threaded = np.stack([s.x for s in reader.read_many(chips)])
+    np.testing.assert_array_equal(threaded, one)
+    make_loader(reader, chips, 4, 2, torch.device("cpu"))
+    assert scene.decode_threads == 1
+    monkeypatch.setenv("GDAL_NUM_THREADS", "2")
+    assert decode_threads(0) == 1
