@@ -38,6 +38,10 @@ from deo_cli.sensors import BAND_SETS, band_name_from_filename, canonical_band_n
 
 log = logging.getLogger(__name__)
 
+#: Full-resolution pixels (bytes, float32, all bands of a file) read at a time when a scene
+#: without overviews is decimated block by block (:meth:`Scene.overview`).
+DECIMATE_CHUNK_BYTES = 16 * 1024 * 1024
+
 _DATETIME = re.compile(r"(20\d{6})T?(\d{6})?")
 
 
@@ -247,6 +251,16 @@ class Scene:
             )
         return self._checks[ck]
 
+    def _by_dataset(self, idx: Sequence[int]) -> dict[tuple[str, bool], list[tuple[int, BandSource]]]:
+        """Bands ``idx`` grouped by the dataset they are read from, ``(path, warped)`` ->
+        ``[(position in idx, source), ...]``: a multi-band file is read in one call, which
+        decodes each of its blocks once."""
+        groups: dict[tuple[str, bool], list[tuple[int, BandSource]]] = {}
+        for pos, i in enumerate(idx):
+            src = self.sources[i]
+            groups.setdefault((src.path, not src.grid.same_as(self.grid)), []).append((pos, src))
+        return groups
+
     def read(
         self,
         bands: Sequence[str] | None = None,
@@ -274,12 +288,7 @@ class Scene:
             r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
             ih, iw = int(inner.height), int(inner.width)
             sub_valid = np.ones((ih, iw), dtype=bool)
-            # group the requested bands by dataset so a multi-band file is read in one call
-            groups: dict[tuple[str, bool], list[tuple[int, BandSource]]] = {}
-            for pos, i in enumerate(idx):
-                src = self.sources[i]
-                groups.setdefault((src.path, not src.grid.same_as(self.grid)), []).append((pos, src))
-            for key, items in groups.items():
+            for key, items in self._by_dataset(idx).items():
                 ds = self._dataset(items[0][1])
                 indexes = [s.index for _, s in items]
                 read_masks, may_be_nan = self._band_checks(ds, key, indexes)
@@ -329,17 +338,29 @@ class Scene:
         h, w = -(-self.height // f), -(-self.width // f)
         data = np.zeros((len(idx), h, w), dtype=np.float32)
         valid = np.ones((h, w), dtype=bool)
-        for pos, i in enumerate(idx):
-            src = self.sources[i]
-            ds = self._dataset(src)
-            arr = ds.read(
-                indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest, out_dtype="float32"
-            )
-            m = ds.read_masks(indexes=[src.index], out_shape=(1, h, w), resampling=Resampling.nearest)
-            valid &= (m[0] > 0) & np.isfinite(arr[0])
+        # all bands of a file in one call: band by band, a pixel-interleaved file without
+        # overviews was decoded once per band (10k x 10k, 10 bands: 59 s instead of 6 s)
+        for key, items in self._by_dataset(idx).items():
+            ds = self._dataset(items[0][1])
+            indexes = [s.index for _, s in items]
+            read_masks, may_be_nan = self._band_checks(ds, key, indexes)
+            if f > 1 and len(indexes) > 1 and not ds.overviews(indexes[0]):
+                arr, ok = _decimate_by_blocks(ds, indexes, h, w, read_masks)
+                valid &= ok
+            else:
+                shape = (len(indexes), h, w)
+                arr = ds.read(
+                    indexes=indexes, out_shape=shape, resampling=Resampling.nearest, out_dtype="float32"
+                )
+                if read_masks:
+                    m = ds.read_masks(indexes=indexes, out_shape=shape, resampling=Resampling.nearest)
+                    valid &= (m > 0).all(axis=0)
+            if may_be_nan:
+                valid &= np.isfinite(arr).all(axis=0)
             if self.nodata is not None:
-                valid &= arr[0] != self.nodata
-            data[pos] = arr[0]
+                valid &= (arr != self.nodata).all(axis=0)
+            for k, (pos, _) in enumerate(items):
+                data[pos] = arr[k]
         data[:, ~valid] = 0.0
         window = Window(0, 0, self.width, self.height)
         from affine import Affine
@@ -357,6 +378,38 @@ class Scene:
             for c in cols:
                 if r < self.height and c < self.width:
                     yield Window(c, r, size, size)
+
+
+def _decimate_by_blocks(ds, indexes: list[int], h: int, w: int, read_masks: bool):
+    """Bands ``indexes`` of ``ds`` decimated to ``h`` x ``w`` (each output pixel takes the pixel
+    at its centre, as GDAL's nearest) and their joint validity, read block row by block row.
+
+    GDAL decimates a multi-band file band by band; without overviews each pass decodes every
+    block, and a scene larger than GDAL's cache is decoded once per band (10k x 10k, 10
+    pixel-interleaved bands: 59 s). Here each block is decoded once, all bands together."""
+    rows = ((np.arange(h) + 0.5) * ds.height / h).astype(np.int64)
+    cols = ((np.arange(w) + 0.5) * ds.width / w).astype(np.int64)
+    bh, bw = ds.block_shapes[indexes[0] - 1]
+    chunk = max(bw, DECIMATE_CHUNK_BYTES // (4 * len(indexes) * bh) // bw * bw)
+    out = np.zeros((len(indexes), h, w), np.float32)
+    valid = np.ones((h, w), bool)
+    for r0 in range(0, ds.height, bh):
+        oi = np.nonzero((rows >= r0) & (rows < r0 + bh))[0]
+        if not len(oi):
+            continue
+        for c0 in range(0, ds.width, chunk):
+            oj = np.nonzero((cols >= c0) & (cols < c0 + chunk))[0]
+            if not len(oj):
+                continue
+            rr, cc = rows[oi], cols[oj]
+            win = Window(int(cc[0]), int(rr[0]), int(cc[-1] - cc[0] + 1), int(rr[-1] - rr[0] + 1))
+            pick = np.ix_(rr - rr[0], cc - cc[0])
+            block = ds.read(indexes=indexes, window=win, out_dtype="float32")
+            out[:, oi[0] : oi[-1] + 1, oj[0] : oj[-1] + 1] = block[(slice(None), *pick)]
+            if read_masks:
+                m = ds.read_masks(indexes=indexes, window=win)
+                valid[oi[0] : oi[-1] + 1, oj[0] : oj[-1] + 1] = (m[(slice(None), *pick)] > 0).all(axis=0)
+    return out, valid
 
 
 def _grid_of(ds) -> Grid:

@@ -194,3 +194,36 @@ def test_sample_scene_is_real_sentinel2():
     assert len(scene.band_names) == 13 and scene.datetime.startswith("2016-11-30")
     s = scene.read(["B04", "B08"], Window(100, 100, 32, 32))
     assert s.valid.all() and 200 < s.data.mean() < 6000
+
+
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_overview_of_a_multiband_file_without_overviews_matches_gdal_nearest(
+    make_raster, nodata, monkeypatch
+):
+    """A multi-band file without overviews is decimated block by block (each block decoded once,
+    not once per band), to exactly the pixels GDAL's nearest decimation picks."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    import deo_cli.io.raster as raster
+
+    monkeypatch.setattr(raster, "DECIMATE_CHUNK_BYTES", 4 * 16 * 16 * 3)  # several chunks per block row
+    data = RNG.integers(1, 5000, (3, 150, 97)).astype(np.uint16)
+    data[:, 40:60, 10:30] = 0
+    path = make_raster("s.tif", data, descriptions=["B04", "B03", "B02"], nodata=nodata)
+    with rasterio.open(path) as src:  # the same, in 16 px tiles
+        profile = src.profile | {"tiled": True, "blockxsize": 16, "blockysize": 16, "compress": "deflate"}
+    path = path.with_name("tiled.tif")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = ("B04", "B03", "B02")
+    scene = open_scene(path)
+    ov = scene.overview(max_pixels=40 * 25)  # factor 4: 38 x 25, not a whole divisor of 150 x 97
+    with rasterio.open(path) as ds:
+        assert not ds.overviews(1) and ds.block_shapes[0] == (16, 16)
+        ref = ds.read(out_shape=(3, 38, 25), resampling=Resampling.nearest, out_dtype="float32")
+    assert ov.data.shape == (3, 38, 25)
+    expected_valid = np.ones((38, 25), bool) if nodata is None else (ref != 0).all(axis=0)
+    assert expected_valid.mean() < 1.0 or nodata is None
+    np.testing.assert_array_equal(ov.valid, expected_valid)
+    np.testing.assert_array_equal(ov.data, np.where(expected_valid, ref, 0.0))
