@@ -8,6 +8,8 @@ manifests the scene satisfies (or which bands are missing).
 
 from __future__ import annotations
 
+import os
+
 import math
 from collections.abc import Sequence
 
@@ -46,6 +48,7 @@ def inspect_scene(
     if require is not None:
         scene.select(resolve_bands(require))
     with scene:
+        scene.set_decode_threads(os.cpu_count() or 1)  # nothing else runs: decode with every core
         ov = scene.overview(max_pixels=max_pixels)
         bands = []
         for i, src in enumerate(scene.sources):
