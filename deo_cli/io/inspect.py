@@ -8,9 +8,8 @@ manifests the scene satisfies (or which bands are missing).
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from collections.abc import Sequence
 
 from rasterio.warp import transform_bounds
