@@ -9,7 +9,8 @@ Shared by ``deo embed``, ``deo segment predict`` and ``deo detect-change``::
     sink.finish()
 
 - DataLoader workers read, fill and normalise chips (:class:`~deo_cli.infer.chips.ChipReader`;
-  the scene pickles and each worker opens its own files), ``prefetch`` batches ahead each.
+  the scene pickles and each worker opens its own files), ``prefetch`` batches ahead each;
+  without workers the main process reads, GDAL decoding with every core (:func:`decode_threads`).
 - The main process runs batches on the device under the resolved precision (autocast), skips
   chips without any valid pixel, and stitches (:class:`~deo_cli.infer.tiling.RowStitcher`).
 - Finished row blocks go to a compressing sink in a background thread
