@@ -11,7 +11,7 @@ from deo_cli.errors import BandError, DataError
 from deo_cli.infer.chips import ChipReader, _FusedNormalizer
 from deo_cli.infer.prepare import prepare_input, sample_pixels
 from deo_cli.infer.preview import write_preview
-from deo_cli.infer.tiling import TilePlan, edge_index
+from deo_cli.infer.tiling import TilePlan, edge_index, invalid_fraction
 from deo_cli.io.grid import Grid
 from deo_cli.io.raster import open_scene
 from deo_cli.io.writers import RasterLayout, StreamingRasterWriter
@@ -43,6 +43,21 @@ def test_edge_chips_replicate_the_scene_edge(make_raster):
     assert not s.empty and s.valid_fraction == 1.0
     # feature pixels over the scene are valid; those wholly outside it count as invalid (cropped)
     assert (s.invalid[:6, :3] == 0).all() and (s.invalid[6:] == 1).all() and (s.invalid[:, 3:] == 1).all()
+
+
+def test_a_fully_valid_interior_chip_takes_the_short_path_to_the_same_result(make_raster):
+    data = smooth_scene(80, 80)
+    scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS))
+    plan = TilePlan.create(80, 80, 32, 4, 8)
+    n = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)
+    reader = ChipReader(scene, DEO_S2_MANIFEST.bands, n, plan)
+    chip = next(c for c in plan.chips() if c.x >= 0 and c.y >= 0 and c.x + 32 <= 80 and c.y + 32 <= 80)
+    s = reader.read(chip)
+    ones = np.ones((32, 32), bool)
+    assert s.valid_fraction == 1.0 and not s.empty and s.invalid.dtype == np.float32
+    np.testing.assert_array_equal(s.invalid, invalid_fraction(ones, ones, plan.stride))
+    expected = n(data[:, chip.y : chip.y + 32, chip.x : chip.x + 32].astype(np.float32))
+    np.testing.assert_allclose(s.x, expected, atol=1e-5)
 
 
 def test_a_row_of_chips_read_as_one_strip_equals_each_chip_read_alone(make_raster):
