@@ -80,14 +80,27 @@ def sample_pixels(scene, bands, max_pixels: int = STATS_PIXELS, windows: int = 8
     Scenes of at most ``max_pixels``: every pixel. Larger scenes with overviews: the scene
     decimated (:meth:`~deo_cli.io.raster.Scene.overview`). Larger scenes without overviews: a
     regular ``windows`` x ``windows`` grid of small windows, so only the tiles under them are
-    decoded (a decimated read would decode every tile of the file, once per band).
+    decoded (a decimated read decodes every tile of the file). Nothing else runs meanwhile, so
+    GDAL decodes with every core (a 4k x 4k DEFLATE scene: 0.66-0.78 -> 0.47 s).
     """
-    from rasterio.windows import Window
+    import os
 
     if scene.width * scene.height <= max_pixels:
         return scene.read(bands)  # small: every pixel, in one read
-    if _has_overviews(scene):
-        return scene.overview(bands, max_pixels=max_pixels)
+    threads = scene.decode_threads
+    scene.set_decode_threads(os.cpu_count() or 1)
+    try:
+        if _has_overviews(scene):
+            return scene.overview(bands, max_pixels=max_pixels)
+        return _window_grid(scene, bands, max_pixels, windows)
+    finally:
+        scene.set_decode_threads(threads)
+
+
+def _window_grid(scene, bands, max_pixels: int, windows: int):
+    """See :func:`sample_pixels`."""
+    from rasterio.windows import Window
+
     side = max(8, int(np.sqrt(max_pixels / windows**2)))
     side_y, side_x = min(side, scene.height), min(side, scene.width)
     parts = []

@@ -65,9 +65,10 @@ class BandSource:
 
 def _open(path: str, decode_threads: int = 1):
     """Open ``path`` (``decode_threads`` > 1: GDAL decodes the blocks of one read in that many
-    threads; drivers read ``GDAL_NUM_THREADS`` when a file is opened)."""
+    threads; drivers read ``GDAL_NUM_THREADS`` when a file is opened, and a value the user set
+    is kept)."""
     try:
-        if decode_threads > 1:
+        if decode_threads > 1 and "GDAL_NUM_THREADS" not in os.environ:
             with rasterio.Env(GDAL_NUM_THREADS=str(decode_threads)):
                 return rasterio.open(gdal_path(path))
         return rasterio.open(gdal_path(path))

@@ -108,6 +108,10 @@ def test_large_scenes_without_overviews_are_sampled_by_windows(make_raster):
     s = sample_pixels(scene, ["B04"], max_pixels=2000, windows=4)  # 200 x 180 px > 2000 px
     assert s.data.shape == (1, 11, 16 * 11) and s.valid.all()  # 4 x 4 windows of 11 px
     assert set(np.unique(s.data)) <= set(np.unique(data[0].astype(np.float32)))
+    # read with every core, and the scene's own setting given back
+    scene.set_decode_threads(1)
+    np.testing.assert_array_equal(sample_pixels(scene, ["B04"], max_pixels=2000, windows=4).data, s.data)
+    assert scene.decode_threads == 1
 
 
 def test_preview_is_rgba_with_transparent_nodata(tmp_path):
