@@ -30,13 +30,18 @@ def test_fused_normalizer_equals_the_normalizer(manifest, factor):
     np.testing.assert_allclose(_FusedNormalizer(n)(x.copy()), n(x), rtol=1e-5, atol=1e-5)
 
 
+def s2_reader(make_raster, data, **raster_kw) -> tuple[ChipReader, Normalizer]:
+    """A reader of 32 px chips (overlap 4, stride 8) over ``data`` written as a 10-band S2 scene."""
+    scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS, **raster_kw))
+    plan = TilePlan.create(*data.shape[1:], 32, 4, 8)
+    n = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)
+    return ChipReader(scene, DEO_S2_MANIFEST.bands, n, plan), n
+
+
 def test_edge_chips_replicate_the_scene_edge(make_raster):
     data = smooth_scene(40, 50)
-    scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS))
-    plan = TilePlan.create(40, 50, 32, 4, 8)
-    n = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)
-    reader = ChipReader(scene, DEO_S2_MANIFEST.bands, n, plan)
-    chip = plan.chips()[-1]  # bottom right: reaches past both edges
+    reader, n = s2_reader(make_raster, data)
+    chip = reader.plan.chips()[-1]  # bottom right: reaches past both edges
     s = reader.read(chip)
     expected = n(data[:, edge_index(chip.y, 32, 40)][:, :, edge_index(chip.x, 32, 50)].astype(np.float32))
     np.testing.assert_allclose(s.x, expected, atol=1e-5)
@@ -47,10 +52,8 @@ def test_edge_chips_replicate_the_scene_edge(make_raster):
 
 def test_a_fully_valid_interior_chip_takes_the_short_path_to_the_same_result(make_raster):
     data = smooth_scene(80, 80)
-    scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS))
-    plan = TilePlan.create(80, 80, 32, 4, 8)
-    n = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)
-    reader = ChipReader(scene, DEO_S2_MANIFEST.bands, n, plan)
+    reader, n = s2_reader(make_raster, data)
+    plan = reader.plan
     chip = next(c for c in plan.chips() if c.x >= 0 and c.y >= 0 and c.x + 32 <= 80 and c.y + 32 <= 80)
     s = reader.read(chip)
     ones = np.ones((32, 32), bool)
@@ -66,11 +69,8 @@ def test_a_row_of_chips_read_as_one_strip_equals_each_chip_read_alone(make_raste
     data = smooth_scene(70, 90)
     data[:, 20:30, 10:45] = 0  # a nodata hole across chip boundaries
     data[:, 40:, 60:] = 0  # an all-nodata corner
-    scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS, nodata=0))
-    plan = TilePlan.create(70, 90, 32, 4, 8)
-    n = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)
-    reader = ChipReader(scene, DEO_S2_MANIFEST.bands, n, plan)
-    chips = plan.chips()
+    reader, _ = s2_reader(make_raster, data, nodata=0)
+    chips = reader.plan.chips()
     out = np.full((len(chips), 10, 32, 32), np.nan, np.float32)
     many = reader.read_many(chips, out=out)
     assert len({c.y for c in chips}) > 2 and any(s.empty for s in many)
