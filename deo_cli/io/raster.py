@@ -344,7 +344,8 @@ class Scene:
             ds = self._dataset(items[0][1])
             indexes = [s.index for _, s in items]
             read_masks, may_be_nan = self._band_checks(ds, key, indexes)
-            if f > 1 and len(indexes) > 1 and not ds.overviews(indexes[0]):
+            warped = key[1]  # resampled onto the scene's grid: GDAL's warper decimates cheaply
+            if f > 1 and len(indexes) > 1 and not warped and not ds.overviews(indexes[0]):
                 arr, ok = _decimate_by_blocks(ds, indexes, h, w, read_masks)
                 valid &= ok
             else:
