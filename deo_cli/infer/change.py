@@ -98,7 +98,13 @@ from deo_cli.infer.headfile import (
     trainable_to_head_file,
     write_run_folder,
 )
-from deo_cli.infer.model import default_embed_layer, forward_level, forward_levels, resolve_layer
+from deo_cli.infer.model import (
+    copy_encoder_facts,
+    default_embed_layer,
+    forward_level,
+    forward_levels,
+    resolve_layer,
+)
 from deo_cli.infer.prepare import InputPlan, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.threshold import ScoreHistogram, Threshold, choose_threshold
@@ -296,14 +302,8 @@ class CosineChange(nn.Module):
         self.stride = int(out_stride or min(strides))
         self.channels = 1
         self.name = encoder.name
-        self.input_size = int(encoder.spec.input_size)
         self.align = int(max(encoder.feature_strides))
-        # both dates go through the encoder in one batch
-        self.activation_bytes_per_pixel = 2 * encoder.spec.activation_bytes_per_pixel
-        self.manifest = encoder.manifest
-        self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
-        self.weights_uri = encoder.weights_uri
-        self.weights_sha256 = encoder.weights_sha256
+        copy_encoder_facts(self, encoder, dates=2)  # both dates go through the encoder in one batch
         self.layer = self.layers[0] if len(self.layers) == 1 else ",".join(map(str, self.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

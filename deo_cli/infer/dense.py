@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from deo_cli.errors import UsageError
+from deo_cli.infer.model import copy_encoder_facts
 from deo_cli.infer.tiling import TilePlan, round_up
 from deo_cli.io.grid import Grid
 from deo_cli.io.writers import RasterLayout, StreamingRasterWriter
@@ -66,13 +67,8 @@ class DenseHeadModel(nn.Module):
         self.name = name or getattr(encoder, "name", "deo")
         self.stride = 1
         self.channels = int(channels)
-        self.input_size = int(encoder.spec.input_size)
         self.align = int(max(encoder.feature_strides))
-        self.activation_bytes_per_pixel = encoder.spec.activation_bytes_per_pixel
-        self.manifest = encoder.manifest
-        self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
-        self.weights_uri = encoder.weights_uri
-        self.weights_sha256 = encoder.weights_sha256
+        copy_encoder_facts(self, encoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)

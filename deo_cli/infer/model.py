@@ -106,6 +106,19 @@ def forward_levels(encoder, x: Tensor, levels: list[int]) -> list[Tensor]:
     return [out[lv] for lv in levels]
 
 
+def copy_encoder_facts(model, encoder, dates: int = 1) -> None:
+    """Give a wrapper ``model`` what the runner and the output tags read from its ``encoder``:
+    input size, activation size (times the ``dates`` it runs the encoder on per chip), band
+    manifests and weights identity."""
+    spec = encoder.spec
+    model.input_size = int(spec.input_size)
+    model.activation_bytes_per_pixel = dates * spec.activation_bytes_per_pixel
+    model.manifest = encoder.manifest
+    model.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
+    model.weights_uri = encoder.weights_uri
+    model.weights_sha256 = encoder.weights_sha256
+
+
 class EncoderFeatures(torch.nn.Module):
     """One level of a DEO encoder as a :class:`FeatureModel` (plus ``pooled`` for chip vectors)."""
 
@@ -117,13 +130,8 @@ class EncoderFeatures(torch.nn.Module):
         self.name = spec.name
         self.stride = int(spec.feature_strides[self.layer])
         self.channels = int(spec.feature_channels[self.layer])
-        self.input_size = int(spec.input_size)
         self.pooled_dim = int(spec.pooled_dim)
-        self.activation_bytes_per_pixel = spec.activation_bytes_per_pixel
-        self.manifest = encoder.manifest
-        self.rgb_manifest = encoder.rgb_manifest if encoder.has_rgb_stem else None
-        self.weights_uri = encoder.weights_uri
-        self.weights_sha256 = encoder.weights_sha256
+        copy_encoder_facts(self, encoder)
 
     def forward(self, x: Tensor) -> Tensor:
         return forward_level(self.encoder, x, self.layer)

@@ -21,13 +21,13 @@ it is small or has overviews, else a grid of small windows.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from deo_cli.data.normalize import Normalizer, scene_rgb_max
 from deo_cli.errors import BandError, DataError, UnitError
+from deo_cli.io.raster import every_core
 from deo_cli.io.units import UnitGuess, conversion_factor, infer_unit
 from deo_cli.sensors import UNITS, BandManifest
 
@@ -86,14 +86,10 @@ def sample_pixels(scene, bands, max_pixels: int = STATS_PIXELS, windows: int = 8
     """
     if scene.width * scene.height <= max_pixels:
         return scene.read(bands)  # small: every pixel, in one read
-    threads = scene.decode_threads
-    scene.set_decode_threads(os.cpu_count() or 1)
-    try:
+    with scene.decoding(every_core()):
         if _has_overviews(scene):
             return scene.overview(bands, max_pixels=max_pixels)
         return _window_grid(scene, bands, max_pixels, windows)
-    finally:
-        scene.set_decode_threads(threads)
 
 
 def _window_grid(scene, bands, max_pixels: int, windows: int):

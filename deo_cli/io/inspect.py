@@ -9,12 +9,11 @@ manifests the scene satisfies (or which bands are missing).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 from rasterio.warp import transform_bounds
 
-from deo_cli.io.raster import open_scene
+from deo_cli.io.raster import every_core, open_scene
 from deo_cli.io.units import infer_unit
 from deo_cli.sensors import BAND_SETS, MANIFESTS, band_info, match_bands, resolve_bands
 
@@ -47,7 +46,7 @@ def inspect_scene(
     if require is not None:
         scene.select(resolve_bands(require))
     with scene:
-        scene.set_decode_threads(os.cpu_count() or 1)  # nothing else runs: decode with every core
+        scene.set_decode_threads(every_core())  # nothing else runs: decode with every core
         ov = scene.overview(max_pixels=max_pixels)
         bands = []
         for i, src in enumerate(scene.sources):

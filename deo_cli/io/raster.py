@@ -16,6 +16,7 @@ each process opens its own handles.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -63,12 +64,17 @@ class BandSource:
         return canonical_band_name(self.name) == self.name
 
 
+def every_core() -> int:
+    """Decoding threads for reads nothing else runs beside: every core, or 1 when the user set
+    ``GDAL_NUM_THREADS`` (GDAL then applies theirs)."""
+    return 1 if "GDAL_NUM_THREADS" in os.environ else os.cpu_count() or 1
+
+
 def _open(path: str, decode_threads: int = 1):
     """Open ``path`` (``decode_threads`` > 1: GDAL decodes the blocks of one read in that many
-    threads; drivers read ``GDAL_NUM_THREADS`` when a file is opened, and a value the user set
-    is kept)."""
+    threads; drivers read ``GDAL_NUM_THREADS`` when a file is opened)."""
     try:
-        if decode_threads > 1 and "GDAL_NUM_THREADS" not in os.environ:
+        if decode_threads > 1:
             with rasterio.Env(GDAL_NUM_THREADS=str(decode_threads)):
                 return rasterio.open(gdal_path(path))
         return rasterio.open(gdal_path(path))
@@ -201,11 +207,22 @@ class Scene:
 
     def set_decode_threads(self, threads: int) -> None:
         """Decode each read's blocks in ``threads`` GDAL threads from now on (open files are
-        reopened). Worth it where the reads are not already running beside other work."""
+        reopened). Worth it where the reads are not already running beside other work
+        (:func:`every_core`)."""
         threads = max(1, int(threads))
         if threads != self.decode_threads:
             self.close()
             self.decode_threads = threads
+
+    @contextlib.contextmanager
+    def decoding(self, threads: int):
+        """:meth:`set_decode_threads` for the ``with`` block, the previous setting after it."""
+        before = self.decode_threads
+        self.set_decode_threads(threads)
+        try:
+            yield self
+        finally:
+            self.set_decode_threads(before)
 
     def __enter__(self):
         return self
