@@ -42,11 +42,16 @@ def test_plain_progress_prints_a_line_every_interval_with_rate_eta_and_metrics()
     p.advance(50, loss=0.25)
     lines = buf.getvalue().splitlines()
     # 100 chips in 40 s: 2.5 chips/s, 300 left -> 2:00; long lines are not wrapped at 60 columns
-    assert lines == ["embedding scene.tif: 100/400 chips (25 %), 2.5 chips/s, elapsed 0:40, ETA 2:00, loss 0.25"]
+    assert lines == [
+        "embedding scene.tif: 100/400 chips (25 %), 2.5 chips/s, elapsed 0:40, ETA 2:00, loss 0.25"
+    ]
     clock.t += 3560
     p.advance(300)
     p.finish()
-    assert buf.getvalue().splitlines()[-1] == "embedding scene.tif: 400/400 chips, 0.1 chips/s, done in 1:00:00, loss 0.25"
+    assert (
+        buf.getvalue().splitlines()[-1]
+        == "embedding scene.tif: 400/400 chips, 0.1 chips/s, done in 1:00:00, loss 0.25"
+    )
     p.finish()  # idempotent
     assert len(buf.getvalue().splitlines()) == 3
 
