@@ -51,7 +51,12 @@ class UnitError(DeoError):
     """Pixel values are in a unit the model cannot use (e.g. 0-255 given to a DN model)."""
 
 
-class OutputExistsError(DeoError):
+class OutputError(DeoError):
+    """An output cannot be written where it was asked for (no such folder, not writable, the
+    disk is full)."""
+
+
+class OutputExistsError(OutputError):
     """The output already exists and ``--overwrite`` was not given."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from deo_cli.bench.results import ResultsStore, SummaryRow, summarize
 from deo_cli.errors import OutputExistsError, UsageError
+from deo_cli.io.atomic import ensure_folder
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import BenchRecipe, save_recipe
 
@@ -124,9 +125,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> ResultsStore:
     store = ResultsStore(out)
     if overwrite and not resume:
         store.clear()
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise OutputExistsError(f"cannot write into {out}", "choose an output folder you can write to")
+    ensure_folder(out)
     return store
 
 

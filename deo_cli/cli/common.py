@@ -6,6 +6,7 @@ imported inside command bodies so ``deo --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import traceback
@@ -62,13 +63,41 @@ def report_error(err: DeoError) -> None:
     typer.echo(f"error: {err.one_line()}", err=True)
 
 
+#: What the machine, not deo, refused: reported as one line (any other OSError is a bug).
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space, or write the output elsewhere (-o)",
+    errno.EDQUOT: "free some space under your quota, or write the output elsewhere (-o)",
+    errno.EACCES: "check the permissions, or write the output elsewhere (-o)",
+    errno.EPERM: "check the permissions, or write the output elsewhere (-o)",
+    errno.EROFS: "write the output to a writable file system (-o)",
+}
+
+
+def environment_error(err: OSError) -> DeoError | None:
+    """A full disk, a quota or a permission refused, as a :class:`DeoError` (``None`` for
+    anything else)."""
+    fix = ENVIRONMENT_ERRNOS.get(err.errno)
+    if fix is None:
+        return None
+    where = f" ({err.filename})" if err.filename else ""
+    return DeoError(f"{err.strerror or err}{where}", fix)
+
+
 class DeoGroup(TyperGroup):
-    """The root group: turns a :class:`DeoError` into one line on stderr and its exit code."""
+    """The root group: turns a :class:`DeoError` (and a full disk or a refused permission, see
+    :func:`environment_error`) into one line on stderr and its exit code."""
 
     def invoke(self, ctx) -> Any:
         try:
             return super().invoke(ctx)
         except DeoError as err:
+            report_error(err)
+            raise typer.Exit(err.exit_code) from None
+        except OSError as os_err:
+            err = environment_error(os_err)
+            if err is None:
+                raise
+            err.__traceback__ = os_err.__traceback__
             report_error(err)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from deo_cli.errors import OutputExistsError, UsageError
+from deo_cli.errors import OutputError, OutputExistsError, UsageError
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -26,12 +26,24 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         )
     if path.exists() and path.is_dir() and path.suffix.lower() not in (".zarr",) and overwrite:
         raise UsageError(f"output {path} is a folder", "give a file name for -o")
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise OutputExistsError(f"cannot write into {parent}", "choose an output folder you can write to")
+    ensure_folder(path.parent)
     return path
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) if needed; an :class:`OutputError` when it cannot be
+    created, is a file or is not writable."""
+    folder = Path(folder)
+    fix = "choose an output folder you can write to"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # a file where the folder (or a parent) should be
+        raise OutputError(f"cannot create the output folder {folder}: a file is in the way", fix) from e
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder {folder} ({e.strerror or e})", fix) from e
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write into {folder}", fix)
+    return folder
 
 
 def temp_path_for(path: str | os.PathLike, tag: str = "partial") -> Path:

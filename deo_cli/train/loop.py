@@ -35,6 +35,7 @@ from torch import nn
 from deo_cli.data.multicrop import build_multicrop
 from deo_cli.data.pretrain import PretrainData, PretrainDataset, build_pretrain_loader, scan_pretrain_data
 from deo_cli.errors import BandError, DeoError, OutputExistsError, RecipeError, UsageError, WeightsError
+from deo_cli.io.atomic import ensure_folder
 from deo_cli.losses import DeoLoss
 from deo_cli.models import OpticalTeacher, build_encoder, build_teacher, ema_update, get_model_spec
 from deo_cli.models.teachers import get_teacher_spec, list_teachers
@@ -408,7 +409,7 @@ def _recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _prepare_run_folder(plan: RunPlan) -> None:
-    plan.out.mkdir(parents=True, exist_ok=True)
+    ensure_folder(plan.out)
     if plan.overwrite:
         for p in list_checkpoints(plan.out):
             p.unlink()

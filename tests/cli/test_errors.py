@@ -74,3 +74,45 @@ def test_verbose_adds_traceback(tmp_path):
     result = runner.invoke(app, ["-v", "inspect", str(tmp_path / "missing.tif")])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "error: input" in result.stderr
+
+
+def test_output_folder_blocked_by_a_file(scene, tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    result, lines = run(["embed", str(scene), "-o", str(tmp_path / "out" / "emb.tif")])
+    assert_one_line_error(result, lines, 1, "cannot create the output folder", "a file is in the way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "scene.tif"]
+
+
+@pytest.mark.parametrize(
+    "code, needles",
+    [
+        (28, ("No space left on device", "emb.tif", "Free some space")),  # ENOSPC
+        (13, ("Permission denied", "emb.tif", "Check the permissions")),  # EACCES
+    ],
+)
+def test_full_disk_or_refused_permission_is_one_line(scene, tmp_path, monkeypatch, code, needles):
+    import errno
+    import os
+
+    import deo_cli.infer.embed as embed
+
+    assert code in (errno.ENOSPC, errno.EACCES)
+    out = tmp_path / "emb.tif"
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(out))
+
+    monkeypatch.setattr(embed, "run_embed", refuse)
+    result, lines = run(["embed", str(scene), "-o", str(out)])
+    assert_one_line_error(result, lines, 1, *needles)
+
+
+def test_other_os_errors_keep_their_traceback(scene, tmp_path, monkeypatch):
+    import deo_cli.infer.embed as embed
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(embed, "run_embed", broken)
+    result = runner.invoke(app, ["embed", str(scene), "-o", str(tmp_path / "emb.tif")])
+    assert result.exit_code == 1 and isinstance(result.exception, OSError)

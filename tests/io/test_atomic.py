@@ -42,3 +42,18 @@ def test_atomic_output_replaces_folders(tmp_path):
         (tmp / "new").write_text("y")
     assert [p.name for p in target.iterdir()] == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["emb.zarr"]
+
+
+def test_output_folder_that_cannot_be_created_is_a_user_error(tmp_path):
+    from deo_cli.errors import OutputError
+    from deo_cli.io.atomic import ensure_folder
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(OutputError, match="a file is in the way") as err:
+        check_output(blocker / "emb" / "scene.tif")
+    assert "Choose an output folder you can write to" in err.value.one_line()
+    assert blocker.read_text() == "a file, not a folder"
+    nested = ensure_folder(tmp_path / "a" / "b")
+    assert nested.is_dir() and nested == tmp_path / "a" / "b"
+    assert check_output(nested / "x.tif") == nested / "x.tif"
