@@ -75,6 +75,8 @@ from deo_cli.runtime import precision_name, resolve_device, resolve_precision, s
 log = logging.getLogger(__name__)
 
 SUFFIX = {"cog": ".tif", "zarr": ".zarr", "parquet": ".parquet"}
+#: Names that say "one output file" (several scenes need a folder instead).
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr", ".parquet", ".geoparquet")
 #: Chips run through the model to fit the int8 scale/offset.
 CALIBRATION_CHIPS = 8
 
@@ -141,8 +143,18 @@ def scene_stem(name: str) -> str:
 
 def plan_outputs(sources: list[str], output: Path, fmt: str) -> list[Path | None]:
     """One output path per scene: ``output`` itself for one scene and a file name, else
-    ``output/<scene><suffix>`` (``None`` where the scene cannot be resolved; it fails later)."""
-    folder = len(sources) > 1 or (output.is_dir() and output.suffix.lower() != ".zarr") or not output.suffix
+    ``output/<scene><suffix>`` (``None`` where the scene cannot be resolved; it fails later).
+
+    Several scenes with ``output`` named like an output file (``emb.tif``, ``v.parquet``,
+    ``e.zarr``) that is not an existing folder are refused: a folder called ``emb.tif`` is
+    never what was meant."""
+    is_folder = output.is_dir() and output.suffix.lower() != ".zarr"
+    if len(sources) > 1 and not is_folder and output.suffix.lower() in OUTPUT_SUFFIXES:
+        raise UsageError(
+            f"{len(sources)} scenes need an output folder, but -o {output} names a file",
+            f"give a folder (-o {output.with_suffix('')}/) or one scene per run",
+        )
+    folder = len(sources) > 1 or is_folder or not output.suffix
     if not folder:
         return [output]
     out: list[Path | None] = []

@@ -169,6 +169,23 @@ def test_several_scenes_partial_failure(make_raster, tmp_path):
     assert_valid_cog(outdir / "other.tif")
 
 
+@pytest.mark.parametrize("name", ["emb.tif", "vectors.parquet", "emb.zarr"])
+def test_several_scenes_into_a_file_name_is_refused(make_raster, tmp_path, name):
+    a = make_raster("a.tif", smooth_scene(40, 40), descriptions=S2_BANDS)
+    b = make_raster("b.tif", smooth_scene(40, 40, seed=1), descriptions=S2_BANDS)
+    pool = ["--pool", "mean"] if name.endswith(".parquet") else []
+    result, lines = run(["embed", str(a), str(b), "-o", str(tmp_path / name), *pool, *FAST])
+    assert_one_line_error(
+        result, lines, 2, "2 scenes need an output folder", f"-o {tmp_path / name} names a file"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]
+    # an existing folder with such a name is still a folder
+    folder = tmp_path / "outs.tif"
+    folder.mkdir()
+    result, _ = run(["embed", str(a), str(b), "-o", str(folder), *FAST])
+    assert result.exit_code == 0 and sorted(p.name for p in folder.glob("*.tif")) == ["a.tif", "b.tif"]
+
+
 def test_chip_vectors_to_geoparquet(make_raster, tmp_path):
     import geopandas as gpd
     import pyarrow.parquet as pq
