@@ -83,9 +83,28 @@ def environment_error(err: OSError) -> DeoError | None:
     return DeoError(f"{err.strerror or err}{where}", fix)
 
 
+#: The root's own flags, also accepted after the command (``deo embed x -o y -v``).
+GLOBAL_FLAGS = frozenset({"-q", "--quiet", "--verbose", "-v", "-vv", "-vvv"})
+
+
+def hoist_global_flags(args: list[str]) -> list[str]:
+    """``args`` with :data:`GLOBAL_FLAGS` given after the command moved in front of it (up to a
+    ``--``), where the root group parses them."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[1:end] if a in GLOBAL_FLAGS]
+    if not flags or not args or args[0].startswith("-"):
+        return args
+    rest = [a for a in args[1:end] if a not in GLOBAL_FLAGS]
+    return [*flags, args[0], *rest, *args[end:]]
+
+
 class DeoGroup(TyperGroup):
     """The root group: turns a :class:`DeoError` (and a full disk or a refused permission, see
-    :func:`environment_error`) into one line on stderr and its exit code."""
+    :func:`environment_error`) into one line on stderr and its exit code; takes ``-v``/``-q``
+    before or after the command (:func:`hoist_global_flags`)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_flags(list(args)))
 
     def invoke(self, ctx) -> Any:
         try:

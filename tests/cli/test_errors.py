@@ -116,3 +116,32 @@ def test_other_os_errors_keep_their_traceback(scene, tmp_path, monkeypatch):
     monkeypatch.setattr(embed, "run_embed", broken)
     result = runner.invoke(app, ["embed", str(scene), "-o", str(tmp_path / "emb.tif")])
     assert result.exit_code == 1 and isinstance(result.exception, OSError)
+
+
+def test_global_flags_after_the_command(tmp_path):
+    from deo_cli.cli.common import hoist_global_flags
+
+    assert hoist_global_flags(["embed", "a.tif", "-o", "e.tif", "-v"]) == [
+        "-v",
+        "embed",
+        "a.tif",
+        "-o",
+        "e.tif",
+    ]
+    assert hoist_global_flags(["pretrain", "export", "r", "-q", "--", "-v"]) == [
+        "-q",
+        "pretrain",
+        "export",
+        "r",
+        "--",
+        "-v",
+    ]
+    assert hoist_global_flags(["-v", "embed", "a.tif"]) == ["-v", "embed", "a.tif"]
+    assert hoist_global_flags([]) == []
+    # -v after the command: the traceback before the one line; -q after it: no INFO lines
+    missing = str(tmp_path / "missing.tif")
+    result = runner.invoke(app, ["inspect", missing, "-v"])
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: input")
+    result, lines = run(["inspect", missing, "-q"])
+    assert_one_line_error(result, lines, 1, "missing.tif does not exist")
