@@ -38,14 +38,23 @@ class RankInfo:
     def active(self) -> bool:
         return self.world > 1 and dist.is_available() and dist.is_initialized()
 
+    def sums(self, *values: int) -> tuple[int, ...]:
+        """Each of ``values`` summed over the ranks (a collective: every rank must call it)."""
+        if not self.active:
+            return tuple(int(v) for v in values)
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=dev)  # NCCL reduces on the GPU
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return tuple(int(v) for v in t.tolist())
+
     def all_ok(self, ok: bool) -> bool:
         """True when every rank reports ``ok`` (a collective: every rank must call it)."""
-        if not self.active:
-            return ok
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=dev)  # NCCL reduces on the GPU
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return int(t.item()) == 0
+        return self.sums(0 if ok else 1)[0] == 0
+
+    def all_ok_and_total(self, ok: bool, count: int) -> tuple[bool, int]:
+        """:meth:`all_ok` and ``count`` summed over the ranks, in one collective."""
+        failed, total = self.sums(0 if ok else 1, count)
+        return failed == 0, total
 
     def broadcast(self, obj):
         """``obj`` from rank 0, on every rank."""

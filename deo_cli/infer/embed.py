@@ -50,7 +50,15 @@ from deo_cli.infer.chips import ChipReader
 from deo_cli.infer.distributed import RankInfo, run_ranks
 from deo_cli.infer.model import EncoderFeatures, resolve_layer
 from deo_cli.infer.prepare import InputPlan, prepare_input
-from deo_cli.infer.runner import _forward, block_rows_for, masked_mean, run_dense, run_pooled, split_rows
+from deo_cli.infer.runner import (
+    RunStats,
+    _forward,
+    block_rows_for,
+    masked_mean,
+    run_dense,
+    run_pooled,
+    split_rows,
+)
 from deo_cli.infer.tiling import TilePlan
 from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
@@ -453,10 +461,12 @@ def _dense(
         if writer is not None:
             writer.close()
         raise
-    finally:
-        all_ok = ranks.all_ok(ok)
+    finally:  # every rank's chips in the summary, not rank 0's alone
+        all_ok, chips = ranks.all_ok_and_total(ok, stats.chips if stats is not None else 0)
     if not all_ok:
         raise RuntimeError("another rank failed; rerun with --resume to continue")
+    stats = stats if stats is not None else RunStats()
+    stats.chips = chips
     if ranks.is_main:
         present = [p for p, (a, b) in zip(parts, split_rows(out_grid.height, world, block_rows)) if b > a]
         finish_cog(present, out, out_grid, layout, overwrite=True)
@@ -542,7 +552,7 @@ def _pooled(
         polys = [_chip_polygon(scene.grid, s.chip.x, s.chip.y, plan.chip_size) for s in samples]
         writer.write(ids, polys, vecs, [s.valid_fraction for s in samples], scene.name, scene.datetime)
 
-    ok = True
+    ok, stats = True, None
     try:
         stats = run_pooled(
             reader,
@@ -565,10 +575,13 @@ def _pooled(
         writer.abort()
         raise
     finally:
-        all_ok = ranks.all_ok(ok) if world > 1 else ok
+        all_ok, chips = (
+            ranks.all_ok_and_total(ok, stats.chips if stats is not None else 0) if world > 1 else (ok, 0)
+        )
     if world > 1:
         if not all_ok:
             raise RuntimeError("another rank failed")
+        stats.chips = chips
         if ranks.is_main:
             merge_parquet_parts([partial_paths(out, f"-{r}of{world}")[0] for r in range(world)], out)
         ranks.barrier()
