@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from deo_cli.errors import RecipeError
+from deo_cli.io.atomic import write_text_atomic
 
 T = TypeVar("T")
 
@@ -354,10 +355,7 @@ def save_recipe(recipe: Any, path: str | os.PathLike, command: str = "") -> Path
     """Write the resolved recipe to ``path`` atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(dump_recipe(recipe, command))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, dump_recipe(recipe, command))
 
 
 def recipe_path_for(output: str | os.PathLike) -> Path:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deo_cli.io.atomic import write_text_atomic
+
 try:  # POSIX; on other systems appends are still single writes, just unlocked
     import fcntl
 except ImportError:  # pragma: no cover
@@ -191,12 +193,6 @@ def _locked(handle) -> Iterator[None]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class ResultsStore:
     """``results.csv`` (+ ``results.json``, ``results_and_parameters.csv``) in one folder."""
 
@@ -248,14 +244,14 @@ class ResultsStore:
     def refresh(self) -> None:
         """Rewrite ``results.json`` and ``results_and_parameters.csv`` from ``results.csv``."""
         rows = self.rows()
-        _write_atomic(self.json_path, json.dumps(rows, indent=1) + "\n")
+        write_text_atomic(self.json_path, json.dumps(rows, indent=1) + "\n")
         leaderboard = geobench2_rows(rows)
         if leaderboard:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=GEOBENCH2_COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows({k: _fmt(v) for k, v in r.items()} for r in leaderboard)
-            _write_atomic(self.geobench2_path, buf.getvalue())
+            write_text_atomic(self.geobench2_path, buf.getvalue())
 
     def clear(self) -> None:
         """Remove the result files (``--overwrite``)."""

@@ -55,7 +55,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from deo_cli.errors import OutputExistsError, UsageError
-from deo_cli.io.atomic import check_output, commit, temp_path_for
+from deo_cli.io.atomic import check_output, commit, temp_path_for, write_text_atomic
 from deo_cli.io.grid import Grid
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ def read_progress(sidecar: Path, fingerprint: str) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _remove(p: Path) -> None:

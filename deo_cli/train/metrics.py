@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from deo_cli.io.atomic import write_text_atomic
+
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -28,9 +30,7 @@ class MetricsLog:
         self.enabled = enabled
         if enabled and resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(self.path) if int(row.get("step", 0)) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict) -> None:
         if not self.enabled:

@@ -57,3 +57,22 @@ def test_output_folder_that_cannot_be_created_is_a_user_error(tmp_path):
     nested = ensure_folder(tmp_path / "a" / "b")
     assert nested.is_dir() and nested == tmp_path / "a" / "b"
     assert check_output(nested / "x.tif") == nested / "x.tif"
+
+
+def test_write_text_atomic_leaves_nothing_when_the_write_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from deo_cli.io.atomic import write_text_atomic
+
+    target = tmp_path / "state.json"
+    assert write_text_atomic(target, "one") == target and target.read_text() == "one"
+
+    def full(self, *args, **kwargs):
+        open(self, "w").close()  # the file was created, then the disk filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        write_text_atomic(target, "two")
+    monkeypatch.undo()
+    assert target.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
