@@ -67,8 +67,8 @@ def report_error(err: DeoError) -> None:
 ENVIRONMENT_ERRNOS = {
     errno.ENOSPC: "free some space, or write the output elsewhere (-o)",
     errno.EDQUOT: "free some space under your quota, or write the output elsewhere (-o)",
-    errno.EACCES: "check the permissions, or write the output elsewhere (-o)",
-    errno.EPERM: "check the permissions, or write the output elsewhere (-o)",
+    errno.EACCES: "check the permissions of that file or folder",
+    errno.EPERM: "check the permissions of that file or folder",
     errno.EROFS: "write the output to a writable file system (-o)",
 }
 

@@ -47,12 +47,9 @@ class RankInfo:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return tuple(int(v) for v in t.tolist())
 
-    def all_ok(self, ok: bool) -> bool:
-        """True when every rank reports ``ok`` (a collective: every rank must call it)."""
-        return self.sums(0 if ok else 1)[0] == 0
-
     def all_ok_and_total(self, ok: bool, count: int) -> tuple[bool, int]:
-        """:meth:`all_ok` and ``count`` summed over the ranks, in one collective."""
+        """Whether every rank reports ``ok``, and ``count`` summed over the ranks (one
+        collective: every rank must call it)."""
         failed, total = self.sums(0 if ok else 1, count)
         return failed == 0, total
 

@@ -575,9 +575,7 @@ def _pooled(
         writer.abort()
         raise
     finally:
-        all_ok, chips = (
-            ranks.all_ok_and_total(ok, stats.chips if stats is not None else 0) if world > 1 else (ok, 0)
-        )
+        all_ok, chips = ranks.all_ok_and_total(ok, stats.chips if stats is not None else 0)
     if world > 1:
         if not all_ok:
             raise RuntimeError("another rank failed")

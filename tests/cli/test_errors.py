@@ -87,7 +87,7 @@ def test_output_folder_blocked_by_a_file(scene, tmp_path):
     "code, needles",
     [
         (28, ("No space left on device", "emb.tif", "Free some space")),  # ENOSPC
-        (13, ("Permission denied", "emb.tif", "Check the permissions")),  # EACCES
+        (13, ("Permission denied", "emb.tif", "Check the permissions of that file")),  # EACCES
     ],
 )
 def test_full_disk_or_refused_permission_is_one_line(scene, tmp_path, monkeypatch, code, needles):
