@@ -13,6 +13,10 @@ One decision per scene, logged and written into the output's tags (peers.md §5.
 3. **RGB scale.** Max-scaled bands (DEO's RGB, method.md §2.3) are divided by one scene-level
    value (:func:`~deo_cli.data.normalize.scene_rgb_max`, or ``input.rgb_max``), never per chip,
    so neighbouring chips agree.
+4. **Undeclared nodata.** Pixels that are 0 in every band although no nodata value marks them
+   (Sentinel-2 products outside the swath, mosaics padded with 0) would reach the model as
+   data; when they are at least :data:`ZERO_WARN_FRACTION` of the sample the log says so and
+   suggests ``--nodata 0`` (a warning, not a guess: deo does not change the mask by itself).
 
 Statistics come from about 512 x 512 pixels (:func:`sample_pixels`): the scene decimated when
 it is small or has overviews, else a grid of small windows.
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Pixels read (decimated) to infer the unit and the RGB scale.
 STATS_PIXELS = 512 * 512
+#: Share of valid sampled pixels that are 0 in every band above which a warning suggests
+#: ``--nodata 0`` (no land or water surface is 0 in every Sentinel-2 band).
+ZERO_WARN_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,14 @@ def prepare_input(
     if not ov.valid.any():
         raise DataError(
             f"scene {scene.name} has no valid pixels", "check its nodata value and mask (--nodata)"
+        )
+    zero = float((ov.data[:, ov.valid] == 0).all(axis=0).mean())
+    if zero >= ZERO_WARN_FRACTION:
+        log.warning(
+            "scene %s: %.0f %% of its sampled pixels are 0 in every band but not marked nodata; "
+            "if they lie outside the image (e.g. beyond the swath), pass --nodata 0",
+            scene.name,
+            100 * zero,
         )
     plain = [i for i, b in enumerate(man.bands) if b not in man.max_scaled]
     factor = 1.0

@@ -102,6 +102,25 @@ def test_prepare_input_picks_stem_unit_and_scale(make_raster):
         prepare_input(empty, DEO_S2_MANIFEST, DEO_RGB_MANIFEST)
 
 
+def test_zeros_not_marked_nodata_are_warned_about(make_raster, caplog):
+    dn = smooth_scene(64, 64)
+    dn[:, :, :16] = 0  # a quarter of the scene 0 in every band, beyond a "swath edge"
+    scene = open_scene(make_raster("edge.tif", dn, descriptions=S2_BANDS))
+    with caplog.at_level("WARNING", logger="deo_cli"):
+        prepare_input(scene, DEO_S2_MANIFEST, DEO_RGB_MANIFEST)
+    (msg,) = [r.getMessage() for r in caplog.records if "--nodata 0" in r.getMessage()]
+    assert "edge.tif: 25 % of its sampled pixels are 0 in every band" in msg
+    # declared nodata, or zeros in some bands only: nothing to say
+    caplog.clear()
+    marked = open_scene(make_raster("marked.tif", dn, descriptions=S2_BANDS, nodata=0))
+    dn[1:, :, :16] = 500
+    some = open_scene(make_raster("some.tif", dn, descriptions=S2_BANDS))
+    with caplog.at_level("WARNING", logger="deo_cli"):
+        prepare_input(marked, DEO_S2_MANIFEST, DEO_RGB_MANIFEST)
+        prepare_input(some, DEO_S2_MANIFEST, DEO_RGB_MANIFEST)
+    assert not [r for r in caplog.records if "--nodata" in r.getMessage()]
+
+
 def test_large_scenes_without_overviews_are_sampled_by_windows(make_raster):
     data = smooth_scene(200, 180)
     scene = open_scene(make_raster("s.tif", data, descriptions=S2_BANDS))
