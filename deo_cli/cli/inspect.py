@@ -66,6 +66,8 @@ def _fmt(v, nd=4) -> str:
 def _print_report(console, r: dict) -> None:
     from rich.table import Table
 
+    from deo_cli.io.units import ZERO_WARN_FRACTION
+
     res = r["resolution"]
     console.print(f"[bold]{r['scene']}[/bold]  ({len(r['paths'])} file{'s' if len(r['paths']) > 1 else ''})")
     console.print(f"  CRS         {r['crs'] or 'none (pixel coordinates only)'}")
@@ -80,6 +82,11 @@ def _print_report(console, r: dict) -> None:
     )
     console.print(f"  date        {r['datetime'] or 'unknown'}")
     console.print(f"  valid       {100 * r['valid_fraction']:.1f}% of sampled pixels")
+    if r["zero_fraction"] >= ZERO_WARN_FRACTION:
+        console.print(
+            f"  [yellow]zeros[/yellow]       {100 * r['zero_fraction']:.1f}% of valid pixels are 0 in every band:"
+            " unmarked nodata? (--nodata 0)"
+        )
     console.print(f"  unit        {r['unit']['label']}  ({r['unit']['reason']})")
     t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for col in ("#", "band", "named by", "description", "nm", "res", "min", "max", "unit"):

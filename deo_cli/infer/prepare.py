@@ -15,7 +15,7 @@ One decision per scene, logged and written into the output's tags (peers.md §5.
    so neighbouring chips agree.
 4. **Undeclared nodata.** Pixels that are 0 in every band although no nodata value marks them
    (Sentinel-2 products outside the swath, mosaics padded with 0) would reach the model as
-   data; when they are at least :data:`ZERO_WARN_FRACTION` of the sample the log says so and
+   data; when they are at least :data:`~deo_cli.io.units.ZERO_WARN_FRACTION` of the sample the log says so and
    suggests ``--nodata 0`` (a warning, not a guess: deo does not change the mask by itself).
 
 Statistics come from about 512 x 512 pixels (:func:`sample_pixels`): the scene decimated when
@@ -32,16 +32,13 @@ import numpy as np
 from deo_cli.data.normalize import Normalizer, scene_rgb_max
 from deo_cli.errors import BandError, DataError, UnitError
 from deo_cli.io.raster import every_core
-from deo_cli.io.units import UnitGuess, conversion_factor, infer_unit
+from deo_cli.io.units import ZERO_WARN_FRACTION, UnitGuess, conversion_factor, infer_unit, zero_fraction
 from deo_cli.sensors import UNITS, BandManifest
 
 log = logging.getLogger(__name__)
 
 #: Pixels read (decimated) to infer the unit and the RGB scale.
 STATS_PIXELS = 512 * 512
-#: Share of valid sampled pixels that are 0 in every band above which a warning suggests
-#: ``--nodata 0`` (no land or water surface is 0 in every Sentinel-2 band).
-ZERO_WARN_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ def prepare_input(
         raise DataError(
             f"scene {scene.name} has no valid pixels", "check its nodata value and mask (--nodata)"
         )
-    zero = float((ov.data[:, ov.valid] == 0).all(axis=0).mean())
+    zero = zero_fraction(ov.data, ov.valid)
     if zero >= ZERO_WARN_FRACTION:
         log.warning(
             "scene %s: %.0f %% of its sampled pixels are 0 in every band but not marked nodata; "

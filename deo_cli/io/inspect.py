@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rasterio.warp import transform_bounds
 
 from deo_cli.io.raster import every_core, open_scene
-from deo_cli.io.units import infer_unit
+from deo_cli.io.units import infer_unit, zero_fraction
 from deo_cli.sensors import BAND_SETS, MANIFESTS, band_info, match_bands, resolve_bands
 
 
@@ -116,6 +116,8 @@ def inspect_scene(
                 | ({nodata} if nodata is not None else set())
             ),
             "valid_fraction": _round(valid_fraction, 4),
+            # valid pixels 0 in every band: nodata nobody marked (--nodata 0)?
+            "zero_fraction": _round(zero_fraction(ov.data, ov.valid), 4),
             "unit": {"unit": unit.unit, "label": unit.label, "reason": unit.reason},
             "bands": bands,
             "band_sets": sets,

@@ -70,3 +70,16 @@ def conversion_factor(found: str, expected: str, what: str = "the scene") -> flo
         f"{what} looks like {UNITS.get(found, found)} but the model expects {UNITS[expected]}",
         "give Sentinel-2 DN or 0-1 reflectance, or pass --unit to state the unit if deo misread it",
     )
+
+
+#: Share of valid sampled pixels that are 0 in every band above which deo says they look like
+#: unmarked nodata (no land or water surface is 0 in every Sentinel-2 band).
+ZERO_WARN_FRACTION = 0.01
+
+
+def zero_fraction(data: np.ndarray, valid: np.ndarray) -> float:
+    """Share of the ``valid`` pixels of ``data`` (bands, H, W) that are 0 in every band: pixels
+    outside a swath or mosaic padding that no nodata value marks."""
+    if not valid.any():
+        return 0.0
+    return float((data[:, valid] == 0).all(axis=0).mean())

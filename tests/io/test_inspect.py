@@ -110,3 +110,18 @@ def test_unit_conversion():
     assert conversion_factor("dn", "dn") == 1.0 and conversion_factor("byte", "any") == 1.0
     with pytest.raises(UnitError, match="looks like 0-255 but the model expects DN"):
         conversion_factor("byte", "dn")
+
+
+def test_inspect_reports_zeros_no_nodata_marks(make_raster):
+    from typer.testing import CliRunner
+
+    from deo_cli.cli.app import app
+
+    data = np.full((2, 20, 20), 900, np.uint16)
+    data[:, :5] = 0  # a quarter of the rows 0 in both bands
+    data[0, 10, :] = 0  # zeros in one band only do not count
+    path = make_raster("edge.tif", data, descriptions=["B04", "B08"])
+    assert inspect_scene(path)["zero_fraction"] == 0.25
+    assert inspect_scene(path, nodata=0)["zero_fraction"] == 0.0  # marked: they are not valid
+    out = CliRunner().invoke(app, ["inspect", str(path)]).stdout
+    assert "25.0% of valid pixels are 0 in every band: unmarked nodata? (--nodata 0)" in out
