@@ -88,7 +88,9 @@ def init_rank(rank: int, world: int, port: int) -> RankInfo:
 
 
 def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, kwargs: dict, level: int) -> None:
-    logging.basicConfig(level=max(level, logging.WARNING), format=f"[rank {rank}] %(levelname)s %(message)s")
+    # every rank reads the same scenes: their warnings are rank 0's again, so only errors (all with -v)
+    quiet = level if level < logging.INFO else max(level, logging.ERROR)
+    logging.basicConfig(level=quiet, format=f"[rank {rank}] %(levelname)s %(message)s")
     info = init_rank(rank, world, port)
     try:
         fn(*args, ranks=info, **kwargs)
