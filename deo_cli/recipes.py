@@ -428,6 +428,25 @@ class InputSection:
     #: Scene-level value the max-scaled (RGB) bands are divided by, in scene units; None: the
     #: 99.9th percentile of the scene's valid RGB values (deo_cli.data.normalize.scene_rgb_max).
     rgb_max: float | None = None
+    #: Only this part of each scene: [xmin, ymin, xmax, ymax] in ``bounds_crs`` (default: the
+    #: scene's CRS), widened to whole pixels; empty: the whole scene.
+    bounds: list[float] = field(default_factory=list)
+    #: CRS of ``bounds`` (e.g. EPSG:4326 for longitude/latitude); None: the scene's own.
+    bounds_crs: str | None = None
+
+    def __post_init__(self):
+        if self.bounds and (
+            len(self.bounds) != 4 or not (self.bounds[0] < self.bounds[2] and self.bounds[1] < self.bounds[3])
+        ):
+            raise ValueError("bounds must be [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+        if self.bounds_crs is not None:
+            from rasterio.crs import CRS
+            from rasterio.errors import CRSError
+
+            try:
+                CRS.from_user_input(self.bounds_crs)
+            except CRSError as e:
+                raise ValueError(f"bounds_crs {self.bounds_crs!r} is not a CRS (e.g. EPSG:4326)") from e
 
 
 @dataclass

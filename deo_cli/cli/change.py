@@ -105,6 +105,8 @@ def run_cmd(
     nodata: opt.Nodata = None,
     allow_no_crs: opt.AllowNoCrs = False,
     unit: opt.Unit = None,
+    bounds: opt.Bounds = None,
+    bounds_crs: opt.BoundsCrs = None,
     model: opt.Model = None,
     weights: opt.Weights = None,
     layer: Annotated[
@@ -144,7 +146,7 @@ def run_cmd(
             "model.name": model,
             "model.weights": weights if head is None else None,
             "layer": layer,
-            **input_flags(band_names, nodata, allow_no_crs, unit),
+            **input_flags(band_names, nodata, allow_no_crs, unit, bounds, bounds_crs),
             "output_grid": "input" if full_resolution else None,
             "simplify": simplify,
             "tiling.chip_size": chip_size,

@@ -164,14 +164,30 @@ def exit_code_for(errors: int) -> None:
         raise typer.Exit(1)
 
 
-def input_flags(band_names, nodata, allow_no_crs, unit) -> dict:
+def input_flags(band_names, nodata, allow_no_crs, unit, bounds=None, bounds_crs=None) -> dict:
     """The recipe keys of the shared Input options (``None`` leaves the recipe's value)."""
     return {
         "input.band_names": band_names,
         "input.nodata": nodata,
         "input.allow_no_crs": allow_no_crs or None,
         "input.unit": unit,
+        "input.bounds": parse_bounds(bounds) if bounds is not None else None,
+        "input.bounds_crs": bounds_crs,
     }
+
+
+def parse_bounds(text: str) -> list[float]:
+    """``"xmin,ymin,xmax,ymax"`` (commas or spaces) as four floats; a UsageError otherwise."""
+    from deo_cli.errors import UsageError
+
+    parts = text.replace(",", " ").split()
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise UsageError(f"--bounds {text!r} is not four numbers", "give --bounds XMIN,YMIN,XMAX,YMAX")
+    return values
 
 
 def runtime_flags(device, precision, batch_size, num_workers, seed=None) -> dict:

@@ -28,6 +28,23 @@ Nodata = Annotated[
         "--nodata", help="Treat this value as nodata too (e.g. 0 for L1C DN).", rich_help_panel=INPUT
     ),
 ]
+Bounds = Annotated[
+    str | None,
+    typer.Option(
+        "--bounds",
+        metavar="XMIN,YMIN,XMAX,YMAX",
+        help="Only this part of each scene, in its CRS (or --bounds-crs), widened to whole pixels.",
+        rich_help_panel=INPUT,
+    ),
+]
+BoundsCrs = Annotated[
+    str | None,
+    typer.Option(
+        "--bounds-crs",
+        help="CRS of --bounds, e.g. EPSG:4326 for lon/lat (default: the scene's).",
+        rich_help_panel=INPUT,
+    ),
+]
 AllowNoCrs = Annotated[
     bool,
     typer.Option(

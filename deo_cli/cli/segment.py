@@ -194,6 +194,8 @@ def predict_cmd(
     nodata: opt.Nodata = None,
     allow_no_crs: opt.AllowNoCrs = False,
     unit: opt.Unit = None,
+    bounds: opt.Bounds = None,
+    bounds_crs: opt.BoundsCrs = None,
     weights: Annotated[
         str | None,
         typer.Option(
@@ -227,7 +229,7 @@ def predict_cmd(
         recipe,
         set_,
         {
-            **input_flags(band_names, nodata, allow_no_crs, unit),
+            **input_flags(band_names, nodata, allow_no_crs, unit, bounds, bounds_crs),
             "tiling.chip_size": chip_size,
             "tiling.overlap": overlap,
             **runtime_flags(device, precision, batch_size, num_workers),

@@ -105,7 +105,7 @@ from deo_cli.infer.model import (
     forward_levels,
     resolve_layer,
 )
-from deo_cli.infer.prepare import InputPlan, prepare_input
+from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.threshold import ScoreHistogram, Threshold, choose_threshold
 from deo_cli.infer.trainchips import (
@@ -117,7 +117,7 @@ from deo_cli.infer.trainchips import (
 )
 from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
-from deo_cli.io.raster import Scene, open_scene
+from deo_cli.io.raster import Scene
 from deo_cli.io.writers import RasterLayout
 from deo_cli.metrics import binary_scores
 from deo_cli.progress import NullProgress, Progress
@@ -188,17 +188,14 @@ def check_overlap(
 
 def open_dates(before: str, after: str, inp) -> tuple[Scene, Scene, dict]:
     """Both dates, the second on the first's grid (after the overlap check)."""
-    kw = dict(
-        band_names=inp.band_names, allow_no_crs=inp.allow_no_crs, nodata=inp.nodata, resampling=inp.resampling
-    )
-    first = open_scene(before, **kw)
-    native = open_scene(after, **kw)
+    first = open_input(before, inp)  # cut to --bounds: the output grid
+    native = open_input(after, inp, crop=False)  # how much of it AFTER covers
     share = check_overlap(first.grid, native.grid, f"BEFORE {first.name}", f"AFTER {native.name}")
     native.close()
     same = native.grid.same_as(first.grid)
     if share < 0.999:
         log.warning("%s covers %.0f%% of %s; the rest is nodata", native.name, 100 * share, first.name)
-    second = open_scene(after, grid=first.grid, **kw)
+    second = open_input(after, inp, grid=first.grid)
     info = {
         "after_resampled": not same,
         "after_native_crs": native.grid.crs.to_string() if native.grid.crs is not None else None,
@@ -1019,6 +1016,11 @@ def run_change_train(
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
+    if recipe.input.bounds:
+        raise UsageError(
+            "input.bounds cuts one scene; detect-change train reads whole OSCD cities",
+            "remove input.bounds (choose cities with train_cities/test_cities)",
+        )
     out = check_run_folder(Path(out), overwrite)
     if recipe.data is None:
         raise UsageError("detect-change train needs --data, an OSCD-format folder", "pass --data PATH")

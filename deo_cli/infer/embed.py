@@ -49,7 +49,7 @@ from deo_cli.errors import DeoError, UsageError
 from deo_cli.infer.chips import ChipReader
 from deo_cli.infer.distributed import RankInfo, run_ranks
 from deo_cli.infer.model import EncoderFeatures, resolve_layer
-from deo_cli.infer.prepare import InputPlan, prepare_input
+from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
 from deo_cli.infer.runner import (
     RunStats,
     _forward,
@@ -62,7 +62,6 @@ from deo_cli.infer.runner import (
 from deo_cli.infer.tiling import TilePlan
 from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
-from deo_cli.io.raster import open_scene
 from deo_cli.io.sources import resolve_source
 from deo_cli.io.writers import (
     GeoParquetChipWriter,
@@ -622,13 +621,7 @@ def preflight(
         if preview is not None:
             check_output(preview, overwrite)
     i = recipe.input
-    scene = open_scene(
-        source,
-        band_names=i.band_names,
-        allow_no_crs=i.allow_no_crs,
-        nodata=i.nodata,
-        resampling=i.resampling,
-    )
+    scene = open_input(source, i)
     with scene:
         inp = prepare_input(scene, manifest, rgb_manifest, i.unit, i.rgb_max)
     return Prepared(str(source), out, scene, inp, (manifest, rgb_manifest))

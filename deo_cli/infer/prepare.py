@@ -31,7 +31,7 @@ import numpy as np
 
 from deo_cli.data.normalize import Normalizer, scene_rgb_max
 from deo_cli.errors import BandError, DataError, UnitError
-from deo_cli.io.raster import every_core
+from deo_cli.io.raster import Scene, every_core, open_scene
 from deo_cli.io.units import ZERO_WARN_FRACTION, UnitGuess, conversion_factor, infer_unit, zero_fraction
 from deo_cli.sensors import UNITS, BandManifest
 
@@ -65,6 +65,20 @@ class InputPlan:
             "rgb_max": self.rgb_max,
             **self.normalizer.to_dict(),
         }
+
+
+def open_input(source, i, grid=None, crop: bool = True) -> Scene:
+    """Open ``source`` as the recipe's ``input`` section ``i`` says (band names, CRS rule, extra
+    nodata, resampling; onto ``grid`` when given, else cut to ``i.bounds`` when set and ``crop``)."""
+    scene = open_scene(
+        source,
+        band_names=i.band_names,
+        grid=grid,
+        allow_no_crs=i.allow_no_crs,
+        nodata=i.nodata,
+        resampling=i.resampling,
+    )
+    return scene.cropped(i.bounds, i.bounds_crs) if i.bounds and crop and grid is None else scene
 
 
 def _has_overviews(scene) -> bool:

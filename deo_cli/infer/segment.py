@@ -72,7 +72,7 @@ from deo_cli.infer.headfile import (
     trainable_to_head_file,
     write_run_folder,
 )
-from deo_cli.infer.prepare import InputPlan, prepare_input
+from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.trainchips import (
     ChipRef,
@@ -83,7 +83,6 @@ from deo_cli.infer.trainchips import (
     training_plan,
 )
 from deo_cli.io.atomic import check_output
-from deo_cli.io.raster import open_scene
 from deo_cli.io.writers import RasterLayout
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import (
@@ -123,9 +122,7 @@ class SegmentTrainResult:
 
 def _scene_inputs(recipe_input, image: str, manifest, rgb_manifest) -> tuple[object, InputPlan]:
     i = recipe_input
-    scene = open_scene(
-        image, band_names=i.band_names, allow_no_crs=i.allow_no_crs, nodata=i.nodata, resampling=i.resampling
-    )
+    scene = open_input(image, i)
     with scene:
         inp = prepare_input(scene, manifest, rgb_manifest, i.unit, i.rgb_max)
     return scene, inp

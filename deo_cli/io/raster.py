@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioIOError, WindowError
 from rasterio.vrt import WarpedVRT
@@ -223,6 +225,38 @@ class Scene:
             yield self
         finally:
             self.set_decode_threads(before)
+
+    def cropped(self, bounds: Sequence[float], bounds_crs=None) -> Scene:
+        """This scene restricted to ``bounds`` (xmin, ymin, xmax, ymax in ``bounds_crs``, default
+        its own CRS), widened to whole pixels of its grid and cut to the scene. Its bands are read
+        onto the smaller grid (the same pixels); outside it is outside the scene, as at an edge."""
+        from rasterio.warp import transform_bounds
+
+        b = [float(v) for v in bounds]
+        if bounds_crs is not None and self.crs is None:
+            raise GeoreferenceError(
+                f"scene {self.name} has no CRS, so bounds in {bounds_crs} cannot be placed on it",
+                "give the bounds in its pixel coordinates without --bounds-crs",
+            )
+        if bounds_crs is not None and CRS.from_user_input(bounds_crs) != self.crs:
+            b = list(transform_bounds(CRS.from_user_input(bounds_crs), self.crs, *b, densify_pts=21))
+        inv = ~self.transform  # pixel (col, row) of each corner: any axis orientation
+        cols, rows = zip(*(inv * (x, y) for x in (b[0], b[2]) for y in (b[1], b[3])))
+        eps = 1e-6  # bounds on pixel edges stay on them despite floating point
+        c0, r0 = math.floor(min(cols) + eps), math.floor(min(rows) + eps)
+        c1, r1 = math.ceil(max(cols) - eps), math.ceil(max(rows) - eps)
+        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, self.width), min(r1, self.height)
+        if c1 <= c0 or r1 <= r0:
+            have = ", ".join(f"{v:.6g}" for v in self.grid.bounds)
+            where = f" in {self.crs.to_string()}" if self.crs is not None else ""
+            raise GeoreferenceError(
+                f"bounds {', '.join(f'{v:.6g}' for v in bounds)} do not overlap scene {self.name} "
+                f"(it covers {have}{where})",
+                "give xmin,ymin,xmax,ymax inside it, in its CRS or with --bounds-crs",
+            )
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        grid = Grid(self.crs, self.grid.window_transform(window), c1 - c0, r1 - r0)
+        return Scene(self.name, self.sources, grid, self.nodata, self.resampling, self.datetime, self.tags)
 
     def __enter__(self):
         return self

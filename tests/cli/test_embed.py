@@ -261,3 +261,49 @@ def test_sample_paris_with_the_default_model(tmp_path):
     with rasterio.open(out) as ds:
         assert ds.count == 512 and ds.tags()["DEO_MODEL"] == "deo_swin_b" and ds.shape == (26, 25)
     assert_valid_cog(out)
+
+
+def test_bounds_embed_part_of_a_scene_like_a_cropped_file(make_raster, tmp_path):
+    import yaml
+    from rasterio.warp import transform_bounds
+
+    data = smooth_scene(96, 120)
+    whole = make_raster("whole.tif", data, descriptions=S2_BANDS)
+    # 10 m pixels from (500000, 5000000): columns 16-95, rows 8-71 (a box reaching into pixels)
+    box = (500161.0, 5000000.0 - 715.0, 500955.0, 5000000.0 - 81.0)
+    part = make_raster(
+        "part.tif",
+        data[:, 8:72, 16:96],
+        descriptions=S2_BANDS,
+        transform=Affine(10, 0, 500160, 0, -10, 4999920),
+    )
+    bounds = ",".join(str(v) for v in box)
+    result, _ = run(["embed", str(whole), "-o", str(tmp_path / "a.tif"), "--bounds", bounds, *FAST])
+    assert result.exit_code == 0, result.output
+    result, _ = run(["embed", str(part), "-o", str(tmp_path / "b.tif"), *FAST])
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "b.tif") as b:
+        assert a.transform == b.transform == Affine(160, 0, 500160, 0, -160, 4999920)
+        assert a.crs == b.crs and a.shape == b.shape == (4, 5)
+        np.testing.assert_array_equal(a.read(), b.read())
+    saved = yaml.safe_load((tmp_path / "a.recipe.yaml").read_text())
+    assert saved["input"]["bounds"] == list(box) and saved["input"]["bounds_crs"] is None
+    # the same box in lon/lat gives the same grid (widened to the same whole pixels or one more)
+    lonlat = transform_bounds("EPSG:32633", "EPSG:4326", 500165, 4999290, 500950, 4999915)
+    ll = ",".join(f"{v:.9f}" for v in lonlat)
+    result, _ = run(
+        [
+            "embed",
+            str(whole),
+            "-o",
+            str(tmp_path / "c.tif"),
+            "--bounds",
+            ll,
+            "--bounds-crs",
+            "EPSG:4326",
+            *FAST,
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "c.tif") as c:
+        assert c.transform.c == 500160 and c.shape == (4, 5)

@@ -227,3 +227,41 @@ def test_overview_of_a_multiband_file_without_overviews_matches_gdal_nearest(
     assert expected_valid.mean() < 1.0 or nodata is None
     np.testing.assert_array_equal(ov.valid, expected_valid)
     np.testing.assert_array_equal(ov.data, np.where(expected_valid, ref, 0.0))
+
+
+def test_cropped_scene_reads_the_same_pixels_on_a_smaller_grid(tmp_path, make_raster, shared_data):
+    from rasterio.warp import transform_bounds
+
+    data = np.arange(3 * 40 * 50, dtype=np.uint16).reshape(3, 40, 50)
+    scene = open_scene(make_raster("s.tif", data, descriptions=["B04", "B03", "B02"]))
+    # 10 m pixels from (500000, 5000000): a box from mid-pixel (col 3.5, row 5.2) to (col 20.1, row 30)
+    box = (500035.0, 5000000.0 - 300.0, 500201.0, 5000000.0 - 52.0)
+    crop = scene.cropped(box)
+    assert (crop.width, crop.height) == (18, 25)  # widened to whole pixels: cols 3-20, rows 5-29
+    assert crop.transform == Affine(10, 0, 500030, 0, -10, 5000000 - 50)
+    assert crop.crs == scene.crs and crop.band_names == scene.band_names
+    np.testing.assert_array_equal(crop.read().data, data[:, 5:30, 3:21])
+    outside = crop.read(["B04"], Window(-2, 0, 4, 1))  # beyond the crop is outside the scene
+    assert outside.valid.tolist() == [[False, False, True, True]]
+    # the same box given in lon/lat
+    lonlat = transform_bounds(scene.crs, "EPSG:4326", 500040, 4999710, 500200, 4999950)
+    again = scene.cropped(lonlat, "EPSG:4326")
+    assert again.width >= 16 and again.height >= 24 and again.grid.bounds[0] <= 500040
+    # a box reaching past the scene is cut to it; one beside it is a clear error
+    assert scene.cropped((499000, 4999000, 500100, 5001000)).grid.shape == (40, 10)
+    with pytest.raises(GeoreferenceError, match="do not overlap scene s.tif"):
+        scene.cropped((0, 0, 10, 10))
+    # multi-resolution band folders: the coarse bands are resampled onto the same smaller grid
+    folder = open_scene(str(shared_data / "bigearthnet_s2_example" / "S2A_MSIL2A_20170613T101031_87_48"))
+    g = folder.grid.bounds
+    part = folder.cropped((g[0] + 200, g[1] + 300, g[0] + 700, g[1] + 900))
+    win = Window(20, folder.height - 90, 50, 60)
+    assert part.grid.shape == (60, 50) and part.transform == folder.grid.window_transform(win)
+    np.testing.assert_array_equal(part.read().data, folder.read(None, win).data)
+
+
+def test_bounds_in_another_crs_need_a_scene_crs(make_raster):
+    scene = open_scene(make_raster("n.tif", np.ones((1, 8, 8), np.uint16), crs=None), allow_no_crs=True)
+    assert scene.cropped((0, 2, 4, 8)).grid.shape == (6, 4)  # pixel coordinates (rows downward)
+    with pytest.raises(GeoreferenceError, match="has no CRS"):
+        scene.cropped((0, 0, 1, 1), "EPSG:4326")
