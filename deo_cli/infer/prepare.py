@@ -78,7 +78,10 @@ def open_input(source, i, grid=None, crop: bool = True) -> Scene:
         nodata=i.nodata,
         resampling=i.resampling,
     )
-    return scene.cropped(i.bounds, i.bounds_crs) if i.bounds and crop and grid is None else scene
+    if not (i.bounds and crop and grid is None):
+        return scene
+    with scene:  # the whole scene's handles are not needed after the cut
+        return scene.cropped(i.bounds, i.bounds_crs)
 
 
 def _has_overviews(scene) -> bool:
