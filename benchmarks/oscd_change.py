@@ -1,7 +1,7 @@
 """OSCD change detection, both modes, on a held-out city: F1 and IoU of the change class.
 
 Protocol (deo's own; the paper fine-tunes the encoder with a head that is not public,
-method.md §3.1, so its 60.4 F1 is not the target here):
+docs/method.md §3.1, so its 60.4 F1 is not the target here):
 
 1. **supervised**: ``deo detect-change train`` (:func:`deo_cli.infer.change.run_change_train`)
    on every labelled city but the test city (siamese encoder, ``|f1 - f2|`` per level into

@@ -1,4 +1,4 @@
-"""Metrics of the paper's tables (method.md §3.1), in NumPy, plus bootstrap intervals.
+"""Metrics of the paper's tables (docs/method.md §3.1), in NumPy, plus bootstrap intervals.
 
 - segmentation: macro mIoU over classes (``ignore_index`` excluded) from a confusion matrix;
 - change detection: F1 and IoU of the change class;
@@ -62,7 +62,7 @@ def iou_from_confusion(m: np.ndarray) -> np.ndarray:
 
 
 def miou_from_confusion(m: np.ndarray) -> float:
-    """Macro mean IoU over the classes present (method.md §3.1: macro mIoU)."""
+    """Macro mean IoU over the classes present (docs/method.md §3.1: macro mIoU)."""
     iou = iou_from_confusion(m)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
@@ -102,7 +102,7 @@ def overall_accuracy(pred, target) -> float:
 
 
 def multilabel_micro_f1(pred, target) -> float:
-    """Micro-averaged F1 over all (sample, label) pairs (method.md §3.1: m-bigearthnet)."""
+    """Micro-averaged F1 over all (sample, label) pairs (docs/method.md §3.1: m-bigearthnet)."""
     p, t = np.asarray(pred, bool), np.asarray(target, bool)
     tp = float(np.sum(p & t))
     fp = float(np.sum(p & ~t))

@@ -548,7 +548,7 @@ class SegmentDataSection:
 
 @dataclass
 class SegmentTrainRecipe:
-    """``deo segment train``: frozen encoder + UPerNet/linear head (method.md §3.1)."""
+    """``deo segment train``: frozen encoder + UPerNet/linear head (docs/method.md §3.1)."""
 
     model: ModelSection = field(default_factory=ModelSection)
     head: Literal["upernet", "linear"] = "upernet"
@@ -562,7 +562,7 @@ class SegmentTrainRecipe:
     ignore_index: int | None = None
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     data: SegmentDataSection = field(default_factory=SegmentDataSection)
-    #: UPerNet width (512 in the paper, method.md §3.1); smaller for quick experiments.
+    #: UPerNet width (512 in the paper, docs/method.md §3.1); smaller for quick experiments.
     head_channels: int = 512
     #: Cross-entropy weight per class (in class-table order); empty: unweighted.
     class_weights: list[float] = field(default_factory=list)
@@ -675,7 +675,7 @@ class ChangeTrainRecipe:
 
 @dataclass
 class BenchLinearSection:
-    """Linear probe on cached frozen features (classification; method.md §3.1).
+    """Linear probe on cached frozen features (classification; docs/method.md §3.1).
 
     ``lr: null`` takes the paper's per-task value (1e-3 BigEarthNet/So2Sat, 1e-2 EuroSAT).
     Warm-up, cosine floor and AdamW's default weight decay are read in the authors' evaluation
@@ -701,7 +701,7 @@ class BenchLinearSection:
 
 @dataclass
 class BenchSegmentationSection:
-    """Frozen encoder + segmentation head through ``fit_dense`` (method.md §3.1).
+    """Frozen encoder + segmentation head through ``fit_dense`` (docs/method.md §3.1).
 
     The paper's effective batch is 64 (16 x 4 gradient-accumulation steps); ``fit_dense`` does
     not accumulate, so the default is 16 per step (set 64 where memory allows).
@@ -760,7 +760,7 @@ class BenchThroughputSection:
 
 @dataclass
 class BenchRecipe:
-    """``deo bench``: suites of the paper's frozen-encoder protocols (method.md §3)."""
+    """``deo bench``: suites of the paper's frozen-encoder protocols (docs/method.md §3)."""
 
     suite: Literal["geobench", "oscd", "throughput"] = "geobench"
     tasks: list[str] = field(default_factory=list)
@@ -772,7 +772,7 @@ class BenchRecipe:
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     #: GEO-Bench folder or one task folder (default: $GEO_BENCH_DIR); the OSCD folder for oscd.
     data: str | None = None
-    #: Input size in pixels; null: the paper's size per task (method.md §3.1), the model's
+    #: Input size in pixels; null: the paper's size per task (docs/method.md §3.1), the model's
     #: input size for throughput.
     image_size: int | None = None
     #: ``task``: per-task z-score from band_stats.json (the paper); ``model``: the model's
@@ -798,29 +798,29 @@ class BenchRecipe:
 
 
 # ---------------------------------------------------------------------------------------------
-# deo pretrain (numbers: reference/method.md §2.2-2.9)
+# deo pretrain (numbers: docs/method.md §2.2-2.9)
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class PretrainModelSection:
     name: str = "deo_swin_b"
-    #: Stochastic depth; None keeps the model's default (0.5 for Swin-B, method.md §2.5).
+    #: Stochastic depth; None keeps the model's default (0.5 for Swin-B, docs/method.md §2.5).
     drop_path: float | None = None
     #: Student initialisation: ``random`` (the paper, §2.1) or weights as for ``--weights``.
     init: str = "random"
-    #: Width of the multispectral self-distillation space (SimDINO ``z_dim`` 256, method.md §2.5).
+    #: Width of the multispectral self-distillation space (SimDINO ``z_dim`` 256, docs/method.md §2.5).
     ms_dim: int = 256
-    #: Hidden width of the 3-layer projection heads (2048, method.md §2.5).
+    #: Hidden width of the 3-layer projection heads (2048, docs/method.md §2.5).
     head_hidden_dim: int = 2048
     #: Keep stochastic depth active in the EMA teacher's forward: the official code never puts its
-    #: teacher in eval mode (method.md §2.6). False runs the teacher in eval mode.
+    #: teacher in eval mode (docs/method.md §2.6). False runs the teacher in eval mode.
     ema_drop_path: bool = True
 
 
 @dataclass
 class TeacherSection:
-    """The frozen optical teacher (method.md §2.7)."""
+    """The frozen optical teacher (docs/method.md §2.7)."""
 
     name: str = "vit_base_patch16_dinov3"
     weights: str = "default"
@@ -854,7 +854,7 @@ class PretrainDataSection:
 
 @dataclass
 class CropsSection:
-    """Multi-crop and augmentations (method.md §2.4); blur/solarize probabilities per crop kind."""
+    """Multi-crop and augmentations (docs/method.md §2.4); blur/solarize probabilities per crop kind."""
 
     global_number: int = 2
     global_size: int = 224
@@ -875,7 +875,7 @@ class CropsSection:
     blur_p: tuple[float, float, float] = field(default_factory=lambda: (1.0, 0.1, 0.5))
     #: Solarize probability for (global 1, global 2, each local crop).
     solarize_p: tuple[float, float, float] = field(default_factory=lambda: (0.0, 0.2, 0.0))
-    #: Range of the solarize threshold (Kornia ``thresholds=0.5`` draws it from (0, 1), method.md §2.4).
+    #: Range of the solarize threshold (Kornia ``thresholds=0.5`` draws it from (0, 1), docs/method.md §2.4).
     solarize_threshold: tuple[float, float] = field(default_factory=lambda: (0.0, 1.0))
     #: Half-width of Kornia's random addition before solarizing (its default ``additions=0.1``).
     solarize_addition: float = 0.1
@@ -896,7 +896,7 @@ class LossSection:
 
 @dataclass
 class OptimSection:
-    """AdamW and schedules (method.md §2.9); ``lr`` is for a global batch of 256 and scales linearly."""
+    """AdamW and schedules (docs/method.md §2.9); ``lr`` is for a global batch of 256 and scales linearly."""
 
     lr: float = 5e-4
     min_lr: float = 1e-6
@@ -912,7 +912,7 @@ class OptimSection:
 
 @dataclass
 class PretrainRecipe:
-    """``deo pretrain``: the DEO objective (method.md §2)."""
+    """``deo pretrain``: the DEO objective (docs/method.md §2)."""
 
     seed: int = 0
     model: PretrainModelSection = field(default_factory=PretrainModelSection)

@@ -2,7 +2,7 @@
 
 ``--device auto`` takes a CUDA GPU when there is one (then Apple's MPS), else the CPU.
 ``--precision auto`` is bf16 autocast on GPUs that support it, fp16 autocast (with a gradient
-scaler when training) on older GPUs, and fp32 on the CPU (method.md §2.9 trains in fp16 AMP).
+scaler when training) on older GPUs, and fp32 on the CPU (docs/method.md §2.9 trains in fp16 AMP).
 """
 
 from __future__ import annotations

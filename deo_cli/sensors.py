@@ -10,7 +10,7 @@ statistics were computed in, and the per-band mean/std. It travels inside every 
 every output file's tags (:meth:`BandManifest.to_dict`).
 
 Numbers: Sentinel-2 central wavelengths are the S2A values of the ESA Sentinel-2 User Handbook;
-DEO's input order and statistics are ``reference/method.md`` §2.2-2.3 (SatMAE fMoW-Sentinel
+DEO's input order and statistics are docs/method.md §2.2-2.3 (SatMAE fMoW-Sentinel
 statistics for B5..B12, max-scaled statistics for RGB).
 
 This module imports neither torch nor rasterio.
@@ -178,7 +178,7 @@ BAND_SETS: dict[str, BandSet] = {
         BandSet(
             "S2",
             DEO_S2_BANDS,
-            "DEO's 10-band Sentinel-2 input [R, G, B, B5, B6, B7, B8, B8A, B11, B12] (method.md §2.2)",
+            "DEO's 10-band Sentinel-2 input [R, G, B, B5, B6, B7, B8, B8A, B11, B12] (docs/method.md §2.2)",
         ),
         BandSet(
             "S2_L1C",
@@ -239,7 +239,7 @@ class BandManifest:
     Normalisation is ``(x - mean) / std`` per band, after two optional steps:
     values are first converted to ``unit`` (e.g. reflectance 0-1 times 10^4 to DN), then the
     bands named in ``max_scaled`` are divided by their maximum and clamped to [0, 1]
-    (DEO max-scales the RGB channels of every crop, method.md §2.3), so their ``mean``/``std``
+    (DEO max-scales the RGB channels of every crop, docs/method.md §2.3), so their ``mean``/``std``
     are in that 0-1 space.
     """
 
@@ -294,7 +294,7 @@ class BandManifest:
         )
 
 
-#: DEO multispectral input (method.md §2.2-2.3): RGB max-scaled then z-scored with the
+#: DEO multispectral input (docs/method.md §2.2-2.3): RGB max-scaled then z-scored with the
 #: fMoW-RGB statistics; B5..B12 z-scored in DN with the SatMAE fMoW-Sentinel statistics.
 DEO_S2_MANIFEST = BandManifest(
     name="deo-s2-10",
@@ -303,10 +303,10 @@ DEO_S2_MANIFEST = BandManifest(
     mean=(0.41820, 0.42148, 0.39913, 1263.739, 1645.403, 1846.870, 1762.595, 1972.624, 1732.164, 1247.919),
     std=(0.28774, 0.27542, 0.27640, 948.982, 1108.067, 1258.364, 1233.149, 1364.387, 1310.370, 1087.602),
     max_scaled=("B04", "B03", "B02"),
-    source="DEO-FM pretraining statistics (method.md §2.3)",
+    source="DEO-FM pretraining statistics (docs/method.md §2.3)",
 )
 
-#: DEO RGB-stem input (method.md §2.3): max-scaled RGB, z-scored with the same RGB statistics.
+#: DEO RGB-stem input (docs/method.md §2.3): max-scaled RGB, z-scored with the same RGB statistics.
 DEO_RGB_MANIFEST = BandManifest(
     name="deo-rgb",
     bands=("red", "green", "blue"),
@@ -314,7 +314,7 @@ DEO_RGB_MANIFEST = BandManifest(
     mean=(0.41820, 0.42148, 0.39913),
     std=(0.28774, 0.27542, 0.27640),
     max_scaled=("red", "green", "blue"),
-    source="DEO-FM pretraining statistics (method.md §2.3)",
+    source="DEO-FM pretraining statistics (docs/method.md §2.3)",
 )
 
 MANIFESTS: dict[str, BandManifest] = {m.name: m for m in (DEO_S2_MANIFEST, DEO_RGB_MANIFEST)}

@@ -25,7 +25,7 @@ def test_precedence_defaults_file_set_flags(tmp_path):
     assert r.optim.lr == 2e-4  # --set beats the file ("2e-4" is a YAML string: coerced)
     assert r.epochs == 11  # explicit flag beats --set
     assert r.batch_size == 8 and r.seed == 0  # file, default (None flags are "not given")
-    assert r.optim.weight_decay == 0.04  # untouched default (method.md §2.9)
+    assert r.optim.weight_decay == 0.04  # untouched default (docs/method.md §2.9)
 
 
 def test_unknown_key_did_you_mean(tmp_path):

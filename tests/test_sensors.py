@@ -75,7 +75,7 @@ def test_resolve_bands_errors():
 
 
 def test_deo_statistics_match_method_md():
-    # method.md §2.3: RGB in max-scaled space, B5..B12 SatMAE statistics in DN
+    # docs/method.md §2.3: RGB in max-scaled space, B5..B12 SatMAE statistics in DN
     assert DEO_S2_MANIFEST.mean[:3] == (0.41820, 0.42148, 0.39913)
     assert DEO_S2_MANIFEST.std[3] == 948.982 and DEO_S2_MANIFEST.mean[-1] == 1247.919
     assert DEO_S2_MANIFEST.max_scaled == ("B04", "B03", "B02")

@@ -1,6 +1,6 @@
 """Frozen pooled features, computed once per split and cached for the probes.
 
-The paper's linear probe reads one vector per image from a frozen encoder (method.md §3.1), so
+The paper's linear probe reads one vector per image from a frozen encoder (docs/method.md §3.1), so
 the encoder's output never changes during the 50 probe epochs: deo runs the encoder once per
 split (eval mode, ``no_grad``, batched, autocast on GPU) and trains the linear layer on the
 cached vectors, which takes seconds instead of 50 encoder passes over the training set. The
@@ -9,7 +9,7 @@ flips of every training image (identity, horizontal, vertical, both), and each p
 draws one of them per image, which is the same augmentation at 4 encoder passes instead of 50.
 
 Pooling ``mean`` averages the last feature map of ``encoder(x)`` without the final norm, as
-the paper's evaluation code does ("the final LayerNorm is accidentally skipped", method.md
+the paper's evaluation code does ("the final LayerNorm is accidentally skipped", docs/method.md
 §3.1); ``model`` uses ``encoder.forward_pooled`` (final norm, then pool or CLS).
 """
 

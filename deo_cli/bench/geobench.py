@@ -1,4 +1,4 @@
-"""``deo bench --suite geobench``: the paper's frozen-encoder GEO-Bench protocols (method.md §3.1).
+"""``deo bench --suite geobench``: the paper's frozen-encoder GEO-Bench protocols (docs/method.md §3.1).
 
 Per task (default: the eight the paper reports), per partition and seed:
 
@@ -50,7 +50,7 @@ __all__ = ["GeoBenchPlan", "plan_geobench", "run_geobench"]
 
 log = logging.getLogger(__name__)
 
-#: The paper's GEO-Bench tasks, the default of ``--tasks`` (method.md §3.1-3.2).
+#: The paper's GEO-Bench tasks, the default of ``--tasks`` (docs/method.md §3.1-3.2).
 DEFAULT_TASKS = tuple(t.name for t in PAPER_CLASSIFICATION_TASKS + PAPER_SEGMENTATION_TASKS)
 
 

@@ -1,4 +1,4 @@
-"""GEO-Bench samples as model input, the way the paper feeds them (reference/method.md §3.1).
+"""GEO-Bench samples as model input, the way the paper feeds them (docs/method.md §3.1).
 
 - Bands by name: the model's multispectral manifest when the task has all its bands (DEO:
   ``B04, B03, B02, B05, B06, B07, B08, B8A, B11, B12`` from 13- or 12-band S2 tasks, the 10 S2
@@ -6,7 +6,7 @@
   RGBN, and 3-band RGB tasks) through the RGB stem.
 - Normalisation ``task``: per-task z-score from ``band_stats.json`` (the paper);
   ``model``: the model's manifest (:class:`~deo_cli.data.normalize.Normalizer`), the RGB bands
-  max-scaled by each image's own maximum as in pretraining (method.md §2.3).
+  max-scaled by each image's own maximum as in pretraining (docs/method.md §2.3).
 - Size: resized to ``image_size`` when the task's patches differ (bilinear with antialiasing
   for images, nearest for masks); the paper's sizes equal the native ones, so by default
   nothing is resized.

@@ -1,4 +1,4 @@
-"""The paper's linear probe, trained on cached frozen features (method.md §3.1).
+"""The paper's linear probe, trained on cached frozen features (docs/method.md §3.1).
 
 - one ``nn.Linear(D, K)`` on the pooled feature;
 - AdamW with torch's default weight decay 0.01 (the paper passes none), batch 64, 50 epochs,
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProbeSettings:
-    """Linear-probe optimisation (defaults: method.md §3.1 classification)."""
+    """Linear-probe optimisation (defaults: docs/method.md §3.1 classification)."""
 
     epochs: int = 50
     warmup_epochs: float = 5

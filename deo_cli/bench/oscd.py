@@ -1,6 +1,6 @@
 """``deo bench --suite oscd``: zero-shot change detection F1 on an OSCD-format folder.
 
-The paper fine-tunes the encoder for change detection and its head is not public (method.md
+The paper fine-tunes the encoder for change detection and its head is not public (docs/method.md
 §3.1), so the paper's 60.4 F1 is not reproducible here; this suite measures what the frozen
 features give **without training** (deo's own protocol, [INFERRED], protocol name
 ``zero-shot``), with exactly the scorer of ``deo detect-change`` (:mod:`deo_cli.infer.change`):

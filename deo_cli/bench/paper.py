@@ -1,8 +1,8 @@
-"""The DEO paper's own numbers, to print beside ours (reference/method.md §3.2).
+"""The DEO paper's own numbers, to print beside ours (docs/method.md §3.2).
 
-Transcribed from the result-table images of the project page (method.md §1, [PAGE]); values in
+Transcribed from the result-table images of the project page (docs/method.md §1, [PAGE]); values in
 percent, as the paper prints them. Only DEO's row is kept: the baselines were re-run by the
-authors under the same protocol and are in method.md §3.2 for whoever needs them.
+authors under the same protocol and are in docs/method.md §3.2 for whoever needs them.
 
 Keys are ``(dataset, partition)``: GEO-Bench v1 task names as on disk (``m-cashew-plant``, not
 the paper's ``GB-cas.``), ``oscd``, and the non-GEO-Bench sets the paper also reports
@@ -30,11 +30,11 @@ class PaperResult:
     note: str = ""
 
 
-_SEG = "method.md §3.2 Semantic segmentation (frozen encoder + UPerNet)"
-_CD = "method.md §3.2 Change detection"
-_CLS = "method.md §3.2 Classification (frozen encoder + linear head)"
-_LOW = "method.md §3.2 Low-data (10 % of train labels)"
-_CD_NOTE = "the paper fine-tunes the encoder for change detection; its head is not public (method.md §3.1)"
+_SEG = "docs/method.md §3.2 Semantic segmentation (frozen encoder + UPerNet)"
+_CD = "docs/method.md §3.2 Change detection"
+_CLS = "docs/method.md §3.2 Classification (frozen encoder + linear head)"
+_LOW = "docs/method.md §3.2 Low-data (10 % of train labels)"
+_CD_NOTE = "the paper fine-tunes the encoder for change detection; its head is not public (docs/method.md §3.1)"
 
 _ROWS = (
     PaperResult("spacenet-v1", "default", "miou", 80.83, _SEG),

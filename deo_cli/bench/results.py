@@ -1,7 +1,7 @@
 """Benchmark result rows: the CSV/JSON contract, atomic appends, resume, summaries.
 
 One row per (model, dataset, protocol, partition, seed, metric) (DESIGN.md §4). The first
-twelve columns are torchgeo-bench's (peers.md §6: ``model, dataset, task, metric, value,
+twelve columns are torchgeo-bench's (``model, dataset, task, metric, value,
 partition, seed, bands, image_size, normalization, ci_low, ci_high``); the rest record what a
 reader needs to trust or reproduce the row:
 
@@ -57,7 +57,7 @@ __all__ = [
     "summarize",
 ]
 
-#: torchgeo-bench's columns, in its order (peers.md §6).
+#: torchgeo-bench's columns, in its order.
 TORCHGEO_BENCH_COLUMNS = (
     "model",
     "dataset",
@@ -126,7 +126,7 @@ _INT = {
 }
 _FLOAT = {"value", "ci_low", "ci_high", "val_value", "lr", "weight_decay", "seconds", "paper_value"}
 
-#: GEO-Bench-2 leaderboard metric names (peers.md §6).
+#: GEO-Bench-2 leaderboard metric names.
 GEOBENCH2_METRICS = {
     "overall_accuracy": "Overall_Accuracy",
     "micro_f1": "Multilabel_F1_Score",

@@ -3,7 +3,7 @@
 Each scorer keeps one small statistic per test sample (a correct flag, TP/FP/FN counts or a
 confusion matrix), computes the metric on all of them, and resamples samples with replacement
 for the interval (:func:`deo_cli.metrics.bootstrap_ci`, percentile method), as GEO-Bench and
-torchgeo-bench report. The metrics are those of method.md §3.1: overall accuracy (m-so2sat,
+torchgeo-bench report. The metrics are those of docs/method.md §3.1: overall accuracy (m-so2sat,
 m-eurosat), multi-label micro F1 (m-bigearthnet), macro mIoU (segmentation), F1 of the change
 class (OSCD).
 """

@@ -2,7 +2,7 @@
 
 Everything that trains and selects is :mod:`deo_cli.train.supervised` (shared with ``deo
 segment train``): AdamW (lr 1e-4, weight decay 0.01), 5 warm-up epochs then cosine to 1e-6,
-50 epochs, best validation mIoU (method.md §3.1). This module adds the test pass that keeps one
+50 epochs, best validation mIoU (docs/method.md §3.1). This module adds the test pass that keeps one
 confusion matrix per test image, for the bootstrap interval.
 
 Known differences from the paper's code: ``fit_dense`` uses cross-entropy where the paper uses

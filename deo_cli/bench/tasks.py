@@ -1,6 +1,6 @@
-"""The paper's GEO-Bench tasks and their per-task settings (reference/method.md §3.1).
+"""The paper's GEO-Bench tasks and their per-task settings (docs/method.md §3.1).
 
-Input size per task is the table "Datasets and metrics" of method.md §3.1 (all equal to the
+Input size per task is the table "Datasets and metrics" of docs/method.md §3.1 (all equal to the
 tasks' native patch size, so the paper never resizes them); the classification learning rates
 are the "Classification" paragraph of §3.1. A GEO-Bench task the paper does not report (e.g.
 ``m-brick-kiln``) runs at its native size with the defaults below, marked ``from_paper=False``.
@@ -42,13 +42,13 @@ class TaskSetting:
     from_paper: bool = True
 
 
-#: method.md §3.1 (classification: lr 1e-3 BigEarthNet and So2Sat, 1e-2 EuroSAT; 50 epochs, batch 64).
+#: docs/method.md §3.1 (classification: lr 1e-3 BigEarthNet and So2Sat, 1e-2 EuroSAT; 50 epochs, batch 64).
 PAPER_CLASSIFICATION_TASKS = (
     TaskSetting("m-bigearthnet", "classification", 120, "micro_f1", 1e-3),
     TaskSetting("m-so2sat", "classification", 32, "overall_accuracy", 1e-3),
     TaskSetting("m-eurosat", "classification", 64, "overall_accuracy", 1e-2),
 )
-#: method.md §3.1 (segmentation: UPerNet, lr 1e-4, 50 epochs, 5 warm-up; macro mIoU).
+#: docs/method.md §3.1 (segmentation: UPerNet, lr 1e-4, 50 epochs, 5 warm-up; macro mIoU).
 PAPER_SEGMENTATION_TASKS = (
     TaskSetting("m-cashew-plant", "segmentation", 256, "miou"),
     TaskSetting("m-SA-crop-type", "segmentation", 256, "miou"),

@@ -23,7 +23,7 @@ Sentinel-2 bands get deo's canonical names (``B04``, ``B8A``...); aerial RGB ban
 Landsat) keep GEO-Bench's name. :meth:`GeoBenchTask.bands_for_model` picks a model's bands by
 name (DEO's S2 order ``B04, B03, B02, B05...B12`` from 13- or 12-band tasks, or the RGB
 stem's bands) and :meth:`GeoBenchTask.normalize` applies the per-task z-score of
-``band_stats.json`` (reference/method.md §3.1).
+``band_stats.json`` (docs/method.md §3.1).
 
 This module imports neither torch nor geobench.
 """
@@ -604,7 +604,7 @@ class GeoBenchTask:
 
         For DEO's 10-band manifest this is ``[B04, B03, B02, B05, B06, B07, B08, B8A, B11,
         B12]``: ``[3, 2, 1, 4, 5, 6, 7, 8, 11, 12]`` on 13-band tasks and ``[..., 10, 11]`` on
-        12-band tasks without B10 (reference/method.md §3.1). For the RGB manifest it is the
+        12-band tasks without B10 (docs/method.md §3.1). For the RGB manifest it is the
         task's red, green, blue (the first three channels of m-chesapeake's RGBN).
         """
         wanted = manifest.bands if isinstance(manifest, BandManifest) else tuple(manifest)
@@ -630,7 +630,7 @@ class GeoBenchTask:
         )
 
     def normalize(self, image: np.ndarray, band_indices: Sequence[int] | None = None) -> np.ndarray:
-        """Per-task z-score from ``band_stats.json`` (reference/method.md §3.1).
+        """Per-task z-score from ``band_stats.json`` (docs/method.md §3.1).
 
         ``image`` is ``(..., C, H, W)``; its channels are the task's bands ``band_indices``
         (e.g. from :meth:`bands_for_model`), or all bands in task order when ``None``.

@@ -1,4 +1,4 @@
-"""DEO's multi-crop views and augmentations (method.md §2.3-2.4).
+"""DEO's multi-crop views and augmentations (docs/method.md §2.3-2.4).
 
 One training sample (all bands of a chip or window, in the model's band order, raw units) becomes
 ``global_number`` global crops and ``local_number`` local crops. For every crop:
@@ -8,11 +8,11 @@ One training sample (all bands of a chip or window, in the model's band order, r
    interpolation (antialiased when shrinking) on the multi-channel float tensor, so the bands stay
    co-registered. Where a co-located high-resolution RGB image is given, the same box (mapped by
    relative position) is cut from it and resized onto the crop, replacing channels 0-2
-   (method.md §2.2).
+   (docs/method.md §2.2).
 2. **Horizontal flip** of all channels with ``hflip_p`` (0.5). No vertical flip, no rotation.
 3. **RGB max-scaling**: channels 0-2 are divided by the crop's maximum RGB value over valid pixels
-   (when it exceeds 1e-6) and clamped to [0, 1] (method.md §2.3).
-4. **RGB-only photometric augmentations** (method.md §2.4) on those max-scaled channels, with
+   (when it exceeds 1e-6) and clamped to [0, 1] (docs/method.md §2.3).
+4. **RGB-only photometric augmentations** (docs/method.md §2.4) on those max-scaled channels, with
    torchvision's ``transforms.v2.functional`` ops and parameters drawn from the sample's own
    generator: ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8 (the
    four adjustments in a random order, as torchvision's ``ColorJitter``); grayscale with p 0.2;
@@ -21,7 +21,7 @@ One training sample (all bands of a chip or window, in the model's band order, r
    than two) use global 2's probabilities. The kernel is capped at ``2 * crop_size - 1`` for
    crops too small for reflect padding (never the case at DEO's sizes).
 5. The augmented RGB is **written back into channels 0-2**, so the multispectral pass sees it too
-   (method.md §2.4), then **all channels are z-scored** with the manifest statistics
+   (docs/method.md §2.4), then **all channels are z-scored** with the manifest statistics
    (DEO_S2_MANIFEST: the max-scaled RGB statistics and SatMAE's fMoW-Sentinel statistics for
    B5..B12). Pixels that were nodata in the source are set to 0 (the band mean) afterwards.
 
@@ -52,7 +52,7 @@ from deo_cli.sensors import BandManifest
 
 #: RandomResizedCrop's aspect-ratio range (torchvision's default, which DINO/DEO keep).
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
-#: Channels 0-2 are R, G, B in DEO's input order (method.md §2.2).
+#: Channels 0-2 are R, G, B in DEO's input order (docs/method.md §2.2).
 RGB = slice(0, 3)
 
 
@@ -102,7 +102,7 @@ def crop_box(
 
 
 def max_scale(rgb: Tensor, valid: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """Divide by the maximum over valid pixels (when above ``eps``) and clamp to [0, 1] (method.md §2.3)."""
+    """Divide by the maximum over valid pixels (when above ``eps``) and clamp to [0, 1] (docs/method.md §2.3)."""
     values = rgb[:, valid] if valid is not None and bool(valid.any()) else rgb
     m = float(values.max()) if values.numel() else 0.0
     if m > eps:
@@ -153,7 +153,7 @@ class MultiCrop:
 
     Args:
         mean, std: per-band z-score statistics in the input's band order (the manifest's).
-        global_number, global_size, global_scale: 2 crops of 224 px, area 0.4-1 (method.md §2.4).
+        global_number, global_size, global_scale: 2 crops of 224 px, area 0.4-1 (docs/method.md §2.4).
         local_number, local_size, local_scale: 10 crops of 96 px, area 0.05-0.4.
         hflip_p: horizontal flip probability (0.5).
         color_jitter_p, brightness, contrast, saturation, hue: 0.8; 0.4, 0.4, 0.2, 0.1.

@@ -6,7 +6,7 @@ applies ``clamp01(x * scale) - mean) / std`` band by band on numpy arrays or tor
 shaped ``(..., C, H, W)``.
 
 DEO max-scales the RGB channels of every training crop by the crop's maximum RGB value
-(method.md §2.3). At inference a per-chip maximum would make neighbouring chips disagree (a
+(docs/method.md §2.3). At inference a per-chip maximum would make neighbouring chips disagree (a
 seam at every chip edge), so deo uses one **scene-level** value instead: the 99.9th percentile
 of the RGB values over the scene's valid pixels (:func:`scene_rgb_max`, computed on a
 decimated read of the whole scene). It is written into the output tags, and can be fixed with

@@ -1,6 +1,6 @@
 """Pretraining data: find the scenes, read them band by name in DataLoader workers, make views.
 
-``--data`` may be (method.md §2.2 trains on fMoW-Sentinel chips paired with fMoW-RGB):
+``--data`` may be (docs/method.md §2.2 trains on fMoW-Sentinel chips paired with fMoW-RGB):
 
 - **a folder**, searched recursively: every multi-band raster is one scene; single-band files whose
   names carry a band (``..._B04.tif``, as in BigEarthNet and OSCD) are grouped into one scene per
@@ -324,7 +324,7 @@ def scan_pretrain_data(
 
 
 def _settle_unit(unit: str, scenes: Sequence[Scene], bands: Sequence[str]) -> tuple[str, float]:
-    """DEO's statistics are in S2 DN (method.md §2.3); reflectance 0-1 is scaled by 10^4."""
+    """DEO's statistics are in S2 DN (docs/method.md §2.3); reflectance 0-1 is scaled by 10^4."""
     if unit != "auto":
         return unit, conversion_factor(unit, "dn")
     values, dtype = [], None

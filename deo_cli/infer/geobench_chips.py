@@ -1,7 +1,7 @@
 """GEO-Bench segmentation samples as ``deo segment train`` chips.
 
 The reader is :mod:`deo_cli.data.geobench` (shared with ``deo bench``). Unlike the benchmark's
-protocol (per-task z-score from ``band_stats.json``, method.md §3.1), images here are
+protocol (per-task z-score from ``band_stats.json``, docs/method.md §3.1), images here are
 normalised by the **model's band manifest**, exactly as ``segment predict`` normalises scenes,
 so the trained head can map scenes afterwards:
 

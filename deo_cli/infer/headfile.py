@@ -47,7 +47,7 @@ HEAD_FORMAT = "head-v1"
 
 
 def make_head(kind: str, in_channels, in_strides, num_classes: int, channels: int = 512) -> nn.Module:
-    """A segmentation head: UPerNet with ``channels`` (512 in the paper, method.md §3.1) or linear."""
+    """A segmentation head: UPerNet with ``channels`` (512 in the paper, docs/method.md §3.1) or linear."""
     from deo_cli.models.upernet import UPerNetHead, build_seg_head
 
     if kind == "upernet":

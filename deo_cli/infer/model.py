@@ -12,14 +12,14 @@ deepest. For the DEO Swin this is **stage 3** (0-based level 2): stride 16, 512 
 Swin-B (384 for Swin-T). Why:
 
 - stage 3 is the level DEO distils token by token, with no resizing, into DINOv3 ViT-B/16's
-  patch tokens (method.md §2.7, ``S_mid``: 14x14 stage-3 map against DINOv3 block 9 at 224 px),
+  patch tokens (docs/method.md §2.7, ``S_mid``: 14x14 stage-3 map against DINOv3 block 9 at 224 px),
   so it is the map trained to carry the optical teacher's dense semantics on DINOv3's own
   stride-16 grid;
 - stage 4 is distilled too (``S_late``) but only after bilinear 7x7 -> 14x14 upsampling, and its
   grid is 2x coarser (320 m per pixel for 10 m Sentinel-2, against 160 m);
 - it is half the width of stage 4 (512 vs 1024 channels), so half the storage.
 
-The paper's segmentation head (UPerNet) uses all four stages (method.md §3.1); a single raster
+The paper's segmentation head (UPerNet) uses all four stages (docs/method.md §3.1); a single raster
 must pick one, and ``--layer`` chooses another (``last``, or a 0-based index). For the DEO ViTs
 all levels share the patch stride, so the rule picks the deepest distilled block (block 12).
 """

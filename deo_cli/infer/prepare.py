@@ -1,6 +1,6 @@
 """From a scene and a model to what the chips need: bands, stem, unit, normalisation.
 
-One decision per scene, logged and written into the output's tags (peers.md §5.3-§5.4):
+One decision per scene, logged and written into the output's tags (units and statistics are where users of EO tools most often go wrong):
 
 1. **Bands and stem.** The model's multispectral manifest is selected by band name. If the
    scene lacks some of those bands but has red, green and blue, the RGB stem is used
@@ -10,7 +10,7 @@ One decision per scene, logged and written into the output's tags (peers.md §5.
    (:func:`~deo_cli.io.units.infer_unit`), or stated with ``--unit``. Reflectance 0-1 is
    converted to DN (x 10^4) for a DN model; 0-255 data is refused with one line; a unit deo
    cannot tell is refused with a hint to pass ``--unit``.
-3. **RGB scale.** Max-scaled bands (DEO's RGB, method.md §2.3) are divided by one scene-level
+3. **RGB scale.** Max-scaled bands (DEO's RGB, docs/method.md §2.3) are divided by one scene-level
    value (:func:`~deo_cli.data.normalize.scene_rgb_max`, or ``input.rgb_max``), never per chip,
    so neighbouring chips agree.
 4. **Undeclared nodata.** Pixels that are 0 in every band although no nodata value marks them

@@ -1,6 +1,6 @@
 """``deo segment train`` and ``deo segment predict``: class maps from a frozen DEO encoder.
 
-**Training** (:func:`run_segment_train`; method.md §3.1): a frozen encoder (eval mode, no
+**Training** (:func:`run_segment_train`; docs/method.md §3.1): a frozen encoder (eval mode, no
 gradients) and a UPerNet head (pyramid pooling 1/2/3/6, 512 channels, all four levels) or a
 linear head, trained by :func:`~deo_cli.train.supervised.fit_dense` (AdamW lr 1e-4, weight decay
 0.01, linear warm-up then cosine to 1e-6, cross-entropy with ignored pixels, autocast on GPU)

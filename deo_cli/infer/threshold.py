@@ -1,4 +1,4 @@
-"""From a change score to a change mask: Otsu, a fixed value or a percentile (peers.md §7.6).
+"""From a change score to a change mask: Otsu, a fixed value or a percentile.
 
 Scores can be far larger than memory (a score on the input grid of a 100 km scene), so the
 threshold is computed from a histogram that the score sink fills block by block while the

@@ -1,6 +1,6 @@
 """GDAL settings for reading rasters, local or remote.
 
-The cloud-read defaults TorchGeo and TerraTorch use (reference/peers.md §6) make ``/vsicurl/``,
+The cloud-read defaults TorchGeo and TerraTorch use make ``/vsicurl/``,
 ``s3://`` and ``https://`` COGs stream efficiently. They are applied with
 ``os.environ.setdefault``, so any value the user has set wins; unsigned S3 requests are only
 the default when no AWS credentials are configured (unsigned requests break private buckets).

@@ -2,7 +2,7 @@
 
 deo never guesses silently: the unit it infers is printed by ``deo inspect``, written into
 output tags, and checked against the model's band manifest before any feature is computed
-(peers.md §5.3: wrong units and statistics are the field's most common complaint).
+(wrong units and statistics are the most common complaint about EO model tools).
 
 Rules, applied to a sample of valid pixels of the bands in question:
 

@@ -1,4 +1,4 @@
-"""DEO's losses, one per file (method.md §2.6-2.8), all stateless ``nn.Module``s.
+"""DEO's losses, one per file (docs/method.md §2.6-2.8), all stateless ``nn.Module``s.
 
 Each returns the quantity to *minimise* (a negated similarity or rate): ``compression`` (-C),
 ``coding_rate`` (-R), ``distill_cls`` (-S_cls), ``distill_patch`` (-S_mid or -S_late), and

@@ -1,4 +1,4 @@
-"""Shared helpers: stacking views and DINO-style cross-view cosine pairs (method.md §2.6-2.7)."""
+"""Shared helpers: stacking views and DINO-style cross-view cosine pairs (docs/method.md §2.6-2.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SimDINO coding-rate expansion term (method.md §2.6, ``expa_type = 1``).
+"""SimDINO coding-rate expansion term (docs/method.md §2.6, ``expa_type = 1``).
 
 For each global view ``g`` the student and teacher outputs of that view are averaged,
 ``W_g = (z^s_g + z^t_g) / 2`` (B x p), and::
@@ -11,7 +11,7 @@ per-GPU batch and ``N`` the number of processes: each GPU uses only its own cova
 (``reduce_cov = 0``) but the scalar still divides by N. With B = 64, N = 4, p = 256:
 p/(B N eps) = 20 and gamma = 1/128. The log-determinant is twice the sum of the log-diagonal of
 a Cholesky factor, computed in float32. ``chunks > 1`` splits the batch into equal chunks and
-averages their rates (one GPU reproducing a multi-GPU run, method.md §2.6 [INFERRED]).
+averages their rates (one GPU reproducing a multi-GPU run, docs/method.md §2.6 [INFERRED]).
 The loss is ``-R``; the teacher side is a constant.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from deo_cli.losses._views import stack_views
 from deo_cli.losses.registry import register_loss
 
-#: method.md §2.6 (``--eps 0.05``).
+#: docs/method.md §2.6 (``--eps 0.05``).
 DEFAULT_EPS = 0.05
 
 

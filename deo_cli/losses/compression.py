@@ -1,4 +1,4 @@
-"""SimDINO compression (alignment) term, cross-view (method.md §2.6).
+"""SimDINO compression (alignment) term, cross-view (docs/method.md §2.6).
 
 With ``z^t_g`` the EMA teacher's L2-normalised ``head_ms`` output for global view ``g`` (G = 2)
 and ``z^s_v`` the student's for view ``v`` (V = 12: the 2 global views first, then the local
@@ -7,7 +7,7 @@ ones)::
     C = 1 / (G V - G) * sum_{g=1..G} sum_{v=1..V, v != g} mean_b cos(z^t_{g,b}, z^s_{v,b})
 
 Same-view pairs are excluded and the sum is divided by the pair count (22 for DEO). The loss is
-``-C`` (coefficient 1, method.md §2.6); the teacher side is a constant.
+``-C`` (coefficient 1, docs/method.md §2.6); the teacher side is a constant.
 """
 
 from __future__ import annotations

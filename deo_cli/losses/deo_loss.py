@@ -1,4 +1,4 @@
-"""DEO's total objective (method.md §2.8)::
+"""DEO's total objective (docs/method.md §2.8)::
 
     L = L_MS + L_dist = -C - R - 1/2 [ 1/2 (S_mid + S_late) + S_cls ]
 
@@ -6,7 +6,7 @@
 (:mod:`~deo_cli.losses.coding_rate`), ``S_cls``: CLS distillation
 (:mod:`~deo_cli.losses.distill_cls`), ``S_mid`` / ``S_late``: patch distillation at student
 stage 3 vs teacher block 9 and stage 4 vs block 12 (:mod:`~deo_cli.losses.distill_patch`).
-All weights are 1 in the paper (the official ``--alpha`` is never used, method.md §2.8). Here
+All weights are 1 in the paper (the official ``--alpha`` is never used, docs/method.md §2.8). Here
 each term has a weight; a weight of 0 skips the term (its inputs are then not needed and its
 key is absent from the result).
 """

@@ -1,4 +1,4 @@
-"""CLS distillation from the optical teacher, cross-view (method.md §2.7).
+"""CLS distillation from the optical teacher, cross-view (docs/method.md §2.7).
 
 With ``t_g`` the optical teacher's final-normed CLS token for global view ``g`` (its RGB
 channels) and ``h_cls(f^rgb_v)`` the student's ``cls_head`` output on the pooled RGB-stem

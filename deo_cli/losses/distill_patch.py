@@ -1,4 +1,4 @@
-"""Dense patch-token distillation from the optical teacher, same view (method.md §2.7).
+"""Dense patch-token distillation from the optical teacher, same view (docs/method.md §2.7).
 
 For each global view ``g``, the student's patch-head output ``h(F_g)`` (B, D, h, w) is
 bilinearly resized to the teacher's token grid (H', W') (14x14 for DINOv3 at 224 px) and

@@ -1,4 +1,4 @@
-"""DEO's multispectral EMA teacher (method.md §2.6).
+"""DEO's multispectral EMA teacher (docs/method.md §2.6).
 
 The teacher holds a copy of the student's backbone, multispectral stem and ``head_ms`` (no RGB
 stem, no distillation heads), starts equal to the student and follows it after every step::
@@ -6,9 +6,9 @@ stem, no distillation heads), starts equal to the student and follows it after e
     theta_t <- m * theta_t + (1 - m) * theta_s
 
 with ``m`` following :func:`deo_cli.train.schedules.cosine_schedule` from 0.996 to 1
-(method.md §2.6, §2.9). It sees only the two global multispectral crops.
+(docs/method.md §2.6, §2.9). It sees only the two global multispectral crops.
 
-Note (method.md §2.6): the official code never puts its teacher in eval mode, so stochastic depth
+Note (docs/method.md §2.6): the official code never puts its teacher in eval mode, so stochastic depth
 stays active in the teacher's forward pass. Whether to copy that is the trainer's choice
 (``teacher.train()`` / ``teacher.eval()``); this module does not decide it.
 """
@@ -52,7 +52,7 @@ class EmaTeacher(nn.Module):
 
 
 def build_ema_teacher(encoder: nn.Module, head_ms: nn.Module) -> EmaTeacher:
-    """The EMA teacher for a student ``encoder`` and its ``head_ms`` (method.md §2.6)."""
+    """The EMA teacher for a student ``encoder`` and its ``head_ms`` (docs/method.md §2.6)."""
     return EmaTeacher(encoder, head_ms)
 
 

@@ -2,7 +2,7 @@
 
 DEO's student has one trunk and **two stems**: a multispectral stem for the model's band
 manifest (10 Sentinel-2 bands for DEO) and an RGB stem for 3-band input; everything after the
-stem is shared (method.md §2.5, DESIGN.md §2). The stem is chosen by the number of input
+stem is shared (docs/method.md §2.5, DESIGN.md §2). The stem is chosen by the number of input
 channels: ``len(manifest.bands)`` -> multispectral, 3 -> RGB, anything else is a
 :class:`~deo_cli.errors.UsageError`.
 
@@ -10,12 +10,12 @@ The feature API (all families):
 
 - ``forward(x) -> list[Tensor]``: one NCHW map per level (``feature_channels`` /
   ``feature_strides``), without the final norm (as the official feature extractor,
-  method.md §2.13). The maps are permuted views (channels-last in memory); call
+  docs/method.md §2.13). The maps are permuted views (channels-last in memory); call
   ``.contiguous()`` before ``.view``.
 - ``forward_pooled(x) -> Tensor (B, pooled_dim)``: the global vector (final norm, then global
   average pool for Swin; the normed CLS token for ViT).
 - ``forward_with_pooled(x) -> (maps, pooled)``: both from one pass (DEO's student RGB pass
-  needs the stage maps and the pooled vector, method.md §2.7).
+  needs the stage maps and the pooled vector, docs/method.md §2.7).
 - ``feature_grid(h, w)``: the (height, width) of each level for an ``h`` x ``w`` input.
 
 Any input size works: the input is zero-padded on the right and bottom to a multiple of the
@@ -95,7 +95,7 @@ class DeoEncoder(nn.Module):
         return self.rgb_stem is not None
 
     def remove_rgb_stem(self) -> None:
-        """Drop the RGB stem (DEO's EMA teacher has none, method.md §2.6)."""
+        """Drop the RGB stem (DEO's EMA teacher has none, docs/method.md §2.6)."""
         setattr(self, self.rgb_stem_name, None)
 
     def stem_for(self, x: Tensor) -> nn.Module:

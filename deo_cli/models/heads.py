@@ -1,4 +1,4 @@
-"""DEO's projection heads (method.md §2.5 "Projection heads").
+"""DEO's projection heads (docs/method.md §2.5 "Projection heads").
 
 Every head is SimDINO's DINOHead without the prototype layer: a 3-layer MLP
 ``in -> 2048 -> 2048 -> out`` with GELU and no BatchNorm, then L2 normalisation; Linear weights
@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-#: Width of the multispectral self-distillation space (SimDINO ``z_dim``, method.md §2.5).
+#: Width of the multispectral self-distillation space (SimDINO ``z_dim``, docs/method.md §2.5).
 MS_DIM = 256
 HIDDEN_DIM = 2048
 
@@ -32,7 +32,7 @@ class ProjectionHead(nn.Module):
     Args:
         in_dim: input width.
         out_dim: output width.
-        hidden_dim: hidden width (2048, method.md §2.5).
+        hidden_dim: hidden width (2048, docs/method.md §2.5).
         nlayers: number of Linear layers (3).
     """
 
@@ -69,7 +69,7 @@ def build_deo_heads(
     hidden_dim: int = HIDDEN_DIM,
     nlayers: int = 3,
 ) -> nn.ModuleDict:
-    """DEO's four heads for ``encoder`` (method.md §2.5).
+    """DEO's four heads for ``encoder`` (docs/method.md §2.5).
 
     ``head_ms`` and ``cls_head`` take the pooled vector (``encoder.pooled_dim``); the patch heads
     take the levels named by ``encoder.spec.distill_levels`` (Swin stages 3 and 4).

@@ -22,7 +22,7 @@ from deo_cli.errors import UsageError
 from deo_cli.sensors import DEO_RGB_MANIFEST, DEO_S2_MANIFEST, BandManifest
 
 #: The official DEO Swin-B release (Hugging Face ``SolaireTheSun/DEO``), pinned to the revision
-#: that TorchGeo 0.10's ``DEO_Weights.DEO_SWIN`` uses (DESIGN.md §2, method.md §1).
+#: that TorchGeo 0.10's ``DEO_Weights.DEO_SWIN`` uses (DESIGN.md §2, docs/method.md §1).
 DEO_SWIN_B_WEIGHTS = "hf://SolaireTheSun/DEO/DEO_swin_b.pth@f973d29f6324fb12fca734778cf9d2ae539524bb"
 
 
@@ -34,7 +34,7 @@ class ModelSpec:
     per level; ``default_layer`` is the level used when a caller asks for "the" feature map
     (the last one: the most semantic, and the one the pooled vector comes from);
     ``distill_levels`` are the (mid, late) levels that DEO's patch distillation uses
-    (method.md §2.7: Swin stages 3 and 4; ViT blocks 6 and 12). ``input_size`` is the default
+    (docs/method.md §2.7: Swin stages 3 and 4; ViT blocks 6 and 12). ``input_size`` is the default
     chip size in pixels (square). ``pooled_dim`` is the width of ``forward_pooled``.
     """
 

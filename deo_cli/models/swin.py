@@ -1,4 +1,4 @@
-"""DEO's dual-stem Swin Transformer (method.md §2.5), built from torchvision's Swin blocks.
+"""DEO's dual-stem Swin Transformer (docs/method.md §2.5), built from torchvision's Swin blocks.
 
 The trunk is torchvision's ``SwinTransformer`` with its patch-embedding block deleted, exactly
 as in the official release: torchvision, not timm, because timm's Swin pads and masks a 56x56
@@ -7,7 +7,7 @@ Two stems replace the patch embedding, each ``Conv2d(k=4, s=4) -> permute to NHW
 LayerNorm(eps=1e-5)``: ``conv_ms`` (10 bands) and ``conv_rgb`` (3 bands).
 
 Module names equal the official ``feat_extr`` module's, so the released ``DEO_swin_b.pth`` maps
-onto this module by stripping prefixes only (method.md §2.13)::
+onto this module by stripping prefixes only (docs/method.md §2.13)::
 
     features.{0..6}.*     stages 1-4 at indices 0, 2, 4, 6; patch merging at 1, 3, 5
     conv_ms.{0,2}.*       multispectral stem (conv, layer norm)
@@ -18,7 +18,7 @@ Output grid for an ``H`` x ``W`` input (zero-padded right/bottom to a multiple o
 ``forward``; odd grids are padded by torchvision's patch merging): stage 1 is
 ``ceil(H/4)``, and each later stage is ``ceil(previous/2)``. At 224 px: 56, 28, 14, 7; at
 250 px: 63, 32, 16, 8. Stochastic depth (0.5 for Swin-B, 0.2 for Swin-T, torchvision's
-defaults, method.md §2.5/§2.9) is active only in ``train()`` mode.
+defaults, docs/method.md §2.5/§2.9) is active only in ``train()`` mode.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ PATCH_SIZE = 4
 
 
 def _stem(in_chans: int, embed_dim: int) -> nn.Sequential:
-    """Conv 4x4 stride 4, permute to NHWC, LayerNorm(eps 1e-5) (method.md §2.5)."""
+    """Conv 4x4 stride 4, permute to NHWC, LayerNorm(eps 1e-5) (docs/method.md §2.5)."""
     return nn.Sequential(
         nn.Conv2d(in_chans, embed_dim, kernel_size=PATCH_SIZE, stride=PATCH_SIZE),
         Permute([0, 2, 3, 1]),
@@ -56,7 +56,7 @@ class DeoSwin(DeoEncoder):
         embed_dim: stage-1 width (128 for Swin-B, 96 for Swin-T).
         depths: blocks per stage.
         num_heads: attention heads per stage.
-        window_size: attention window (12 for DEO's Swin-B, method.md §2.5).
+        window_size: attention window (12 for DEO's Swin-B, docs/method.md §2.5).
         drop_path_rate: stochastic depth of the last block (torchvision scales it linearly).
         mlp_ratio: MLP width over block width.
     """
@@ -137,7 +137,7 @@ class DeoSwin(DeoEncoder):
     default_layer=3,
     distill_levels=(2, 3),
     default_weights=DEO_SWIN_B_WEIGHTS,
-    description="DEO Swin-B (87 M parameters, window 12), the paper's main model (method.md §2.5)",
+    description="DEO Swin-B (87 M parameters, window 12), the paper's main model (docs/method.md §2.5)",
 )
 def deo_swin_b(**kwargs) -> DeoSwin:
     """Swin-B: embed 128, depths 2,2,18,2, heads 4,8,16,32, window 12, drop path 0.5."""

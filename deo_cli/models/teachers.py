@@ -1,4 +1,4 @@
-"""DEO's second teacher: a frozen optical vision foundation model (method.md §2.7).
+"""DEO's second teacher: a frozen optical vision foundation model (docs/method.md §2.7).
 
 The default is DINOv3 ViT-B/16 with the web LVD-1689M weights (timm
 ``vit_base_patch16_dinov3.lvd1689m``); DINOv2 ViT-S/B/L (with or without registers) and DINOv3
@@ -7,10 +7,10 @@ ViT-L/16 are selectable (:func:`list_teachers`). The teacher is in eval mode, ha
 
 ``forward(rgb) -> (cls, maps)``: the final LayerNorm is applied to the outputs of the chosen
 blocks (0-based 8 and 11 for small/base models, 15 and 23 for large ones: the 9th/12th resp.
-16th/24th blocks, method.md §2.7); ``maps`` are their patch tokens as ``(B, D, h, w)`` maps with
+16th/24th blocks, docs/method.md §2.7); ``maps`` are their patch tokens as ``(B, D, h, w)`` maps with
 the CLS and register tokens removed, and ``cls`` is the final-normed CLS token ``(B, D)``
 (DINOv3's standard CLS). The input is the dataset-standardised RGB of the global crops, as the
-student's (method.md §2.3); it is zero-padded right/bottom to a multiple of the patch size.
+student's (docs/method.md §2.3); it is zero-padded right/bottom to a multiple of the patch size.
 At 224 px DINOv3 gives a 14x14 grid and DINOv2 (patch 14) 16x16.
 
 Weights (:func:`build_teacher`): ``"default"`` takes timm's pretrained weights from the local
@@ -76,7 +76,7 @@ def register_teacher(spec: TeacherSpec) -> TeacherSpec:
     return spec
 
 
-_BASE, _LARGE = (8, 11), (15, 23)  # method.md §2.7
+_BASE, _LARGE = (8, 11), (15, 23)  # docs/method.md §2.7
 _TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 register_teacher(
@@ -173,7 +173,7 @@ class OpticalTeacher(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> OpticalTeacher:
-        """Always eval: the optical teacher is frozen (method.md §2.7)."""
+        """Always eval: the optical teacher is frozen (docs/method.md §2.7)."""
         return super().train(False)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:

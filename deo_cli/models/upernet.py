@@ -1,4 +1,4 @@
-"""UPerNet segmentation head on an encoder's multi-level feature maps (method.md §3.1).
+"""UPerNet segmentation head on an encoder's multi-level feature maps (docs/method.md §3.1).
 
 UPerNet (Xiao et al., ECCV 2018) as the paper's frozen-encoder protocol uses it: a pyramid
 pooling module (pool scales 1, 2, 3, 6) on the deepest map, a top-down feature pyramid with
@@ -48,7 +48,7 @@ class MultiLevelNeck(nn.Module):
 
 
 class UPerNetHead(nn.Module):
-    """Pyramid pooling + FPN fusion + 1x1 classifier (method.md §3.1: PPM 1/2/3/6, 512 channels).
+    """Pyramid pooling + FPN fusion + 1x1 classifier (docs/method.md §3.1: PPM 1/2/3/6, 512 channels).
 
     ``in_channels``/``in_strides`` describe the encoder levels; when all strides are equal (a
     ViT) a :class:`MultiLevelNeck` builds the pyramid first. ``forward(feats, out_size)``

@@ -1,20 +1,20 @@
-"""DEO's dual-stem ViT (method.md §2.5 "ViT variant"), built from timm's VisionTransformer blocks.
+"""DEO's dual-stem ViT (docs/method.md §2.5 "ViT variant"), built from timm's VisionTransformer blocks.
 
 The trunk is a DINO-style ViT whose patch embedding is replaced by two:
 ``patch_embed_ms`` (Conv ``in_chans`` -> D) and ``patch_embed_rgb`` (Conv 3 -> D). Both share
 the CLS token and the learned position embeddings, which are bicubic-interpolated to the input's
-token grid (method.md §2.5). Module names follow DINO's ViT (``cls_token``, ``pos_embed``,
+token grid (docs/method.md §2.5). Module names follow DINO's ViT (``cls_token``, ``pos_embed``,
 ``patch_embed_*.proj``, ``blocks.N.*``, ``norm``); timm's blocks use the same parameter names.
 
 ``forward`` returns the outputs of the blocks in ``out_indices`` (0-based, default 3, 5, 8, 11:
-blocks 4, 6, 9 and 12, as the released ViT-B/8 feature extractor, method.md §2.13) as NCHW maps
+blocks 4, 6, 9 and 12, as the released ViT-B/8 feature extractor, docs/method.md §2.13) as NCHW maps
 without the final norm; ``forward_pooled`` returns the final-normed CLS token. The input is
 zero-padded right/bottom to a multiple of the patch size, so every level has
 ``ceil(H / patch)`` x ``ceil(W / patch)`` tokens.
 
-DEO's patch distillation uses blocks 6 and 12 (0-based 5 and 11, method.md §2.5) as its
-mid/late levels, consistently. (The official ViT path swaps them, method.md §2.7; deo does not
-copy that bug.) Stochastic depth is 0.1 when training (method.md §2.9).
+DEO's patch distillation uses blocks 6 and 12 (0-based 5 and 11, docs/method.md §2.5) as its
+mid/late levels, consistently. (The official ViT path swaps them, docs/method.md §2.7; deo does not
+copy that bug.) Stochastic depth is 0.1 when training (docs/method.md §2.9).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class DeoViT(DeoEncoder):
         img_size: the size the position embeddings are learned at (other sizes interpolate).
         patch_size: token size in pixels.
         embed_dim, depth, num_heads, mlp_ratio: the transformer.
-        drop_path_rate: stochastic depth (0.1 in DEO's pretraining, method.md §2.9).
+        drop_path_rate: stochastic depth (0.1 in DEO's pretraining, docs/method.md §2.9).
         out_indices: 0-based blocks returned by ``forward``, increasing.
     """
 
@@ -176,10 +176,10 @@ def deo_vit_b16(**kwargs) -> DeoViT:
 
 @register_model(
     "deo_vit_b8",
-    **_vit_spec(768, 8, 256, description="DEO ViT-B/8 at 256 px (the released ViT-B, method.md §2.13)"),
+    **_vit_spec(768, 8, 256, description="DEO ViT-B/8 at 256 px (the released ViT-B, docs/method.md §2.13)"),
 )
 def deo_vit_b8(**kwargs) -> DeoViT:
-    """ViT-B/8: embed 768, depth 12, heads 12, at 256 px (method.md §2.5, §2.13)."""
+    """ViT-B/8: embed 768, depth 12, heads 12, at 256 px (docs/method.md §2.5, §2.13)."""
     return _build(dict(img_size=256, patch_size=8, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 

@@ -12,7 +12,7 @@ A ``?student`` or ``?teacher`` suffix picks one of the two encoders in a pretrai
 
 Files deo reads (:func:`read_encoder_weights`):
 
-- **The official release** (``DEO_swin_b.pth``, method.md §2.13): a state dict whose keys carry
+- **The official release** (``DEO_swin_b.pth``, docs/method.md §2.13): a state dict whose keys carry
   ``feat_extr.`` (and possibly ``student``/``module.``/``backbone.``/``_orig_mod.``) prefixes,
   either at the top level or under a ``student`` key. Prefix stripping alone maps it onto
   :class:`~deo_cli.models.swin.DeoSwin`.
@@ -25,7 +25,7 @@ Files deo reads (:func:`read_encoder_weights`):
 - **deo's pretraining checkpoints** (``deo_format: "pretrain-v1"``): the same identity fields
   (:func:`encoder_meta`) plus ``student_encoder`` and ``teacher_encoder`` state dicts. The EMA
   teacher is used by default (it is the better encoder in DINO-style training); it has no RGB
-  stem (method.md §2.6), so the RGB stem comes from the student.
+  stem (docs/method.md §2.6), so the RGB stem comes from the student.
 - A plain state dict, or one under a ``state_dict`` / ``model`` key.
 
 Every file is loaded with ``torch.load(weights_only=True)`` (or safetensors) and checked key by
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 ENCODER_FORMAT = "encoder-v1"
 PRETRAIN_FORMAT = "pretrain-v1"
 
-#: Prefixes the official checkpoints may carry (method.md §2.13), stripped in any order.
+#: Prefixes the official checkpoints may carry (docs/method.md §2.13), stripped in any order.
 OFFICIAL_PREFIXES = ("_orig_mod.", "module.", "student.", "backbone.")
 OFFICIAL_MODULE = "feat_extr."
 
@@ -298,7 +298,7 @@ def _is_state_dict(obj) -> bool:
 
 
 def _strip_official(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Strip the official prefixes, then keep what sat under ``feat_extr.`` (method.md §2.13)."""
+    """Strip the official prefixes, then keep what sat under ``feat_extr.`` (docs/method.md §2.13)."""
     out = {}
     for key, value in sd.items():
         changed = True
@@ -345,7 +345,7 @@ def _rgb_prefixes() -> tuple[str, ...]:
 
 
 def _teacher_with_student_rgb(teacher: dict, student: Mapping | None) -> dict:
-    """The EMA teacher has no RGB stem (method.md §2.6): borrow the student's."""
+    """The EMA teacher has no RGB stem (docs/method.md §2.6): borrow the student's."""
     prefixes = _rgb_prefixes()
     if student is None or any(k.startswith(prefixes) for k in teacher):
         return teacher
@@ -359,7 +359,7 @@ def read_encoder_weights(path: str | os.PathLike, which: str | None = None) -> L
     """Read any weights file deo understands (module docstring) into an encoder state dict.
 
     ``which`` picks ``"teacher"`` or ``"student"`` from a checkpoint holding both; the default is
-    the EMA teacher for deo checkpoints and the student for the official layout (method.md §2.13).
+    the EMA teacher for deo checkpoints and the student for the official layout (docs/method.md §2.13).
     """
     path = Path(path)
     if which not in (None, "teacher", "student"):

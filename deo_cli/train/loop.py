@@ -1,4 +1,4 @@
-"""``deo pretrain``: DEO's dual-teacher pretraining loop (method.md §2.6-2.9), top to bottom.
+"""``deo pretrain``: DEO's dual-teacher pretraining loop (docs/method.md §2.6-2.9), top to bottom.
 
 :func:`run_pretrain` is the one entry point (the command line and notebooks call it):
 
@@ -294,8 +294,8 @@ def summarize_run(out: str | os.PathLike, seconds: float = 0.0) -> PretrainResul
 
 
 def build_loss(recipe: PretrainRecipe, world_size: int) -> DeoLoss:
-    """DEO's loss from the recipe: all weights 1 (method.md §2.8); the coding rate uses each
-    process's covariance with N = processes x chunks (method.md §2.6)."""
+    """DEO's loss from the recipe: all weights 1 (docs/method.md §2.8); the coding rate uses each
+    process's covariance with N = processes x chunks (docs/method.md §2.6)."""
     c = recipe.loss
     # Chunks of `expansion_chunk` samples; a smaller per-process batch is one chunk.
     chunks = max(1, recipe.batch_size // c.expansion_chunk) if c.expansion_chunk else 1
@@ -428,7 +428,7 @@ def train_step(
     precision: torch.dtype | None = None,
     step: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """One optimisation step (method.md §2.6-2.9): forward all crops under autocast, backward (through
+    """One optimisation step (docs/method.md §2.6-2.9): forward all crops under autocast, backward (through
     the gradient scaler for fp16), clip every gradient to ``clip_grad`` on its own, AdamW step, EMA
     update of the teacher with ``momentum``. ``precision``: the autocast dtype (None: fp32). Returns the
     loss terms."""

@@ -1,9 +1,9 @@
 """DEO's meta-architecture: the student, its two teachers and the forward pass to the loss terms.
 
-This is the *what* of one training step (method.md §2.6-2.8); the *how* (backward, clipping,
+This is the *what* of one training step (docs/method.md §2.6-2.8); the *how* (backward, clipping,
 optimiser, EMA, schedules) is :mod:`deo_cli.train.loop`, as dinov3 splits ``ssl_meta_arch`` from
 its train loop. A batch holds ``G`` global crops ``(G, B, C, S, S)`` and ``L`` local crops
-``(L, B, C, s, s)`` of the multispectral input, channels 0-2 being R, G, B (method.md §2.2):
+``(L, B, C, s, s)`` of the multispectral input, channels 0-2 being R, G, B (docs/method.md §2.2):
 
 - **student, multispectral pass**: all ``V = G + L`` crops through the MS stem and the trunk,
   pooled, ``head_ms`` -> ``z^s_v`` (B, 256);
@@ -66,7 +66,7 @@ class DeoStudent(nn.Module):
         locals_ = local_crops.flatten(0, 1) if local_crops is not None else None
         l_views = local_crops.shape[0] if local_crops is not None else 0
 
-        # Multispectral pass: every crop -> pooled -> head_ms (method.md §2.6).
+        # Multispectral pass: every crop -> pooled -> head_ms (docs/method.md §2.6).
         ms = _views(self.head_ms(self.encoder.forward_pooled(globals_)), g_views)
         if locals_ is not None:
             ms += _views(self.head_ms(self.encoder.forward_pooled(locals_)), l_views)
@@ -74,7 +74,7 @@ class DeoStudent(nn.Module):
         if not self.distill:
             return out
 
-        # RGB pass: channels 0-2 through the RGB stem; stage maps of the globals (method.md §2.7).
+        # RGB pass: channels 0-2 through the RGB stem; stage maps of the globals (docs/method.md §2.7).
         maps, pooled = self.encoder.forward_with_pooled(globals_[:, :3])
         cls = _views(self.cls_head(pooled), g_views)
         if locals_ is not None:
@@ -96,7 +96,7 @@ class DeoMetaArch(nn.Module):
         optical_teacher: the frozen optical teacher (``None`` when no distillation term is on).
         loss: the :class:`~deo_cli.losses.DeoLoss`.
         ema_drop_path: keep the EMA teacher in train mode, as the official code does
-            (stochastic depth active, method.md §2.6); False puts it in eval mode.
+            (stochastic depth active, docs/method.md §2.6); False puts it in eval mode.
     """
 
     def __init__(
@@ -157,13 +157,13 @@ def build_student(
     hidden_dim: int = 2048,
     distill: bool = True,
 ) -> DeoStudent:
-    """A :class:`DeoStudent` with DEO's heads for ``encoder`` (method.md §2.5)."""
+    """A :class:`DeoStudent` with DEO's heads for ``encoder`` (docs/method.md §2.5)."""
     heads = build_deo_heads(encoder, teacher_dim=teacher_dim, ms_dim=ms_dim, hidden_dim=hidden_dim)
     return DeoStudent(encoder, heads, distill=distill)
 
 
 def build_teacher_from_student(student: DeoStudent) -> EmaTeacher:
-    """The EMA teacher, equal to the student's encoder (no RGB stem) and ``head_ms`` (method.md §2.6)."""
+    """The EMA teacher, equal to the student's encoder (no RGB stem) and ``head_ms`` (docs/method.md §2.6)."""
     return build_ema_teacher(student.encoder, student.head_ms)
 
 

@@ -1,4 +1,4 @@
-"""AdamW, its parameter groups, DINO-style gradient clipping and the per-step schedules (method.md §2.9).
+"""AdamW, its parameter groups, DINO-style gradient clipping and the per-step schedules (docs/method.md §2.9).
 
 - **Groups**: weights are decayed; biases and every 1-D parameter (norm scales and shifts) get
   weight decay 0 (DINO's ``get_params_groups`` rule). The weight-decay schedule is applied to the
@@ -21,7 +21,7 @@ from torch import nn
 
 from deo_cli.train.schedules import cosine_schedule
 
-#: The reference global batch the learning rate is quoted for (method.md §2.9).
+#: The reference global batch the learning rate is quoted for (docs/method.md §2.9).
 REFERENCE_BATCH = 256
 
 

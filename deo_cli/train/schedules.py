@@ -1,4 +1,4 @@
-"""Per-iteration schedules for learning rate, weight decay and EMA momentum (method.md §2.9).
+"""Per-iteration schedules for learning rate, weight decay and EMA momentum (docs/method.md §2.9).
 
 DEO uses DINO-style schedules, one value per optimisation step:
 

@@ -1,4 +1,4 @@
-"""Fitting a dense-prediction head on a (frozen) DEO encoder: the paper's protocol (method.md §3.1).
+"""Fitting a dense-prediction head on a (frozen) DEO encoder: the paper's protocol (docs/method.md §3.1).
 
 Shared by ``deo segment train``, ``deo detect-change train`` and ``deo bench``'s segmentation
 protocol, so all three train and select models the same way:
@@ -10,7 +10,7 @@ protocol, so all three train and select models the same way:
 - mixed precision on GPU (autocast; a gradient scaler for fp16), fp32 on CPU;
 - the best validation epoch (mIoU, or F1 of class 1 for change) is kept and returned.
 
-A frozen encoder stays in eval mode and runs under ``torch.no_grad`` (method.md §3.1).
+A frozen encoder stays in eval mode and runs under ``torch.no_grad`` (docs/method.md §3.1).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def image_forward(model: nn.Module, batch: dict, device: torch.device) -> tuple[
 
 @dataclass
 class FitSettings:
-    """Optimisation settings (defaults: method.md §3.1 segmentation)."""
+    """Optimisation settings (defaults: docs/method.md §3.1 segmentation)."""
 
     epochs: int = 50
     warmup_epochs: float = 5

@@ -17,7 +17,7 @@ def test_fixture_s2_bands_in_deo_order_and_task_zscore(shared_data):
     task = open_task(shared_data / "geobench_brick_kiln_fixture")
     inputs = plan_inputs(task, DEO_S2_MANIFEST, DEO_RGB_MANIFEST, None)
     assert inputs.stem == "ms" and inputs.image_size == 64  # native size
-    assert inputs.band_indices == (3, 2, 1, 4, 5, 6, 7, 8, 11, 12)  # method.md §3.1
+    assert inputs.band_indices == (3, 2, 1, 4, 5, 6, 7, 8, 11, 12)  # docs/method.md §3.1
     assert inputs.band_names == DEO_S2_MANIFEST.bands
     ds = GeoBenchTorchDataset(inputs, task.split_ids("test"))
     item = ds[0]

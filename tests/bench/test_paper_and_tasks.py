@@ -53,7 +53,7 @@ def test_unknown_task_did_you_mean():
 def test_shipped_bench_recipes():
     from deo_cli.recipes import BenchRecipe, build_recipe, recipe_to_dict
 
-    # recipes/bench/paper.yaml writes down the schema defaults (method.md §3.1): nothing differs
+    # recipes/bench/paper.yaml writes down the schema defaults (docs/method.md §3.1): nothing differs
     paper = build_recipe(BenchRecipe, file="paper", command="bench")
     assert recipe_to_dict(paper) == recipe_to_dict(BenchRecipe())
     smoke = build_recipe(BenchRecipe, file="smoke_cpu", command="bench")

@@ -69,7 +69,7 @@ def test_extract_features_mean_pool_and_flips():
     cache = extract_features(enc, loader, torch.device("cpu"), flips=True)
     assert cache.features.shape == (4, 3, enc.feature_channels[-1]) and cache.targets.tolist() == [0, 1, 2]
     with torch.no_grad():
-        expected = enc(x)[-1].mean(dim=(-2, -1))  # last map, no final norm (method.md §3.1)
+        expected = enc(x)[-1].mean(dim=(-2, -1))  # last map, no final norm (docs/method.md §3.1)
         flipped = pool_features(enc, x.flip(-1))
     assert torch.allclose(cache.features[0], expected, atol=1e-5)
     assert torch.allclose(cache.features[1], flipped, atol=1e-5)

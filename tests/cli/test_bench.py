@@ -67,7 +67,7 @@ def test_geobench_brick_kiln_linear_and_knn(gb_root, tmp_path, monkeypatch):
             and row["dataset"] == "m-brick-kiln"
         )
         assert row["task"] == "classification" and row["partition"] == "default" and row["seed"] == "0"
-        # the reader's 13 named S2 bands, taken by name in DEO's order (method.md §3.1)
+        # the reader's 13 named S2 bands, taken by name in DEO's order (docs/method.md §3.1)
         assert row["bands"].split(",") == list(DEO_S2_MANIFEST.bands)
         assert row["image_size"] == "64" and row["normalization"] == "band_stats-zscore"
         # the partition: train, valid and test all list the fixture's 5 samples

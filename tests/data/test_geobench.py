@@ -69,7 +69,7 @@ def test_fixture_partition_and_labels(kiln, shared_data):
 
 
 def test_fixture_bands_for_deo_s2_and_rgb(kiln):
-    # method.md §3.1: 13-band S2 -> [B4, B3, B2, B5, B6, B7, B8, B8A, B11, B12]
+    # docs/method.md §3.1: 13-band S2 -> [B4, B3, B2, B5, B6, B7, B8, B8A, B11, B12]
     assert kiln.bands_for_model(DEO_S2_MANIFEST) == [3, 2, 1, 4, 5, 6, 7, 8, 11, 12]
     assert kiln.bands_for_model(DEO_RGB_MANIFEST) == [3, 2, 1]
     assert kiln.pick_manifest([DEO_S2_MANIFEST, DEO_RGB_MANIFEST]) is DEO_S2_MANIFEST
@@ -252,7 +252,7 @@ def test_written_segmentation_task_reads_back(tmp_path):
         assert sample.transform == written.transforms[sample_id]
         assert sample.crs is not None and "UTM zone 31N" in sample.crs
         assert sample.date == written.date
-    # 12-band S2 without B10: indices shift (method.md §3.1)
+    # 12-band S2 without B10: indices shift (docs/method.md §3.1)
     assert task.bands_for_model(DEO_S2_MANIFEST) == [3, 2, 1, 4, 5, 6, 7, 8, 10, 11]
     stats = json.loads((written.path / "band_stats.json").read_text())
     sample = task.load_sample("sample_002")

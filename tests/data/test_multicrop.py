@@ -1,4 +1,4 @@
-"""DEO multi-crop (method.md §2.3-2.4): shared crop window, RGB-only photometry, max-scale, z-score."""
+"""DEO multi-crop (docs/method.md §2.3-2.4): shared crop window, RGB-only photometry, max-scale, z-score."""
 
 import math
 
@@ -72,7 +72,7 @@ def test_one_window_for_all_bands_and_rgb_max_scaled():
         pattern = raw[3] / (4 * 300.0)
         for c in range(4, 10):
             torch.testing.assert_close(raw[c] / ((c + 1) * 300.0), pattern, rtol=1e-4, atol=1e-4)
-        # RGB: divided by the crop's maximum over all three RGB bands, clamped (method.md §2.3);
+        # RGB: divided by the crop's maximum over all three RGB bands, clamped (docs/method.md §2.3);
         # R = 300 x pattern, B = 900 x pattern, so B peaks at 1 and R is a third of B.
         assert raw[:3].max().item() == pytest.approx(1.0, abs=1e-5) and raw[:3].min() >= -1e-6
         torch.testing.assert_close(raw[2], pattern / pattern.max(), atol=1e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""Coding-rate expansion (method.md §2.6)."""
+"""Coding-rate expansion (docs/method.md §2.6)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_loss_averages_views_of_the_student_teacher_mean():
 
 
 def test_paper_constants():
-    # B = 64, N = 4, p = 256: scale p/(B N eps) = 20 and gamma = 1/128 (method.md §2.6).
+    # B = 64, N = 4, p = 256: scale p/(B N eps) = 20 and gamma = 1/128 (docs/method.md §2.6).
     # With W = c * [I_64 | 0]: W^T W = c^2 diag(1 x64, 0 x192), so R = 1/128 * 1/2 * 64 log(1 + 20 c^2).
     c = 0.5
     w = torch.zeros(64, 256)

@@ -1,4 +1,4 @@
-"""Cross-view cosine terms (method.md §2.6-2.7): SimDINO compression and CLS distillation."""
+"""Cross-view cosine terms (docs/method.md §2.6-2.7): SimDINO compression and CLS distillation."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_equals_brute_force_mean_of_pairwise_cosines():
     student = [torch.randn(5, 16) for _ in range(12)]
     teacher = [torch.randn(5, 16) for _ in range(2)]
     want, pairs = _brute(student, teacher)
-    assert pairs == 22  # 2 x 12 - 2 (method.md §2.6)
+    assert pairs == 22  # 2 x 12 - 2 (docs/method.md §2.6)
     torch.testing.assert_close(CompressionLoss()(student, teacher), -want)
     torch.testing.assert_close(ClsDistillLoss()(student, teacher), -want)
     torch.testing.assert_close(CompressionLoss()(torch.stack(student), torch.stack(teacher)), -want)

@@ -1,4 +1,4 @@
-"""DEO's total objective (method.md §2.8) and where its gradients go."""
+"""DEO's total objective (docs/method.md §2.8) and where its gradients go."""
 
 from __future__ import annotations
 

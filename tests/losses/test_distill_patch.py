@@ -1,4 +1,4 @@
-"""Dense patch distillation (method.md §2.7)."""
+"""Dense patch distillation (docs/method.md §2.7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DEO's EMA teacher (method.md §2.6): backbone + MS stem + head_ms, theta_t <- m theta_t + (1-m) theta_s."""
+"""DEO's EMA teacher (docs/method.md §2.6): backbone + MS stem + head_ms, theta_t <- m theta_t + (1-m) theta_s."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Projection heads (method.md §2.5): 3-layer MLP, GELU, no BatchNorm, L2-normalised output."""
+"""Projection heads (docs/method.md §2.5): 3-layer MLP, GELU, no BatchNorm, L2-normalised output."""
 
 from __future__ import annotations
 

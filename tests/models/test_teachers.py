@@ -1,4 +1,4 @@
-"""The frozen optical teacher (method.md §2.7), at tiny size with random weights."""
+"""The frozen optical teacher (docs/method.md §2.7), at tiny size with random weights."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ def test_upernet_shapes_and_ppm_scales():
     torch.manual_seed(0)
     feats, chans, strides = _swin_like()
     head = UPerNetHead(chans, strides, num_classes=5, channels=32)
-    assert [p[0].output_size for p in head.ppm] == [1, 2, 3, 6]  # method.md §3.1
+    assert [p[0].output_size for p in head.ppm] == [1, 2, 3, 6]  # docs/method.md §3.1
     out = head(feats, out_size=(64, 64))
     assert out.shape == (2, 5, 64, 64)
     assert UPerNetHead(chans, strides, 3).bottleneck[0].out_channels == 512  # paper width by default

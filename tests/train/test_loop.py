@@ -12,11 +12,11 @@ from deo_cli.train.loop import _recipe_changes, build_loss, resolve_teacher_name
     [(64, 4, 1, 4), (256, 1, 4, 4), (4, 1, 1, 1), (128, 2, 2, 4)],
 )
 def test_coding_rate_uses_per_gpu_covariance(batch, world, chunks, n):
-    # method.md §2.6: per-GPU covariance over 64 samples, N = GPUs; one GPU with 256 = 4 chunks, N = 4.
+    # docs/method.md §2.6: per-GPU covariance over 64 samples, N = GPUs; one GPU with 256 = 4 chunks, N = 4.
     recipe = build_recipe(PretrainRecipe, "deo_swin_b", sets=[f"batch_size={batch}"], command="pretrain")
     loss = build_loss(recipe, world)
     assert (loss.coding_rate.chunks, loss.coding_rate.world_size, loss.coding_rate.eps) == (chunks, n, 0.05)
-    assert all(w == 1.0 for w in loss.weights.values())  # method.md §2.8
+    assert all(w == 1.0 for w in loss.weights.values())  # docs/method.md §2.8
 
 
 def test_zero_weights_switch_terms_off():

@@ -1,4 +1,4 @@
-"""The DEO meta-architecture: who sees which crops, which parameters learn (method.md §2.6-2.8)."""
+"""The DEO meta-architecture: who sees which crops, which parameters learn (docs/method.md §2.6-2.8)."""
 
 import pytest
 import torch
@@ -46,7 +46,7 @@ def test_ema_teacher_starts_equal_without_rgb_stem():
 def test_loss_terms_and_gradients_reach_only_the_student():
     student, ema, optical, loss = tiny()
     meta = DeoMetaArch(student, student, ema, optical, loss).train()
-    assert ema.training  # the official teacher is never put in eval mode (method.md §2.6)
+    assert ema.training  # the official teacher is never put in eval mode (docs/method.md §2.6)
     terms = meta(batch())
     assert set(terms) == {
         "compression",
@@ -61,7 +61,7 @@ def test_loss_terms_and_gradients_reach_only_the_student():
         + terms["coding_rate"]
         + 0.5 * (0.5 * (terms["distill_patch_mid"] + terms["distill_patch_late"]) + terms["distill_cls"])
     )
-    torch.testing.assert_close(terms["total"], expected)  # method.md §2.8
+    torch.testing.assert_close(terms["total"], expected)  # docs/method.md §2.8
     terms["total"].backward()
     no_grad = [n for n, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []

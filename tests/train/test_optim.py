@@ -1,4 +1,4 @@
-"""AdamW groups, DINO-style per-parameter clipping and DEO's schedules (method.md §2.9)."""
+"""AdamW groups, DINO-style per-parameter clipping and DEO's schedules (docs/method.md §2.9)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""DINO-style per-iteration schedules (method.md §2.9)."""
+"""DINO-style per-iteration schedules (docs/method.md §2.9)."""
 
 from __future__ import annotations
 
