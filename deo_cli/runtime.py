@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,11 +94,51 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
-def resolve_num_workers(value, device: torch.device | None = None) -> int:
+def resolve_num_workers(value, device: torch.device) -> int:
     """Reading processes for ``runtime.num_workers``: an int as given; ``auto`` is 0 on a
     CPU ``device`` with at most :data:`FEW_CPUS` cores, else 2."""
     if value != "auto":
         return int(value)
-    if device is not None and device.type == "cpu" and (os.cpu_count() or 1) <= FEW_CPUS:
+    if device.type == "cpu" and (os.cpu_count() or 1) <= FEW_CPUS:
         return 0
     return 2
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A recipe's ``runtime`` section with every ``auto`` resolved: the values torch is given.
+
+    Every command resolves its section once, with :func:`resolve_runtime`, and hands this on;
+    no raw recipe value (``"auto"``) reaches torch."""
+
+    device: torch.device
+    #: The autocast dtype (``None``: fp32, no autocast).
+    precision: torch.dtype | None
+    batch_size: int
+    num_workers: int
+    #: Chips per forward call; 0 sizes it per model (:func:`deo_cli.infer.runner.default_micro_batch`).
+    micro_batch: int = 0
+    seed: int = 0
+
+    @property
+    def precision_name(self) -> str:
+        return precision_name(self.precision)
+
+
+def resolve_runtime(section) -> Runtime:
+    """:class:`Runtime` for a recipe's ``runtime`` section (``device``, ``precision``,
+    ``batch_size``, ``num_workers``, ``micro_batch``, ``seed``): the one place ``auto`` is resolved."""
+    device = resolve_device(section.device)
+    return Runtime(
+        device=device,
+        precision=resolve_precision(section.precision, device),
+        batch_size=int(section.batch_size),
+        num_workers=resolve_num_workers(section.num_workers, device),
+        micro_batch=int(getattr(section, "micro_batch", 0)),
+        seed=int(section.seed),
+    )
+
+
+def cpu_runtime(batch_size: int = 16, num_workers: int = 0) -> Runtime:
+    """fp32 on the CPU (tests and callers that build their own models)."""
+    return Runtime(torch.device("cpu"), None, batch_size, num_workers)

@@ -47,7 +47,46 @@ def test_auto_workers_read_in_the_main_process_on_a_small_cpu(monkeypatch):
     assert build_recipe(EmbedRecipe, sets=["runtime.num_workers=3"]).runtime.num_workers == 3
     monkeypatch.setattr(rt.os, "cpu_count", lambda: 2)
     assert rt.resolve_num_workers("auto", cpu) == 0
-    assert rt.resolve_num_workers("auto", gpu) == 2 and rt.resolve_num_workers("auto") == 2
+    assert rt.resolve_num_workers("auto", gpu) == 2
     assert rt.resolve_num_workers(3, cpu) == 3 and rt.resolve_num_workers(0, gpu) == 0
     monkeypatch.setattr(rt.os, "cpu_count", lambda: 32)
     assert rt.resolve_num_workers("auto", cpu) == 2
+
+
+def test_every_commands_runtime_resolves_to_what_torch_takes(monkeypatch):
+    """One resolver for every command's ``runtime`` section: no ``auto`` is left for torch."""
+    import dataclasses
+
+    import deo_cli.recipes as recipes
+    import deo_cli.runtime as rt
+
+    monkeypatch.setattr(rt.os, "cpu_count", lambda: 2)
+    kinds = [
+        c
+        for c in vars(recipes).values()
+        if dataclasses.is_dataclass(c) and "runtime" in {f.name for f in dataclasses.fields(c)}
+    ]
+    assert len(kinds) >= 5  # embed, segment train/predict, detect-change (+ train), bench
+    for kind in kinds:
+        r = rt.resolve_runtime(recipes.build_recipe(kind, sets=["runtime.device=cpu"]).runtime)
+        assert r.device == torch.device("cpu") and r.precision is None, kind
+        assert type(r.num_workers) is int and r.num_workers == 0, kind
+        assert type(r.batch_size) is int and type(r.micro_batch) is int and type(r.seed) is int
+        assert r.precision_name == "fp32"
+
+
+def test_no_raw_runtime_value_reaches_the_core():
+    """``recipe.runtime.device/precision/num_workers`` are read by :func:`resolve_runtime` only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "deo_cli"
+    raw = re.compile(r"\.runtime\.(device|precision|num_workers)\b")
+    hits = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        if p.name not in ("recipes.py",) and p.parent.name != "cli"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if raw.search(line)
+    ]
+    assert not hits, hits

@@ -19,7 +19,7 @@ from deo_cli import __version__
 from deo_cli.bench.results import KEY_COLUMNS, ResultsStore, unit_key
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import BenchRecipe, recipe_hash
-from deo_cli.runtime import precision_name
+from deo_cli.runtime import Runtime
 
 __all__ = ["BenchContext"]
 
@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 class BenchContext:
     recipe: BenchRecipe
     encoder: nn.Module
-    device: torch.device
-    dtype: torch.dtype | None
+    rt: Runtime
     store: ResultsStore
     resume: bool = False
     progress: Progress = field(default_factory=NullProgress)
@@ -42,6 +41,14 @@ class BenchContext:
     def __post_init__(self):
         self._done = self.store.done() if self.resume else set()
         self._hash = recipe_hash(self.recipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.rt.precision
 
     def common(self) -> dict:
         """Columns every row of this run shares."""
@@ -54,7 +61,7 @@ class BenchContext:
             "deo_version": __version__,
             "recipe_hash": self._hash,
             "device": str(self.device),
-            "precision": precision_name(self.dtype),
+            "precision": self.rt.precision_name,
             "limit": r.limit,
         }
 

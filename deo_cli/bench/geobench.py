@@ -181,7 +181,7 @@ class _Caches:
         if (split, flips) not in self._cache:
             r = self.ctx.recipe
             ds = GeoBenchTorchDataset(self.inputs, self.ids[split])
-            loader = _loader(ds, r.runtime.batch_size, r.runtime.num_workers)
+            loader = _loader(ds, self.ctx.rt.batch_size, self.ctx.rt.num_workers)
             start = time.perf_counter()
             cache = extract_features(
                 self.ctx.encoder,
@@ -298,7 +298,7 @@ def _run_segmentation(ctx: BenchContext, plan: GeoBenchPlan, inputs: GeoBenchInp
     r = ctx.recipe
     task = plan.task
     s = r.segmentation
-    workers = r.runtime.num_workers
+    workers = ctx.rt.num_workers
     if len(ids["train"]) < 2:
         raise DataError(
             f"task {task.name} has {len(ids['train'])} training sample(s); the segmentation head needs 2 or more",

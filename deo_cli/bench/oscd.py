@@ -130,8 +130,8 @@ def run_oscd(ctx: BenchContext, plan: OscdPlan) -> None:
             model,
             chip_size=chip,
             overlap=r.oscd.overlap,
-            batch_size=r.runtime.batch_size,
-            num_workers=r.runtime.num_workers,
+            batch_size=ctx.rt.batch_size,
+            num_workers=ctx.rt.num_workers,
             device=ctx.device,
             precision=ctx.dtype,
         )

@@ -142,15 +142,14 @@ def run_bench(
     from deo_cli import __version__
     from deo_cli.bench.context import BenchContext
     from deo_cli.models import build_encoder, get_model_spec
-    from deo_cli.runtime import precision_name, resolve_device, resolve_precision
+    from deo_cli.runtime import resolve_runtime
 
     progress = progress or NullProgress()
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other", "pass one of them")
     suite = check_suite(recipe.suite)
     get_model_spec(recipe.model.name)  # unknown model: did-you-mean, before any work
-    device = resolve_device(recipe.runtime.device)
-    dtype = resolve_precision(recipe.runtime.precision, device)
+    rt = resolve_runtime(recipe.runtime)
     if suite == "geobench":
         from deo_cli.bench.geobench import plan_geobench, run_geobench
 
@@ -166,7 +165,7 @@ def run_bench(
     out_path = Path(out) if out is not None else default_out(suite, resume)
     _check_out(out_path, resume, overwrite)
     # weights that cannot be found or loaded fail here too, before the folder exists
-    encoder = build_encoder(recipe.model.name, weights=recipe.model.weights).to(device).eval()
+    encoder = build_encoder(recipe.model.name, weights=recipe.model.weights).to(rt.device).eval()
     encoder.requires_grad_(False)
     store = _prepare_out(out_path, resume, overwrite)
     with _run_log(out_path / "run.log"):
@@ -177,8 +176,8 @@ def run_bench(
             suite,
             recipe.model.name,
             recipe.model.weights,
-            device,
-            precision_name(dtype),
+            rt.device,
+            rt.precision_name,
             out_path,
         )
         if recipe.limit:
@@ -188,7 +187,7 @@ def run_bench(
             getattr(encoder, "weights_uri", None) or recipe.model.weights,
             getattr(encoder, "weights_sha256", None) or "-",
         )
-        ctx = BenchContext(recipe, encoder, device, dtype, store, resume=resume, progress=progress)
+        ctx = BenchContext(recipe, encoder, rt, store, resume=resume, progress=progress)
         if suite == "geobench":
             run_geobench(ctx, plan)
         elif suite == "oscd":

@@ -129,7 +129,7 @@ from deo_cli.recipes import (
     recipe_to_dict,
     save_recipe,
 )
-from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.runtime import precision_name, resolve_runtime, seed_everything
 from deo_cli.train.supervised import FitSettings, FrozenEncoderSegmenter, fit_dense, image_forward
 
 log = logging.getLogger(__name__)
@@ -663,10 +663,9 @@ def run_detect_change(
         enc = model.encoder
         mode = "zero-shot"
         describe = model.describe()
-    device = resolve_device(recipe.runtime.device)
-    precision = resolve_precision(recipe.runtime.precision, device)
-    model = model.to(device)
-    log.info("%s change with %s on %s, %s", mode, enc.name, device, precision_name(precision))
+    rt = resolve_runtime(recipe.runtime)
+    model = model.to(rt.device)
+    log.info("%s change with %s on %s, %s", mode, enc.name, rt.device, rt.precision_name)
 
     t = recipe.tiling
     chip = t.chip_size or (hf.chip_size if hf is not None else model.input_size)
@@ -702,7 +701,6 @@ def run_detect_change(
         resampling="average",
     )
     score_sink = ScoreSink(CogSink(output, out_grid, score_layout, block_rows, None, overwrite), supervised)
-    rt = recipe.runtime
     written: list[Path] = []
     try:
         with first, second:
@@ -715,8 +713,8 @@ def run_detect_change(
                 batch_size=rt.batch_size,
                 num_workers=rt.num_workers,
                 micro_batch=rt.micro_batch,
-                device=device,
-                precision=precision,
+                device=rt.device,
+                precision=rt.precision,
                 progress=progress,
                 description=f"change {first.name} -> {second.name}",
             )
@@ -1066,8 +1064,8 @@ def run_change_train(
         raise UsageError("--class-weights needs two values (no change, change)", "e.g. --class-weights 1,10")
 
     seed_everything(recipe.runtime.seed)
-    device = resolve_device(recipe.runtime.device)
-    dtype = resolve_precision(recipe.runtime.precision, device)
+    rt = resolve_runtime(recipe.runtime)
+    device, dtype = rt.device, rt.precision
     if encoder is None:
         encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
     frozen = not recipe.finetune
@@ -1082,7 +1080,6 @@ def run_change_train(
         recipe.pixel_channels,
     )
     model = SiameseChange(encoder, head, freeze=frozen, fusion=recipe.fusion)
-    rt = recipe.runtime
     train_ds = LabelledChips(sources, train_refs, recipe.augment)
     val_ds = LabelledChips(sources, val_refs, "none")
     if len(train_ds) < 2:

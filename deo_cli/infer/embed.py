@@ -77,7 +77,7 @@ from deo_cli.io.writers import (
 )
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import EmbedRecipe, recipe_hash, recipe_path_for, save_recipe
-from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.runtime import Runtime, resolve_runtime, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,7 @@ def _dense(
     model,
     inp: InputPlan,
     recipe: EmbedRecipe,
-    device,
-    precision,
+    rt: Runtime,
     *,
     overwrite: bool,
     resume: bool,
@@ -358,15 +357,14 @@ def _dense(
     assert (plan.out_height, plan.out_width) == (out_grid.height, out_grid.width)
     reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
     block_rows = block_rows_for(16)
-    rt = recipe.runtime
     common = dict(
         blend=t.blend,
         max_nodata_fraction=t.max_nodata_fraction,
         batch_size=rt.batch_size,
         num_workers=rt.num_workers,
         micro_batch=rt.micro_batch,
-        device=device,
-        precision=precision,
+        device=rt.device,
+        precision=rt.precision,
         progress=progress,
         description=f"embedding {scene.name}",
     )
@@ -385,7 +383,7 @@ def _dense(
                 quant = LinearQuantization.from_dict(state["quantization"])
         if quant is None:
             quant = (
-                calibrate_int8(reader, model, device, precision, t.max_nodata_fraction)
+                calibrate_int8(reader, model, rt.device, rt.precision, t.max_nodata_fraction)
                 if ranks.is_main
                 else None
             )
@@ -491,8 +489,7 @@ def _pooled(
     model,
     inp: InputPlan,
     recipe: EmbedRecipe,
-    device,
-    precision,
+    rt: Runtime,
     *,
     overwrite: bool,
     progress: Progress,
@@ -558,12 +555,12 @@ def _pooled(
             vectors,
             write,
             max_nodata_fraction=thr,
-            batch_size=recipe.runtime.batch_size,
-            num_workers=recipe.runtime.num_workers,
-            micro_batch=recipe.runtime.micro_batch,
+            batch_size=rt.batch_size,
+            num_workers=rt.num_workers,
+            micro_batch=rt.micro_batch,
             model=model,
-            device=device,
-            precision=precision,
+            device=rt.device,
+            precision=rt.precision,
             chips=chips,
             progress=progress,
             description=f"embedding chips of {scene.name}",
@@ -634,8 +631,7 @@ def embed_scene(
     recipe: EmbedRecipe,
     *,
     fmt: str = "cog",
-    device: torch.device | None = None,
-    precision: torch.dtype | None = None,
+    runtime: Runtime | None = None,
     overwrite: bool = False,
     resume: bool = False,
     preview: Path | None = None,
@@ -650,7 +646,7 @@ def embed_scene(
     t0 = time.perf_counter()
     ranks = ranks or RankInfo()
     progress = progress or NullProgress()
-    device = device or torch.device("cpu")
+    rt = runtime or resolve_runtime(recipe.runtime)
     res = EmbedResult(source=str(source), output=out, format=fmt)
     manifests = (model.manifest, getattr(model, "rgb_manifest", None))
     if prepared is None or prepared.manifests != manifests:
@@ -671,10 +667,10 @@ def embed_scene(
     with scene:
         kw = dict(progress=progress if ranks.is_main else NullProgress(), ranks=ranks, overwrite=overwrite)
         if fmt == "parquet":
-            out_grid, info = _pooled(scene, out, model, inp, recipe, device, precision, **kw)
+            out_grid, info = _pooled(scene, out, model, inp, recipe, rt, **kw)
         else:
             out_grid, info = _dense(
-                scene, out, fmt, model, inp, recipe, device, precision, resume=resume, **kw
+                scene, out, fmt, model, inp, recipe, rt, resume=resume, **kw
             )
     if ranks.is_main:
         if fmt != "zarr":
@@ -809,10 +805,9 @@ def _run_capped(
         return [r for r in results if r is not None]
     if model is None:
         model = build_model(recipe)
-    device = resolve_device(recipe.runtime.device)
-    precision = resolve_precision(recipe.runtime.precision, device)
+    rt = resolve_runtime(recipe.runtime)
     if hasattr(model, "to"):
-        model = model.to(device)
+        model = model.to(rt.device)
     if ranks.is_main:
         d = _describe_model(model)
         log.info(
@@ -821,8 +816,8 @@ def _run_capped(
             d["layer"],
             d["stride"],
             d["channels"],
-            device,
-            precision_name(precision),
+            rt.device,
+            rt.precision_name,
         )
     for k, prep in jobs:
         try:
@@ -832,8 +827,7 @@ def _run_capped(
                 model,
                 recipe,
                 fmt=fmt,
-                device=device,
-                precision=precision,
+                runtime=rt,
                 overwrite=overwrite,
                 resume=resume,
                 preview=_preview_for(preview, prep.out, many),

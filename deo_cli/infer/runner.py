@@ -46,7 +46,7 @@ from deo_cli.infer.chips import ChipBatch, ChipBatchDataset, ChipReader, identit
 from deo_cli.infer.tiling import RowStitcher, round_up
 from deo_cli.io.raster import every_core
 from deo_cli.progress import NullProgress, Progress
-from deo_cli.runtime import autocast, resolve_num_workers
+from deo_cli.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def run_dense(
     blend: str = "cosine",
     max_nodata_fraction: float = 0.5,
     batch_size: int = 16,
-    num_workers: int | str = "auto",
+    num_workers: int = 0,
     device: torch.device | None = None,
     precision: torch.dtype | None = None,
     rows: tuple[int, int] | None = None,
@@ -339,7 +339,6 @@ def run_dense(
     if prefetch is None:
         prefetch = default_prefetch(device)
     micro_batch = default_micro_batch(device, micro_batch, model, plan.chip_size)
-    num_workers = resolve_num_workers(num_workers, device)
     stats = RunStats(rows=rows)
     if model.stride != plan.stride:
         raise ValueError(f"model stride {model.stride} differs from the plan's {plan.stride}")
@@ -399,7 +398,7 @@ def run_pooled(
     *,
     max_nodata_fraction: float = 0.5,
     batch_size: int = 16,
-    num_workers: int | str = "auto",
+    num_workers: int = 0,
     device: torch.device | None = None,
     precision: torch.dtype | None = None,
     chips=None,
@@ -417,7 +416,6 @@ def run_pooled(
     """
     device = device or torch.device("cpu")
     step = default_micro_batch(device, micro_batch, model, reader.plan.chip_size) or batch_size
-    num_workers = resolve_num_workers(num_workers, device)
     progress = progress or NullProgress()
     chips = reader.plan.chips() if chips is None else chips
     stats = RunStats()

@@ -93,7 +93,7 @@ from deo_cli.recipes import (
     recipe_to_dict,
     save_recipe,
 )
-from deo_cli.runtime import precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.runtime import precision_name, resolve_runtime, seed_everything
 from deo_cli.train.supervised import (
     FitSettings,
     FrozenEncoderSegmenter,
@@ -302,8 +302,8 @@ def run_segment_train(
         raise DataError("fewer than 2 training chips", "add data, lower --chip-size or val_fraction")
 
     seed_everything(recipe.runtime.seed)
-    device = resolve_device(recipe.runtime.device)
-    dtype = resolve_precision(recipe.runtime.precision, device)
+    rt = resolve_runtime(recipe.runtime)
+    device, dtype = rt.device, rt.precision
     if encoder is None:
         encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
         own = (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
@@ -325,7 +325,6 @@ def run_segment_train(
         recipe.head_channels,
     )
     model = FrozenEncoderSegmenter(encoder, head, freeze=True)
-    rt = recipe.runtime
     bs = rt.batch_size
     model.to(device)
     (train_ds, val_ds, test_ds), forward_fn = cache_frozen_inputs(
@@ -553,21 +552,20 @@ def run_segment_predict(
     if not jobs:
         return results
     model, encoder = build_segment_model(hf, weights)
-    device = resolve_device(recipe.runtime.device)
-    precision = resolve_precision(recipe.runtime.precision, device)
-    model = model.to(device)
+    rt = resolve_runtime(recipe.runtime)
+    model = model.to(rt.device)
     log.info(
         "%s + %s head (%d classes) on %s, %s",
         encoder.name,
         hf.head["kind"],
         table.num_classes,
-        device,
-        precision_name(precision),
+        rt.device,
+        rt.precision_name,
     )
     for res, scene, inp, prob, prev in jobs:
         try:
             _predict_scene(
-                res, scene, inp, prob, prev, hf, table, model, recipe, device, precision, overwrite, progress
+                res, scene, inp, prob, prev, hf, table, model, recipe, rt, overwrite, progress
             )
         except DeoError as e:
             if not many:
@@ -577,7 +575,7 @@ def run_segment_predict(
 
 
 def _predict_scene(
-    res, scene, inp, prob, prev, hf, table, model, recipe, device, precision, overwrite, progress
+    res, scene, inp, prob, prev, hf, table, model, recipe, rt, overwrite, progress
 ):
     t0 = time.perf_counter()
     t = recipe.tiling
@@ -627,7 +625,6 @@ def _predict_scene(
         )
         sinks.append(CogSink(prob, scene.grid, prob_layout, block_rows, None, overwrite))
     sink = ClassSink(table, sinks[0], sinks[1] if len(sinks) > 1 else None)
-    rt = recipe.runtime
     try:
         with scene:
             stats = run_dense(
@@ -639,8 +636,8 @@ def _predict_scene(
                 batch_size=rt.batch_size,
                 num_workers=rt.num_workers,
                 micro_batch=rt.micro_batch,
-                device=device,
-                precision=precision,
+                device=rt.device,
+                precision=rt.precision,
                 progress=progress,
                 description=f"segmenting {scene.name}",
             )

@@ -35,7 +35,6 @@ import torch
 
 from deo_cli.data.segdata import IGNORE
 from deo_cli.infer.tiling import Chip, TilePlan
-from deo_cli.runtime import resolve_num_workers
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +144,6 @@ def make_loader(
 ):
     """A DataLoader; ``drop_single`` drops a last batch of one chip (BatchNorm in the heads
     cannot train on a batch of one 1x1 pooled map). Preloaded chips need no worker processes."""
-    num_workers = resolve_num_workers(num_workers)
     if getattr(dataset, "preloaded", False):
         num_workers = 0
     g = torch.Generator().manual_seed(int(seed))
