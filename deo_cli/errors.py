@@ -19,9 +19,14 @@ class DeoError(Exception):
     exit_code = 1
 
     def __init__(self, problem: str, fix: str | None = None):
+        worker = None
+        if fix is None and problem.startswith(_WORKER_PREFIX):
+            worker, problem = problem, _worker_message(problem)
         self.problem = problem.rstrip(". ")
         self.fix = fix.rstrip(". ") if fix else None
         super().__init__(self.one_line())
+        if worker is not None and worker != problem and hasattr(self, "add_note"):
+            self.add_note(worker)  # -v shows where in the worker it was raised
 
     def one_line(self) -> str:
         text = self.problem + "."
@@ -29,6 +34,22 @@ class DeoError(Exception):
             text += " " + self.fix[0].upper() + self.fix[1:]
             text += "" if text.endswith(("?", "!")) else "."
         return " ".join(text.split())
+
+
+#: How PyTorch re-raises an error from a DataLoader worker: ``type(err)(text)`` where ``text`` is
+#: the worker's whole traceback (``torch.utils.data._utils.ExceptionWrapper``).
+_WORKER_PREFIX = "Caught "
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def _worker_message(text: str) -> str:
+    """The original one-line message inside a DataLoader worker's re-raised traceback (``text``
+    itself when it is not one): its last line, ``deo_cli.errors.DataError: <message>``."""
+    if _WORKER_TRACEBACK not in text or " worker process " not in text.split("\n", 1)[0]:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and "Error" in name else text
 
 
 class InputNotFoundError(DeoError):

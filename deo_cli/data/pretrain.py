@@ -18,6 +18,9 @@
 Scenes larger than ``window_size`` on a side are sampled by ``windows_per_scene`` random windows
 per epoch; smaller ones are used whole. Windows (or chips) whose nodata fraction exceeds
 ``max_nodata_fraction`` are skipped: up to 10 other windows are tried, then another sample.
+Before training, probed scenes are checked for valid pixels until 8 with data are found (a chip
+exactly, a larger scene by its overview): scenes without a usable window are skipped with a
+warning, and data where no checked scene has one stops with one line naming the files.
 
 The main process only lists files and probes up to ``PROBE_LIMIT`` scenes (open, check bands,
 read the size); rasters are read inside the DataLoader workers (each worker opens its own handles,
@@ -272,13 +275,17 @@ def scan_pretrain_data(
     seed: int = 0,
     unit: str = "auto",
     probe_limit: int = PROBE_LIMIT,
+    window_size: int = 256,
+    max_nodata_fraction: float = 0.5,
 ) -> PretrainData:
     """List the scenes, probe them and settle the unit; raise before any training on bad data.
 
     Raises :class:`InputNotFoundError` / :class:`RasterReadError` for a missing or unreadable path
     (including any probed file), :class:`BandError` when no probed scene has all ``bands``
-    (scenes lacking them are otherwise skipped with a warning), :class:`UnitError` for values in a
-    unit the model cannot take. ``limit`` keeps a random subset of that many scenes (seeded).
+    (scenes lacking them are otherwise skipped with a warning), :class:`DataError` when no probed
+    scene has enough valid pixels (:func:`_too_little_data`; such scenes are otherwise skipped with
+    a warning), :class:`UnitError` for values in a unit the model cannot take. ``limit`` keeps a
+    random subset of that many scenes (seeded).
     """
     sources = list_pretrain_sources(data, ms_column, rgb_column)
     if limit and len(sources) > limit:
@@ -287,7 +294,8 @@ def scan_pretrain_data(
     probed = _probe_indices(len(sources), probe_limit)
     ok: dict[int, PretrainSource] = {}
     band_errors: list[tuple[int, BandError]] = []
-    unit_scenes: list[Scene] = []
+    empty: list[tuple[int, str]] = []  # scenes without a usable window: (index, why)
+    samples: list[tuple[np.ndarray, str]] = []  # valid values of bands[3:] and their dtype
     for i in probed:
         try:
             src, scene = _probe(sources[i], bands, band_names, nodata)
@@ -296,10 +304,24 @@ def scan_pretrain_data(
             continue
         except GeoreferenceError as e:
             raise RasterReadError(e.problem, e.fix) from e
+        try:
+            if len(samples) < UNIT_SCENES:  # until enough scenes with data are seen
+                chip = max(scene.height, scene.width) <= window_size  # used whole: read it all
+                pixels = scene.height * scene.width if chip else 64 * 64
+                sample = scene.overview(list(bands), max_pixels=max(pixels, 64 * 64))
+                why = _too_little_data(sample, scene, window_size, max_nodata_fraction)
+                if why:
+                    empty.append((i, why))
+                    continue
+                rest = slice(3, None) if len(bands) > 3 else slice(None)
+                dtype = scene.sources[scene.select(list(bands)[rest])[0]].dtype
+                samples.append((sample.data[rest][:, sample.valid].ravel(), dtype))
+        finally:
+            scene.close()
         ok[i] = src
-        if len(unit_scenes) < 8:
-            unit_scenes.append(scene)
     if not ok:
+        if empty:
+            raise _no_data_error(sources, empty, nodata, max_nodata_fraction)
         raise band_errors[0][1]
     skipped = [sources[i].name for i, _ in band_errors]
     if skipped:
@@ -310,9 +332,18 @@ def scan_pretrain_data(
             Path(skipped[0]).name,
             band_errors[0][1].problem,
         )
-    bad = {i for i, _ in band_errors}
+    if empty:
+        log.warning(
+            "skipping %d scene(s) without a window with at most %.0f%% nodata (first: %s: %s)",
+            len(empty),
+            100 * max_nodata_fraction,
+            Path(sources[empty[0][0]].name).name,
+            empty[0][1],
+        )
+        skipped += [sources[i].name for i, _ in empty]
+    bad = {i for i, _ in band_errors} | {i for i, _ in empty}
     sources = [ok.get(i, s) for i, s in enumerate(sources) if i not in bad]
-    found, factor = _settle_unit(unit, unit_scenes, bands)
+    found, factor = _settle_unit(unit, samples)
     log.info(
         "pretraining data: %d scenes (%d probed), unit %s%s",
         len(sources),
@@ -323,17 +354,57 @@ def scan_pretrain_data(
     return PretrainData(sources, found, factor, skipped)
 
 
-def _settle_unit(unit: str, scenes: Sequence[Scene], bands: Sequence[str]) -> tuple[str, float]:
-    """DEO's statistics are in S2 DN (docs/method.md §2.3); reflectance 0-1 is scaled by 10^4."""
+ALL_NODATA = "every pixel is nodata"
+#: Scenes whose values are sampled for the unit (and checked for valid pixels before training).
+UNIT_SCENES = 8
+
+
+def _too_little_data(sample, scene: Scene, window_size: int, max_nodata_fraction: float) -> str | None:
+    """Why no training window of ``scene`` can have at most ``max_nodata_fraction`` nodata, or None.
+
+    ``sample`` is the scene's overview. A chip used whole (no side above ``window_size``) whose
+    overview is the chip itself is judged exactly; a larger scene only when its sample holds no
+    valid pixel at all (a random window would then almost never find one either).
+    """
+    valid = sample.valid
+    if not valid.any():
+        return ALL_NODATA
+    chip = max(scene.height, scene.width) <= window_size
+    if chip and valid.shape == (scene.height, scene.width):
+        nodata = 1.0 - float(valid.mean())
+        if nodata > max_nodata_fraction:
+            return f"{nodata:.0%} of its pixels are nodata"
+    return None
+
+
+def _no_data_error(
+    sources: Sequence[PretrainSource], empty: list[tuple[int, str]], nodata, max_nodata_fraction: float
+) -> DataError:
+    """The one line for data whose every checked scene is (mostly) nodata."""
+    names = [Path(sources[i].name).name for i, _ in empty]
+    what = names[0] if len(names) == 1 else f"{len(names)} scenes ({_names(names)})"
+    marked = f", --nodata {nodata:g}" if nodata is not None else ""
+    fix = "check that --data names the right files and that their nodata value is right (deo inspect shows it)"
+    if any(why != ALL_NODATA for _, why in empty):
+        fix += ", or raise data.max_nodata_fraction (--set data.max_nodata_fraction=0.8)"
+    return DataError(
+        f"no training window with at most {max_nodata_fraction:.0%} nodata in {what}: {empty[0][1]}{marked}",
+        fix,
+    )
+
+
+def _names(names: Sequence[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _settle_unit(unit: str, samples: Sequence[tuple[np.ndarray, str]]) -> tuple[str, float]:
+    """DEO's statistics are in S2 DN (docs/method.md §2.3); reflectance 0-1 is scaled by 10^4.
+
+    ``samples``: valid values of a few scenes (bands after RGB) with their data type."""
     if unit != "auto":
         return unit, conversion_factor(unit, "dn")
-    values, dtype = [], None
-    for scene in scenes:
-        sample = scene.overview(list(bands)[3:] or list(bands), max_pixels=64 * 64)
-        values.append(sample.data[:, sample.valid].ravel())
-        idx = scene.select(list(bands)[3:] or list(bands))
-        dtype = scene.sources[idx[0]].dtype
-        scene.close()
+    values = [v for v, _ in samples]
+    dtype = samples[-1][1] if samples else None
     guess = infer_unit(np.concatenate(values) if values else np.zeros(0), dtype)
     if guess.unit == "unknown":
         log.warning("could not infer the unit of the data (%s); assuming DN", guess.reason)
@@ -478,8 +549,10 @@ class PretrainDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         item = int(index)
+        tried: dict[int, None] = {}  # the scenes read, in order
         for _ in range(SAMPLE_TRIES):
             si = self.source_of(item)
+            tried[si] = None
             try:
                 got = self._read(si, rng)
             except (InputNotFoundError, RasterReadError, BandError, GeoreferenceError) as e:
@@ -491,9 +564,12 @@ class PretrainDataset(Dataset):
                 break
             item = int(rng.integers(0, len(self)))  # a replacement sample
         else:
+            names = [Path(self.sources[i].name).name for i in tried]
             raise DataError(
-                f"found no window with at most {self.max_nodata_fraction:.0%} nodata in {SAMPLE_TRIES} tries",
-                "check the data's nodata, or raise data.max_nodata_fraction",
+                f"found no window with at most {self.max_nodata_fraction:.0%} nodata in {SAMPLE_TRIES} "
+                f"tries (in {_names(names)})",
+                "check that --data names the right files and that their nodata value is right (deo inspect "
+                "shows it), or raise data.max_nodata_fraction (--set data.max_nodata_fraction=0.8)",
             )
         image, valid, rgb = got
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))

@@ -194,6 +194,8 @@ def plan_pretrain(
         limit=recipe.data.limit,
         seed=recipe.seed,
         unit=recipe.data.unit,
+        window_size=recipe.data.window_size,
+        max_nodata_fraction=recipe.data.max_nodata_fraction,
     )
     n = sum(s.items(recipe.data.window_size, recipe.data.windows_per_scene) for s in data.sources)
     if n // world < recipe.batch_size:
@@ -546,6 +548,13 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
         model = torch.compile(model, dynamic=False)
     meta = DeoMetaArch(model, student, ema, optical, loss_fn, ema_drop_path=r.model.ema_drop_path).train()
 
+    # -- the first batch, read before anything is written: data that cannot give one (every window
+    # mostly nodata, found only by reading) stops the run without leaving a run folder behind ---
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    sampler.set_epoch(epoch, start=in_epoch * r.batch_size)
+    batches = iter(loader)
+    first = next(batches) if step < stop_step else None  # a fresh epoch slice holds >= 1 batch
+
     # -- the run folder (rank 0 only, once every rank has validated it) ---------------------------
     ddp.barrier()
     if env.is_main:
@@ -614,14 +623,11 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
         log.info("step %d: checkpoint %s", step, path.name)
 
     # -- the loop ---------------------------------------------------------------------------------
-    epoch, in_epoch = divmod(step, steps_per_epoch)
-    sampler.set_epoch(epoch, start=in_epoch * r.batch_size)
-    batches = iter(loader)
     progress.start(stop_step - step, f"pretrain {r.model.name}")
     window_start, window_steps = time.perf_counter(), 0
     while step < stop_step:
         try:
-            batch = next(batches)
+            batch, first = (first, None) if first is not None else (next(batches), None)
         except StopIteration:  # next epoch
             epoch += 1
             sampler.set_epoch(epoch)

@@ -192,3 +192,43 @@ def test_missing_teacher_weights(shared_data, tmp_path):
     )
     one_line_error(result, 1, "test_dinov3_tiny has no released weights")
     assert not run.exists()
+
+
+S2_NAMES = ["B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
+
+
+def test_data_that_is_all_nodata_stops_before_training(tmp_path, make_raster):
+    make_raster("allnodata.tif", np.zeros((10, 48, 48), np.uint16), descriptions=S2_NAMES, nodata=0)
+    run = tmp_path / "run"
+    result = deo("pretrain", "--recipe", "tiny_cpu", "--data", tmp_path / "allnodata.tif", "--out", run)
+    one_line_error(result, 1, "no training window", "allnodata.tif", "every pixel is nodata", "deo inspect")
+    assert "worker" not in result.output and not run.exists()
+    # chips used whole are judged exactly: 70 % nodata is too much for max_nodata_fraction 0.5
+    mostly = np.zeros((10, 48, 48), np.uint16)
+    mostly[:, :14] = 1500
+    make_raster("mostly.tif", mostly, descriptions=S2_NAMES, nodata=0)
+    result = deo("pretrain", "--recipe", "tiny_cpu", "--data", tmp_path / "mostly.tif", "--out", run)
+    one_line_error(result, 1, "mostly.tif", "71% of its pixels are nodata", "data.max_nodata_fraction")
+    assert not run.exists()
+
+
+def test_nodata_found_only_in_a_worker_is_one_line_and_keeps_an_existing_run(tmp_path, make_raster):
+    # Valid pixels everywhere in the overview, but no 64 px window is more than 25 % valid:
+    # only the DataLoader worker finds that out.
+    data = np.zeros((10, 160, 160), np.uint16)
+    valid = (np.arange(160) % 4 < 2)[:, None] & (np.arange(160) % 4 < 2)[None, :]
+    data[:, valid] = 1800
+    make_raster("sparse.tif", data, descriptions=S2_NAMES, nodata=0)
+    run = tmp_path / "run"
+    args = ["pretrain", "--recipe", "tiny_cpu", "--data", tmp_path / "sparse.tif", "--out", run]
+    result = deo(*args, "--num-workers", 1)
+    one_line_error(result, 1, "found no window with at most 50% nodata", "(in sparse.tif)", "deo inspect")
+    assert "worker process" not in result.output and "Original Traceback" not in result.output
+    assert not run.exists()  # the run never started: no folder left behind
+    # A run folder the user already has is left exactly as it was, even with --overwrite.
+    run.mkdir()
+    (run / "checkpoint-00000002.pt").write_bytes(b"kept")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    one_line_error(deo(*args, "--num-workers", 1, "--overwrite"), 1, "found no window")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-00000002.pt", "metrics.jsonl"]
+    assert (run / "checkpoint-00000002.pt").read_bytes() == b"kept"

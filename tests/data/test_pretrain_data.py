@@ -127,6 +127,18 @@ def test_all_nodata_chips_are_replaced(tmp_path, make_raster):
         only_bad[0]
 
 
+def test_scan_skips_empty_chips_with_a_warning_and_names_them_when_all_are(tmp_path, make_raster, caplog):
+    bad = make_raster("bad.tif", np.zeros((10, 32, 32), np.uint16), descriptions=list(BANDS), nodata=0)
+    chip(make_raster, "good.tif", value=3000)
+    data = scan_pretrain_data(tmp_path, BANDS, window_size=64)
+    assert [Path(s.name).name for s in data.sources] == ["good.tif"] and data.skipped == [str(bad)]
+    assert "skipping 1 scene(s) without a window with at most 50% nodata (first: bad.tif" in caplog.text
+    (tmp_path / "good.tif").unlink()
+    make_raster("bad2.tif", np.zeros((10, 32, 32), np.uint16), descriptions=list(BANDS), nodata=0)
+    with pytest.raises(DataError, match=r"in 2 scenes \(bad.tif, bad2.tif\): every pixel is nodata"):
+        scan_pretrain_data(tmp_path, BANDS)
+
+
 def test_samples_depend_on_seed_epoch_index_only(tmp_path, make_raster):
     srcs = [PretrainSource(str(chip(make_raster, f"c{i}.tif", value=1000 + 500 * i))) for i in range(3)]
     ds = PretrainDataset(srcs, BANDS, small_crops(), seed=7)
