@@ -383,8 +383,10 @@ def _no_data_error(
     """The one line for data whose every checked scene is (mostly) nodata."""
     names = [Path(sources[i].name).name for i, _ in empty]
     what = names[0] if len(names) == 1 else f"{len(names)} scenes ({_names(names)})"
-    marked = f", --nodata {nodata:g}" if nodata is not None else ""
-    fix = "check that --data names the right files and that their nodata value is right (deo inspect shows it)"
+    marked = f" (data.nodata {nodata:g})" if nodata is not None else ""
+    fix = (
+        "check that --data names the right files and that their nodata value is right (deo inspect shows it)"
+    )
     if any(why != ALL_NODATA for _, why in empty):
         fix += ", or raise data.max_nodata_fraction (--set data.max_nodata_fraction=0.8)"
     return DataError(
