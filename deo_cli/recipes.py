@@ -11,7 +11,7 @@ The resolved recipe is written next to the outputs with :func:`save_recipe` (and
 back with ``--recipe`` to reproduce the run); :func:`recipe_hash` stamps it into output tags.
 
 Only builders read recipe fields; constructors of models, losses and datasets take plain
-arguments (STYLE.md habit 4).
+arguments (docs/design.md §7.4, habit 4).
 
 The command schemas live at the bottom of this module, one section per command.
 """

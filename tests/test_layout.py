@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md §3, enforced on the source tree.
+"""The import direction of docs/design.md §3, enforced on the source tree.
 
 cli -> train|infer|bench -> models|losses|data -> io|sensors|recipes|errors.
 io/ imports no torch; models/ and losses/ import no rasterio; only cli/ imports typer or rich;

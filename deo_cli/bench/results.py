@@ -1,6 +1,6 @@
 """Benchmark result rows: the CSV/JSON contract, atomic appends, resume, summaries.
 
-One row per (model, dataset, protocol, partition, seed, metric) (DESIGN.md §4). The first
+One row per (model, dataset, protocol, partition, seed, metric) (docs/design.md §4). The first
 twelve columns are torchgeo-bench's (``model, dataset, task, metric, value,
 partition, seed, bands, image_size, normalization, ci_low, ci_high``); the rest record what a
 reader needs to trust or reproduce the row:

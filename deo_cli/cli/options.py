@@ -1,6 +1,6 @@
 """Option definitions shared by several commands (one definition, one help text).
 
-Grouped in help panels: Input, Model, Tiling, Output, Runtime, Recipe (STYLE.md habit 1).
+Grouped in help panels: Input, Model, Tiling, Output, Runtime, Recipe (docs/design.md §7.1, habit 1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A raster grid (CRS + transform + size) and the georeferenced sample every read returns.
 
-Georeferencing travels with every array (STYLE.md habit 3): a read returns a
+Georeferencing travels with every array (docs/design.md §7.3, habit 3): a read returns a
 :class:`RasterSample` with its pixels, a valid mask, the window's transform and the CRS.
 """
 
@@ -60,7 +60,7 @@ class Grid:
         """The grid of a feature map with stride ``factor``: transform scaled, size ceil-divided.
 
         The feature pixel (i, j) covers input pixels [i*f, (i+1)*f) x [j*f, (j+1)*f), so its
-        transform is ``transform @ Affine.scale(f)`` exactly (DESIGN.md §4).
+        transform is ``transform @ Affine.scale(f)`` exactly (docs/design.md §4).
         """
         return Grid(
             self.crs,

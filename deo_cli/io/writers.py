@@ -1,6 +1,6 @@
 """Streaming sinks for tiled inference: COG rasters, Zarr stores, GeoParquet chip vectors.
 
-No torch here (DESIGN.md §3). Every sink receives finished output rows (or chip vectors) as
+No torch here (docs/design.md §3). Every sink receives finished output rows (or chip vectors) as
 they are produced, so memory never holds a whole output, and appears at its destination only
 when complete (:mod:`deo_cli.io.atomic`).
 
@@ -11,7 +11,7 @@ tiles of ``block_rows`` rows by the COG's tile width) under a hidden temporary n
 by GDAL's COG driver (overviews, ``average`` for continuous values and ``nearest``/``mode`` for
 classes, DEFLATE or ZSTD with a predictor: floating-point for floats, horizontal for integers),
 written under a second temporary name and renamed into place. (Writing straight to the COG
-driver would go through an in-memory copy; STYLE.md.) GDAL 3.10's COG driver interleaves
+driver would go through an in-memory copy; docs/design.md §4.) GDAL 3.10's COG driver interleaves
 pixels, and its copy holds several uncompressed tiles (every band of a tile) at once, so the
 tile side shrinks with the bands from 256 px down to 64 px until a tile is at most
 :data:`COG_TILE_BYTES` (:attr:`RasterLayout.cog_blocksize`): 256 px up to 32 float bands,

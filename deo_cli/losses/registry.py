@@ -1,4 +1,4 @@
-"""The explicit registry of DEO's losses (STYLE.md habit 2: one file, one registry line).
+"""The explicit registry of DEO's losses (docs/design.md §7.2, habit 2: one file, one registry line).
 
 ``@register_loss("name")`` on an ``nn.Module`` class with plain constructor arguments;
 :func:`build_loss` builds one by name (unknown names raise ``UsageError`` with a did-you-mean).

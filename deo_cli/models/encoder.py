@@ -2,7 +2,7 @@
 
 DEO's student has one trunk and **two stems**: a multispectral stem for the model's band
 manifest (10 Sentinel-2 bands for DEO) and an RGB stem for 3-band input; everything after the
-stem is shared (docs/method.md §2.5, DESIGN.md §2). The stem is chosen by the number of input
+stem is shared (docs/method.md §2.5, docs/design.md §2). The stem is chosen by the number of input
 channels: ``len(manifest.bands)`` -> multispectral, 3 -> RGB, anything else is a
 :class:`~deo_cli.errors.UsageError`.
 

@@ -22,7 +22,7 @@ from deo_cli.errors import UsageError
 from deo_cli.sensors import DEO_RGB_MANIFEST, DEO_S2_MANIFEST, BandManifest
 
 #: The official DEO Swin-B release (Hugging Face ``SolaireTheSun/DEO``), pinned to the revision
-#: that TorchGeo 0.10's ``DEO_Weights.DEO_SWIN`` uses (DESIGN.md §2, docs/method.md §1).
+#: that TorchGeo 0.10's ``DEO_Weights.DEO_SWIN`` uses (docs/design.md §2, docs/method.md §1).
 DEO_SWIN_B_WEIGHTS = "hf://SolaireTheSun/DEO/DEO_swin_b.pth@f973d29f6324fb12fca734778cf9d2ae539524bb"
 
 

@@ -2,7 +2,7 @@
 
 The trunk is torchvision's ``SwinTransformer`` with its patch-embedding block deleted, exactly
 as in the official release: torchvision, not timm, because timm's Swin pads and masks a 56x56
-grid with window 12 differently and does not reproduce the official network (DESIGN.md §2).
+grid with window 12 differently and does not reproduce the official network (docs/design.md §2).
 Two stems replace the patch embedding, each ``Conv2d(k=4, s=4) -> permute to NHWC ->
 LayerNorm(eps=1e-5)``: ``conv_ms`` (10 bands) and ``conv_rgb`` (3 bands).
 

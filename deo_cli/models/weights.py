@@ -1,6 +1,6 @@
 """Finding, reading, checking and writing encoder weights.
 
-``--weights`` accepts (DESIGN.md §2, issue 4):
+``--weights`` accepts (docs/design.md §2, issue 4):
 
 - a local file;
 - ``hf://OWNER/REPO/PATH/FILE[@REVISION]``: downloaded once with ``huggingface_hub`` into the

@@ -1,6 +1,6 @@
 """The official DEO_swin_b.pth layout loads into deo's Swin and gives the reference features.
 
-The oracle is the reference network as the official release builds it (DESIGN.md §2,
+The oracle is the reference network as the official release builds it (docs/design.md §2,
 docs/method.md §2.5/§2.13): torchvision's Swin-B (``swin_b``'s configuration) with window 12, the
 first ``features`` block (patch embedding) deleted, ``conv_ms`` / ``conv_rgb`` stems added,
 wrapped so its state-dict keys are ``feat_extr.*``. It is built here, independently of deo.
