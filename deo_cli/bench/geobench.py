@@ -80,7 +80,8 @@ def _open_tasks(names: list[str], data: str | os.PathLike | None) -> list[GeoBen
                 "point --data at the folder holding classification_v1.0/ and segmentation_v1.0/",
             )
         return [open_task(data)]
-    names = names or list(DEFAULT_TASKS)
+    if not names:
+        return _open_paper_tasks(data)
     tasks = []
     for name in names:
         if "/" in name or os.sep in name:
@@ -92,6 +93,32 @@ def _open_tasks(names: list[str], data: str | os.PathLike | None) -> list[GeoBen
             if task_key(name) not in {task_key(n) for n in on_disk}:
                 raise unknown_task_error(name, on_disk)
         tasks.append(open_task(name, root=base))
+    return tasks
+
+
+def _open_paper_tasks(data: str | os.PathLike | None) -> list[GeoBenchTask]:
+    """No ``--tasks``: every GEO-Bench task on disk, the paper's first, in the paper's order
+    (the paper's tasks with its protocol, others with the defaults of :mod:`deo_cli.bench.tasks`).
+    The paper's tasks that are missing are named in one warning with the command that downloads
+    them; no task on disk at all is one error with that command."""
+    base = geobench_root(data)  # a missing $GEO_BENCH_DIR: one line with the download command
+    folders = {task_key(p.name): p for p in list_tasks(base)}
+    paper = [task_key(n) for n in DEFAULT_TASKS]
+    keys = [k for k in paper if k in folders] + sorted(k for k in folders if k not in paper)
+    missing = [n for n in DEFAULT_TASKS if task_key(n) not in folders]
+    fetch = f"deo bench download --suite geobench --tasks {','.join(missing)} --dest {base}"
+    if not keys:
+        raise DataError(f"no GEO-Bench task is under {base}", f"download the paper's with `{fetch}`")
+    tasks = [open_task(folders[k]) for k in keys]
+    if missing:
+        log.warning(
+            "%d of the paper's %d GEO-Bench tasks are not under %s and are not run: %s (download them with `%s`)",
+            len(missing),
+            len(DEFAULT_TASKS),
+            base,
+            ", ".join(missing),
+            fetch,
+        )
     return tasks
 
 

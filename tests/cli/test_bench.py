@@ -217,3 +217,22 @@ def test_missing_data_and_unknown_names_are_one_line(gb_root, tmp_path, monkeypa
     r = bench("--suite", "throughput", *TINY, "--resume", "--overwrite", "-o", str(out))
     assert_one_line(r, 2, "--resume and --overwrite contradict")
     assert not out.exists()  # nothing is created before the inputs check out
+
+
+def test_geobench_without_tasks_runs_what_is_on_disk_and_names_the_missing(gb_root, tmp_path, monkeypatch):
+    """No --tasks: every task under $GEO_BENCH_DIR runs; the paper's missing tasks are one warning
+    with the download command; a folder with no task is one error with that command."""
+    monkeypatch.setenv("GEO_BENCH_DIR", str(gb_root))
+    out = tmp_path / "run"
+    r = bench("--suite", "geobench", "--limit", "5", *TINY, "--set", "linear.epochs=1", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert {x["dataset"] for x in read_csv(out / "results.csv")} == {"m-brick-kiln"}
+    squeezed = "".join(r.stderr.split())  # rich wraps log lines at the terminal's width
+    assert r.stderr.count("WARNING") == 1 and "8ofthepaper's8GEO-Benchtasksarenotunder" in squeezed
+    assert "deobenchdownload--suitegeobench--tasksm-bigearthnet," in squeezed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("GEO_BENCH_DIR", str(empty))
+    r = bench("--suite", "geobench", "--limit", "5", *TINY, "-o", str(tmp_path / "run2"))
+    assert_one_line(r, 1, "no GEO-Bench task is under", "deo bench download --suite geobench --tasks")
+    assert not (tmp_path / "run2").exists()
