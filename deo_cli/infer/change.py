@@ -92,6 +92,8 @@ from deo_cli.infer.headfile import (
     check_run_folder,
     encoder_record,
     encoder_state_for,
+    head_input_stem,
+    head_manifests,
     load_head,
     load_head_encoder,
     make_head,
@@ -207,11 +209,16 @@ def open_dates(before: str, after: str, inp) -> tuple[Scene, Scene, dict]:
     return first, second, info
 
 
-def prepare_dates(before: Scene, after: Scene, manifest, rgb_manifest, inp) -> tuple[InputPlan, InputPlan]:
-    """Each date's input plan (same stem required)."""
+def prepare_dates(
+    before: Scene, after: Scene, manifest, rgb_manifest, inp, head=None
+) -> tuple[InputPlan, InputPlan]:
+    """Each date's input plan (same stem required); with a trained ``head``, the stem it was
+    trained on (:func:`~deo_cli.infer.headfile.head_input_stem`: dates without its bands are
+    refused)."""
     with before, after:
-        a = prepare_input(before, manifest, rgb_manifest, inp.unit, inp.rgb_max)
-        b = prepare_input(after, manifest, rgb_manifest, inp.unit, inp.rgb_max)
+        stems = [head_input_stem(head, s) if head is not None else "auto" for s in (before, after)]
+        a = prepare_input(before, manifest, rgb_manifest, inp.unit, inp.rgb_max, stem=stems[0])
+        b = prepare_input(after, manifest, rgb_manifest, inp.unit, inp.rgb_max, stem=stems[1])
     if a.stem != b.stem:
         raise UsageError(
             f"the first date has {'all multispectral bands' if a.stem == 'ms' else 'only RGB'} but the second "
@@ -604,7 +611,6 @@ def run_detect_change(
     before any model is loaded when the inputs or outputs are wrong.
     """
     from deo_cli.models import get_model_spec
-    from deo_cli.sensors import BandManifest
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
@@ -635,11 +641,7 @@ def run_detect_change(
     method = _threshold_method(recipe, supervised)
     hf = load_head(head, "change") if supervised else None
     if hf is not None:
-        rec = hf.encoder
-        manifests = (
-            BandManifest.from_dict(rec["manifest"]),
-            BandManifest.from_dict(rec["rgb_manifest"]) if rec.get("rgb_manifest") else None,
-        )
+        manifests = head_manifests(hf)
     elif encoder is not None:
         manifests = (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
     else:
@@ -647,7 +649,7 @@ def run_detect_change(
         parse_layers(spec, recipe.layer)  # a bad --layer fails here, before the weights load
         manifests = (spec.manifest, spec.rgb_manifest)
     first, second, pair_info = open_dates(before, after, recipe.input)
-    inp_a, inp_b = prepare_dates(first, second, *manifests, recipe.input)
+    inp_a, inp_b = prepare_dates(first, second, *manifests, recipe.input, head=hf)
 
     # -- model -------------------------------------------------------------------------------
     if hf is not None:
@@ -842,6 +844,7 @@ def change_score_array(
     device: torch.device | None = None,
     precision: torch.dtype | None = None,
     progress: Progress | None = None,
+    head: HeadFile | None = None,
 ) -> tuple[np.ndarray, Grid]:
     """The change score of two scenes on one grid (``after`` already on ``before``'s grid, e.g.
     from :func:`open_dates` or :func:`deo_cli.data.oscd.open_pair`), computed by the same
@@ -849,12 +852,14 @@ def change_score_array(
     nodata) on the model's output grid.
 
     ``model``: a :class:`CosineChange` (zero-shot; ``out_stride=1`` for the input grid) or the
-    :class:`DenseHeadModel` of :func:`build_change_model` (the score is then ``P(change)``).
+    :class:`DenseHeadModel` of :func:`build_change_model` (the score is then ``P(change)``);
+    ``head``: its head file (the dates go through the stem it was trained on).
     """
     from deo_cli.recipes import InputSection
 
     inp = InputSection(unit=unit, rgb_max=rgb_max)
-    a, b = prepare_dates(before, after, model.manifest, getattr(model, "rgb_manifest", None), inp)
+    manifests = (model.manifest, getattr(model, "rgb_manifest", None))
+    a, b = prepare_dates(before, after, *manifests, inp, head=head)
     plan = aligned_plan(
         before.height, before.width, chip_size or model.input_size, model.stride, model.align, overlap
     )
@@ -985,17 +990,23 @@ def _val_probabilities(
 def _oscd_sources(cities, inp, chip: int, overlap: int, manifests):
     from deo_cli.data.oscd import read_change_label
 
-    sources = []
+    sources, stems = [], {}
     for city in cities:
         first, second, _ = open_dates(str(city.before), str(city.after), inp)
         a, b = prepare_dates(first, second, *manifests, inp)
+        stems.setdefault(a.stem, city.name)
+        if len(stems) > 1:
+            raise DataError(
+                f"city {stems.get('rgb')} has only RGB but city {stems.get('ms')} every multispectral band",
+                "train on cities with the same bands",
+            )
         plan = training_plan(first.height, first.width, chip, overlap)
         reader = PairChipReader(
             ChipReader(first, a.bands, a.normalizer, plan), ChipReader(second, b.bands, b.normalizer, plan)
         )
         label = read_change_label(city, (first.height, first.width)).astype(np.int64)
         sources.append((reader, ArrayLabels(label)))
-    return sources
+    return sources, next(iter(stems), "ms")
 
 
 def run_change_train(
@@ -1052,7 +1063,7 @@ def run_change_train(
         if encoder is None
         else (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
     )
-    sources = _oscd_sources(train, recipe.input, chip, recipe.chip_overlap, manifests)
+    sources, stem = _oscd_sources(train, recipe.input, chip, recipe.chip_overlap, manifests)
     refs, counts = collect_chips(sources, 2)
     if counts[1] == 0:
         raise DataError("the training cities hold no change pixel", "add cities with change")
@@ -1180,6 +1191,7 @@ def run_change_train(
         classes=CHANGE_CLASSES.to_dict(),
         chip_size=chip,
         normalization={
+            "stem": stem,
             "manifest": encoder.manifest.to_dict(),
             "per_date": "unit inferred and RGB scale computed per date",
         },
@@ -1203,6 +1215,7 @@ def run_change_train(
                 batch_size=rt.batch_size,
                 device=device,
                 precision=dtype,
+                head=hf,
             )
             label = read_change_label(city, score.shape)
             valid = np.isfinite(score)

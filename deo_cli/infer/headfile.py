@@ -15,7 +15,8 @@ needs to rebuild the model and feed it the same input as in training. Saved with
                     whose weights exist nowhere else), else None
     classes         ClassTable.to_dict(): [{value, name, color}], ignore, nodata
     chip_size       training chip size (px), the default prediction chip
-    normalization   how training chips were normalised (manifest, unit policy, RGB scale rule)
+    normalization   how training chips were normalised (stem ms|rgb, manifest, unit policy,
+                    RGB scale rule); prediction feeds the same stem (:func:`head_input_stem`)
     threshold       change heads: P(change) threshold chosen on the validation chips
     metrics         best epoch, validation metrics, history
     recipe          the resolved training recipe (plain data)
@@ -205,6 +206,64 @@ def load_head_encoder(head: HeadFile, weights: str | None = None):
     return encoder.eval()
 
 
+def head_manifests(head: HeadFile):
+    """The band manifests of the head's encoder: (multispectral, RGB or None)."""
+    from deo_cli.sensors import BandManifest
+
+    rec = head.encoder
+    rgb = rec.get("rgb_manifest")
+    return BandManifest.from_dict(rec["manifest"]), (BandManifest.from_dict(rgb) if rgb else None)
+
+
+def head_stem(head: HeadFile) -> str | None:
+    """The stem the head was trained through (``"ms"`` or ``"rgb"``), or None when the file does
+    not say (change heads of deo 0.x without a pixel branch)."""
+    stem = head.normalization.get("stem")
+    if stem in ("ms", "rgb"):
+        return stem
+    pixel_bands = int(head.head.get("pixel_bands") or 0)
+    if pixel_bands:
+        return "ms" if pixel_bands == len(head_manifests(head)[0].bands) else "rgb"
+    return None
+
+
+def head_input_stem(head: HeadFile, scene) -> str:
+    """The stem ``scene`` goes through for ``head``: the one the head was trained on.
+
+    A head sees features of one stem in training; the other stem's features are not what it
+    learnt, so a scene without the head's bands is refused (:class:`BandError`) rather than sent
+    through the other stem. A head trained on RGB takes the red, green and blue of a
+    multispectral scene. Shared by ``segment predict`` and ``detect-change --head``; ``"auto"``
+    when the file does not say.
+    """
+    from deo_cli.errors import BandError
+
+    stem = head_stem(head)
+    if stem is None:
+        return "auto"
+    ms, rgb = head_manifests(head)
+    man = ms if stem == "ms" or rgb is None else rgb
+    try:
+        scene.select(man.bands)
+    except BandError as e:
+        names = [s.name or f"band {i + 1} (unnamed)" for i, s in enumerate(scene.sources)]
+        missing = [b for b in man.bands if b not in names]
+        what = f"{len(man.bands)} multispectral bands" if stem == "ms" else "red, green and blue"
+        fix = (
+            "give a scene with those bands (--band-names names unnamed ones), or train a head on "
+            "RGB images for RGB scenes"
+            if stem == "ms"
+            else "give a scene with red, green and blue bands (--band-names names unnamed ones)"
+        )
+        raise BandError(
+            f"the {head.task} head {head.path.name if head.path else ''} was trained on {what} "
+            f"({', '.join(man.bands)}), but scene {scene.name} lacks {', '.join(missing) or 'some'} "
+            f"(it has {', '.join(names)})",
+            fix,
+        ) from e
+    return stem
+
+
 def build_head_module(head: HeadFile) -> nn.Module:
     h = head.head
     module = make_head(
@@ -298,6 +357,9 @@ __all__ = [
     "check_run_folder",
     "encoder_record",
     "encoder_state_for",
+    "head_input_stem",
+    "head_manifests",
+    "head_stem",
     "load_head",
     "load_head_encoder",
     "make_head",

@@ -138,9 +138,26 @@ def _window_grid(scene, bands, max_pixels: int, windows: int):
     )
 
 
-def choose_stem(scene, manifest: BandManifest, rgb_manifest: BandManifest | None) -> tuple[str, BandManifest]:
+def choose_stem(
+    scene, manifest: BandManifest, rgb_manifest: BandManifest | None, stem: str = "auto"
+) -> tuple[str, BandManifest]:
     """``("ms", manifest)`` when the scene has every band, else ``("rgb", rgb_manifest)`` when it
-    has red/green/blue and the model an RGB stem; else the :class:`BandError` of the MS bands."""
+    has red/green/blue and the model an RGB stem; else the :class:`BandError` of the MS bands.
+
+    ``stem`` ``"ms"`` or ``"rgb"`` takes that stem (a trained head must see the input it was
+    trained on; :func:`deo_cli.infer.headfile.head_input_stem` checks the bands first)."""
+    if stem == "ms":
+        scene.select(manifest.bands)
+        return "ms", manifest
+    if stem == "rgb" and rgb_manifest is not None:
+        scene.select(rgb_manifest.bands)
+        if len(scene.sources) > 3:
+            log.info(
+                "scene %s: using its %s through the RGB stem (the head was trained on RGB)",
+                scene.name,
+                ", ".join(rgb_manifest.bands),
+            )
+        return "rgb", rgb_manifest
     try:
         scene.select(manifest.bands)
         return "ms", manifest
@@ -168,9 +185,11 @@ def prepare_input(
     rgb_manifest: BandManifest | None = None,
     unit: str = "auto",
     rgb_max: float | None = None,
+    stem: str = "auto",
 ) -> InputPlan:
-    """Decide stem, unit conversion and normalisation for ``scene`` (see the module docstring)."""
-    stem, man = choose_stem(scene, manifest, rgb_manifest)
+    """Decide stem, unit conversion and normalisation for ``scene`` (see the module docstring);
+    ``stem``: see :func:`choose_stem`."""
+    stem, man = choose_stem(scene, manifest, rgb_manifest, stem)
     idx = scene.select(man.bands)
     scene_bands = tuple(scene.sources[i].name for i in idx)
     ov = sample_pixels(scene, man.bands)

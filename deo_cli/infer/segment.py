@@ -23,8 +23,11 @@ logits are bilinearly upsampled to the chip's full input resolution inside each 
 training and in the paper's protocol), so the stitcher works at **stride 1**: chip logits are
 blended across overlaps with the runner's cosine weights and the class is the argmax of the
 blended logits. Chips and overlaps are multiples of the encoder's coarsest stride (32 for
-Swin), so overlapping chips see the same patch grid. Outputs, on exactly the input's grid and
-CRS:
+Swin), so overlapping chips see the same patch grid. Each scene goes through the stem the head
+was trained on (:func:`~deo_cli.infer.headfile.head_input_stem`, shared with
+``detect-change --head``): a head trained on the multispectral bands refuses a scene without
+them (one line), a head trained on RGB takes a multispectral scene's red, green and blue.
+Outputs, on exactly the input's grid and CRS:
 
 - class COG: ``uint8`` (``uint16`` when a class value exceeds 254), the original label
   values, a reserved nodata value (255 / 65535 unless the class file says otherwise) wherever
@@ -66,6 +69,8 @@ from deo_cli.infer.headfile import (
     check_run_folder,
     encoder_record,
     encoder_state_for,
+    head_input_stem,
+    head_manifests,
     load_head,
     load_head_encoder,
     make_head,
@@ -120,11 +125,14 @@ class SegmentTrainResult:
     val_chips: int
 
 
-def _scene_inputs(recipe_input, image: str, manifest, rgb_manifest) -> tuple[object, InputPlan]:
+def _scene_inputs(recipe_input, image: str, manifest, rgb_manifest, head=None) -> tuple[object, InputPlan]:
+    """Open and prepare ``image``; with a trained ``head``, through the stem it was trained on
+    (:func:`~deo_cli.infer.headfile.head_input_stem`: a scene without its bands is refused)."""
     i = recipe_input
     scene = open_input(image, i)
     with scene:
-        inp = prepare_input(scene, manifest, rgb_manifest, i.unit, i.rgb_max)
+        stem = head_input_stem(head, scene) if head is not None else "auto"
+        inp = prepare_input(scene, manifest, rgb_manifest, i.unit, i.rgb_max, stem=stem)
     return scene, inp
 
 
@@ -523,13 +531,7 @@ def run_segment_predict(
     table = ClassTable.from_dict(hf.classes)
     many = len(scenes) > 1
     outs = plan_outputs(list(scenes), output, "cog")
-    enc = hf.encoder
-    from deo_cli.sensors import BandManifest
-
-    manifests = (
-        BandManifest.from_dict(enc["manifest"]),
-        BandManifest.from_dict(enc["rgb_manifest"]) if enc.get("rgb_manifest") else None,
-    )
+    manifests = head_manifests(hf)
     results: list[SegmentResult] = []
     jobs = []
     for source, out in zip(scenes, outs):
@@ -542,7 +544,7 @@ def run_segment_predict(
             for p in (out, prob, prev, recipe_path_for(out)):
                 if p is not None:
                     check_output(p, overwrite)
-            scene, inp = _scene_inputs(recipe.input, source, *manifests)
+            scene, inp = _scene_inputs(recipe.input, source, *manifests, head=hf)
             jobs.append((res, scene, inp, prob, prev))
         except DeoError as e:
             if not many:

@@ -1,10 +1,12 @@
 """``deo detect-change`` through the command line: outputs, georeference, one-line mistakes."""
 
 import json
+import shutil
 
 import geopandas as gpd
 import numpy as np
 import rasterio
+import torch
 from affine import Affine
 from typer.testing import CliRunner
 
@@ -134,6 +136,22 @@ def test_train_then_run_with_the_head(tmp_path):
             json.loads(s.tags()["DEO_HEAD"])["task"] == "change"
             and s.tags()["DEO_CHANGE_MODE"] == "supervised"
         )
+    # the head was trained on 10 bands: RGB-only dates are refused before any model is loaded
+    # (segment predict shares the check), with nothing written
+    assert torch.load(run_dir / "head.pt", weights_only=True)["normalization"]["stem"] == "ms"
+    dates = []
+    for d in ("imgs_1", "imgs_2"):
+        (tmp_path / "rgb" / d).mkdir(parents=True)
+        for f in (city / d).glob("*_B0[234].tif"):
+            shutil.copy(f, tmp_path / "rgb" / d / f.name)
+        dates.append(str(tmp_path / "rgb" / d))
+    result, lines = run(
+        ["detect-change", *dates, "-o", str(tmp_path / "rgb.tif"), "--head", str(run_dir / "head.pt")]
+    )
+    assert_one_line_error(
+        result, lines, 1, "change head head.pt was trained on 10 multispectral bands", "lacks B05", "imgs_1"
+    )
+    assert not list(tmp_path.glob("rgb*.tif"))
     # a change head is not a segmentation head, and the other way round
     result, lines = run(
         [

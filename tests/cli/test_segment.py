@@ -117,7 +117,7 @@ def test_predict_mistakes_are_one_line(trained, tmp_path, make_raster):
         "four.tif", np.ones((4, 8, 8), np.uint16) * 500, descriptions=["B02", "B03", "B08", "B11"]
     )
     result, lines = run(["segment", "predict", str(rgbn), "-o", str(tmp_path / "x.tif"), "--head", head])
-    assert_one_line_error(result, lines, 1, "lacks band(s)")
+    assert_one_line_error(result, lines, 1, "was trained on 10 multispectral bands", "lacks B04, B05")
     assert not (tmp_path / "x.tif").exists()
     torch.save(
         {"deo_format": "head-v1", "task": "change", "head": {}, "head_state": {}, "encoder": {}},
@@ -135,6 +135,40 @@ def test_predict_mistakes_are_one_line(trained, tmp_path, make_raster):
         ]
     )
     assert_one_line_error(result, lines, 1, "is a change head", "detect-change --head")
+
+
+def test_predict_feeds_the_stem_the_head_was_trained_on(trained, tmp_path):
+    """A head trained on 10 bands refuses an RGB scene (as detect-change --head does) instead of
+    reading the RGB stem's features; a head trained on RGB takes a 10-band scene's red, green, blue."""
+    head = trained["run"] / "head.pt"
+    assert torch.load(head, weights_only=True)["normalization"]["stem"] == "ms"
+    with rasterio.open(trained["image"]) as src:
+        names = list(src.descriptions)
+        rgb = src.read([names.index(b) + 1 for b in ("B04", "B03", "B02")])
+        profile = src.profile | {"count": 3}
+    rgb_path = tmp_path / "rgb.tif"
+    with rasterio.open(rgb_path, "w", **profile) as dst:
+        dst.write(rgb)
+        dst.descriptions = ("B04", "B03", "B02")
+    out = tmp_path / "mask.tif"
+    result, lines = run(["segment", "predict", str(rgb_path), "-o", str(out), "--head", str(head)])
+    assert_one_line_error(
+        result, lines, 1, "segment head head.pt was trained on 10 multispectral bands",
+        "lacks B05, B06, B07, B08, B8A, B11, B12 (it has B04, B03, B02)", "train a head on RGB images",
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.tif"]
+
+    state = torch.load(head, weights_only=True)
+    state["normalization"]["stem"] = "rgb"
+    torch.save(state, tmp_path / "rgb_head.pt")
+    result, _ = run(
+        ["segment", "predict", str(trained["image"]), "-o", str(out), "--head", str(tmp_path / "rgb_head.pt"),
+         "--num-workers", "0", "--device", "cpu"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with rasterio.open(out) as m:
+        used = json.loads(m.tags()["DEO_NORMALIZATION"])
+    assert used["stem"] == "rgb" and used["input_bands"] == ["B04", "B03", "B02"]
 
 
 def test_train_mistakes_are_one_line(trained, tmp_path):
