@@ -58,6 +58,28 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return dev
 
 
+def check_gpus(gpus: int, spec: str, device: torch.device) -> None:
+    """``--gpus N`` (N processes) against the device: enough CUDA devices; on a machine without
+    a GPU, N CPU processes only when ``--device cpu`` says so (``auto`` falling back to the CPU
+    would otherwise start N processes where the user expected N GPUs)."""
+    if gpus < 1:
+        raise UsageError(f"--gpus {gpus} is not a process count", "pass --gpus 1 or more")
+    if gpus == 1:
+        return
+    if device.type == "cuda" and gpus > torch.cuda.device_count():
+        raise UsageError(
+            f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible",
+            "lower --gpus, or check CUDA_VISIBLE_DEVICES",
+        )
+    if device.type == "mps":
+        raise UsageError("several processes on Apple MPS are not supported", "use --gpus 1")
+    if device.type == "cpu" and (spec or "auto").strip().lower() == "auto":
+        raise UsageError(
+            f"--gpus {gpus} but no GPU is visible",
+            f"pass --device cpu to run {gpus} CPU processes (gloo) on purpose, or leave out --gpus",
+        )
+
+
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``spec`` on ``device`` (``None`` = fp32, no autocast)."""
     spec = (spec or "auto").strip().lower()
@@ -119,6 +141,8 @@ class Runtime:
     #: Chips per forward call; 0 sizes it per model (:func:`deo_cli.infer.runner.default_micro_batch`).
     micro_batch: int = 0
     seed: int = 0
+    #: What was asked for (``auto``, ``cpu``, ``cuda:1``...), for checks that depend on it.
+    device_spec: str = "auto"
 
     @property
     def precision_name(self) -> str:
@@ -136,6 +160,7 @@ def resolve_runtime(section) -> Runtime:
         num_workers=resolve_num_workers(section.num_workers, device),
         micro_batch=int(getattr(section, "micro_batch", 0)),
         seed=int(section.seed),
+        device_spec=str(section.device),
     )
 
 

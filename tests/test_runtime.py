@@ -90,3 +90,26 @@ def test_no_raw_runtime_value_reaches_the_core():
         if raw.search(line)
     ]
     assert not hits, hits
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+@pytest.mark.parametrize("command", ["embed", "pretrain"])
+def test_gpus_without_a_gpu_needs_device_cpu(command, make_raster, tmp_path):
+    """``--gpus N`` on a machine without a GPU: one line instead of N CPU processes by surprise."""
+    from deo_cli.runtime import check_gpus
+    from tests.cli.helpers import assert_one_line_error, run
+    from tests.infer.helpers import S2_BANDS, smooth_scene
+
+    scene = make_raster("s.tif", smooth_scene(64, 64), descriptions=S2_BANDS)
+    out = tmp_path / ("e.tif" if command == "embed" else "run")
+    args = (
+        [command, str(scene), "-o", str(out)]
+        if command == "embed"
+        else [command, "--data", str(scene), "--out", str(out)]
+    )
+    result, lines = run([*args, "--gpus", "2", "--model", "deo_swin_test"])
+    assert_one_line_error(result, lines, 2, "--gpus 2 but no GPU is visible", "--device cpu")
+    assert not out.exists()
+    check_gpus(2, "cpu", torch.device("cpu"))  # asked for on purpose: fine
+    with pytest.raises(UsageError, match="not a process count"):
+        check_gpus(0, "cpu", torch.device("cpu"))

@@ -77,7 +77,7 @@ from deo_cli.io.writers import (
 )
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import EmbedRecipe, recipe_hash, recipe_path_for, save_recipe
-from deo_cli.runtime import Runtime, resolve_runtime, seed_everything
+from deo_cli.runtime import Runtime, check_gpus, resolve_runtime, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -883,6 +883,8 @@ def run_embed(
             "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
         )
     if recipe.gpus > 1 and model is None:
+        rt = resolve_runtime(recipe.runtime)
+        check_gpus(recipe.gpus, rt.device_spec, rt.device)
         return run_ranks(
             recipe.gpus,
             _run_rank,

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deo_cli.errors import DeoError, UsageError
+from deo_cli.errors import DeoError
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +82,6 @@ def process_device(device: torch.device, local_rank: int) -> torch.device:
     if device.type == "cuda":
         return torch.device("cuda", local_rank)
     return device
-
-
-def check_gpus(gpus: int, device: torch.device) -> None:
-    """A clear error when ``--gpus`` asks for more CUDA devices than are visible."""
-    if gpus < 1:
-        raise UsageError(f"--gpus {gpus} is not a process count", "pass --gpus 1 or more")
-    if device.type == "cuda" and gpus > torch.cuda.device_count():
-        raise UsageError(
-            f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible",
-            "lower --gpus, or check CUDA_VISIBLE_DEVICES",
-        )
-    if device.type == "mps" and gpus > 1:
-        raise UsageError("several processes on Apple MPS are not supported", "use --gpus 1")
 
 
 def init_process_group(env: DistEnv, init_method: str) -> None:

@@ -42,7 +42,14 @@ from deo_cli.models.teachers import get_teacher_spec, list_teachers
 from deo_cli.models.weights import resolve_weights
 from deo_cli.progress import NullProgress
 from deo_cli.recipes import PretrainRecipe, recipe_hash, recipe_to_dict, save_recipe
-from deo_cli.runtime import autocast, precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.runtime import (
+    autocast,
+    check_gpus,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from deo_cli.sensors import resolve_bands
 from deo_cli.train import distributed as ddp
 from deo_cli.train.checkpoint import (
@@ -183,7 +190,7 @@ def plan_pretrain(
     precision = resolve_precision(recipe.precision, device)
     world = int(os.environ["WORLD_SIZE"]) if ddp.launched_by_torchrun() else recipe.gpus
     if not ddp.launched_by_torchrun():
-        ddp.check_gpus(recipe.gpus, device)
+        check_gpus(recipe.gpus, recipe.device, device)
     data = scan_pretrain_data(
         recipe.data.path,
         bands,

@@ -7,6 +7,7 @@ import pytest
 import rasterio
 import torch
 
+from deo_cli.data.normalize import Normalizer
 from deo_cli.errors import UsageError
 from deo_cli.infer.embed import output_format, run_embed, scene_stem
 from deo_cli.infer.model import (
@@ -19,6 +20,7 @@ from deo_cli.infer.model import (
 from deo_cli.io.writers import partial_paths
 from deo_cli.models import build_encoder, get_model_spec
 from deo_cli.recipes import EmbedRecipe, build_recipe
+from deo_cli.sensors import DEO_S2_MANIFEST
 from tests.infer.helpers import S2_BANDS, ConvFeatures, smooth_scene
 
 
@@ -86,6 +88,34 @@ def test_scene_smaller_than_one_chip(make_raster, tmp_path):
     assert res.chips == 1
 
 
+@pytest.mark.parametrize("size,chip", [(64, None), (224, 224), (48, None)])
+def test_a_scene_of_one_chip_is_one_forward_pass_equal_to_the_model(make_raster, tmp_path, size, chip):
+    """A scene the size of one chip (224 x 224 at --chip-size 224; 64 x 64 for the tiny model's
+    default chip) is one chip and one forward pass, and its map is the network's own output
+    for the normalised scene; a scene that fits one chip without O px to spare on both sides
+    (48 px, chip 64, overlap 16) is that chip at the origin with the scene edge replicated."""
+    torch.manual_seed(0)
+    enc = build_encoder("deo_swin_test", weights=None)
+    layer = default_embed_layer(enc.spec)  # stage 3 (stride 16)
+    model = Interrupting(EncoderFeatures(enc, layer))
+    data = smooth_scene(size, size, seed=4)
+    path = make_raster("one.tif", data, descriptions=S2_BANDS)
+    sets = [f"tiling.chip_size={chip}"] if chip else []
+    (res,) = run_embed([str(path)], tmp_path / "emb.tif", recipe(*sets), model=model)
+    assert res.chips == 1 and model.calls == 1 and model.chips == 1
+    c = chip or enc.spec.input_size
+    x = np.pad(data.astype(np.float32), ((0, 0), (0, c - size), (0, c - size)), mode="edge")
+    x = Normalizer.from_manifest(DEO_S2_MANIFEST, 1.0, 3000.0)(x)
+    with torch.no_grad():
+        ref = enc(torch.from_numpy(x)[None])[layer][0].numpy()
+    n = -(-size // 16)
+    with rasterio.open(res.output) as ds:
+        out = ds.read()
+        assert json.loads(ds.tags()["DEO_TILING"])["chips"] == [1, 1]
+    assert out.shape == (enc.spec.feature_channels[layer], n, n)
+    np.testing.assert_allclose(out, ref[:, :n, :n], atol=1e-5, rtol=0)
+
+
 def test_default_layer_is_the_finest_distilled_level():
     swin = get_model_spec("deo_swin_b")
     assert (
@@ -140,7 +170,7 @@ def test_two_ranks_on_cpu_give_the_same_raster(make_raster, tmp_path):
     sets = ["model.name=deo_swin_test", "model.weights=random"]
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
     (res1,) = run_embed([str(path)], one, recipe(*sets))
-    (res,) = run_embed([str(path)], two, recipe(*sets, "gpus=2"))
+    (res,) = run_embed([str(path)], two, recipe(*sets, "gpus=2", "runtime.device=cpu"))
     assert res.status == "written"
     # the summary counts every rank's chips (those at the band boundary run on both ranks)
     assert res1.chips <= res.chips < 2 * res1.chips
