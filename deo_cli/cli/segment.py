@@ -48,7 +48,7 @@ def train_cmd(
         Path | None,
         typer.Option(
             "--classes",
-            help="YAML with class names (and colours, ignore index, nodata).",
+            help='YAML: classes: {VALUE: NAME or {name: NAME, color: "#rrggbb"}}, or a list of {value, name, color}; optional ignore_index, nodata.',
             rich_help_panel=opt.INPUT,
         ),
     ] = None,

@@ -10,15 +10,19 @@ Torch-free. What the training chips are made of:
   are relative to the CSV file.
 - **Classes** (:class:`ClassTable`): label values, names and colours, the values to ignore,
   and the value reserved for nodata in the output mask. From a small YAML file
-  (``--classes``)::
+  (``--classes``, :func:`load_class_file`)::
 
       classes:
-        - {value: 1, name: cultivated land, color: "#ffff00"}
-        - {value: 2, name: forest, color: [0, 128, 0]}
+        1: {name: cultivated land, color: "#ffff00"}
+        2: {name: forest, color: [0, 128, 0]}
+        8: built
       ignore_index: 0        # optional: label value left out of loss and metrics
       nodata: 255            # optional: output value for nodata pixels
 
-  (``classes`` may also be a mapping ``{1: cultivated land, 2: forest}``), or from the values
+  ``classes`` maps each label value to a name or to ``{name, color}``, or is a list of
+  ``{value, name, color}``; colours are ``"#rrggbb"`` or ``[r, g, b]`` (0-255), and a class
+  without one gets the palette's. A file holding only the classes (no ``classes:`` key) works
+  too. Any other entry is an error naming it. Without a file, classes come from the values
   found in the label rasters (names ``class_<value>``, colours from a fixed palette). Training
   works on contiguous indices (the order of the table); masks are written with the original
   label values, so a predicted mask reads like the labels it was trained on.
@@ -234,9 +238,70 @@ def _default_nodata(values: Sequence[int]) -> int:
     return 65535
 
 
+#: The --classes file's format, for error messages.
+CLASS_FORMS = (
+    'write VALUE: NAME, VALUE: {name: NAME, color: "#rrggbb"} or a list of '
+    '{value: VALUE, name: NAME, color: "#rrggbb" or [r, g, b]}'
+)
+_CLASS_KEYS = {"value", "name", "color", "colour"}
+_FILE_KEYS = {"classes", "ignore_index", "nodata"}
+
+
+def _label_value(key, where: str) -> int:
+    """A class's label value: a non-negative integer (``"3"`` as written in a quoted key too)."""
+    if isinstance(key, str) and re.fullmatch(r"\s*\d+\s*", key):
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        raise DataError(f"{where}: {key!r} is not a label value (an integer >= 0)", CLASS_FORMS)
+    return key
+
+
+def _class_entry(value, spec, where: str) -> tuple[int, str, object]:
+    """(value, name, colour or None) from a class's ``spec``: a name or ``{name, color}``."""
+    if isinstance(spec, str) and spec.strip():
+        return value, spec.strip(), None
+    if isinstance(spec, Mapping):
+        unknown = sorted(str(k) for k in spec if k not in _CLASS_KEYS)
+        if unknown:
+            raise DataError(
+                f"{where} has unknown key(s) {', '.join(unknown)} (it may have value, name, color)",
+                CLASS_FORMS,
+            )
+        if "value" in spec and _label_value(spec["value"], where) != value:
+            raise DataError(f"{where} says value {spec['value']!r} under key {value}", "write the value once")
+        name = spec.get("name", f"class_{value}")
+        if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip():
+            raise DataError(f"{where}: name {name!r} is not a class name", CLASS_FORMS)
+        if "color" in spec and "colour" in spec:
+            raise DataError(f"{where} has both color and colour", "keep one")
+        return value, str(name).strip(), spec.get("color", spec.get("colour"))
+    raise DataError(f"{where}: {spec!r} is neither a class name nor {{name, color}}", CLASS_FORMS)
+
+
+def _class_entries(raw, path: Path) -> list[tuple[int, str, object]]:
+    """The classes of a ``--classes`` file: a mapping ``value -> name`` or ``value -> {name,
+    color}``, or a list of ``{value, name, color}``."""
+    items: list[tuple[int, str, object]] = []
+    if isinstance(raw, Mapping):
+        for key, spec in raw.items():
+            where = f"class {key!r} in {path.name}"
+            items.append(_class_entry(_label_value(key, where), spec, where))
+    elif isinstance(raw, list):
+        for i, c in enumerate(raw):
+            where = f"class entry {i + 1} ({c!r}) in {path.name}"
+            if not isinstance(c, Mapping) or "value" not in c:
+                raise DataError(f"{where} has no value", CLASS_FORMS)
+            items.append(_class_entry(_label_value(c["value"], where), c, where))
+    else:
+        raise DataError(f"'classes' in {path.name} is neither a mapping nor a list", CLASS_FORMS)
+    if not items:
+        raise DataError(f"{path.name} lists no classes", CLASS_FORMS)
+    return items
+
+
 def load_class_file(path: str | os.PathLike, ignore_index: int | None = None) -> ClassTable:
     """Read a ``--classes`` YAML file (see the module docstring); ``ignore_index`` (an option)
-    wins over the file's."""
+    wins over the file's. Any entry deo cannot read is a :class:`DataError` naming it."""
     import yaml
 
     path = Path(path)
@@ -246,36 +311,39 @@ def load_class_file(path: str | os.PathLike, ignore_index: int | None = None) ->
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise DataError(f"classes file {path} is not valid YAML", "fix its syntax") from e
+    if isinstance(data, list) or (
+        isinstance(data, Mapping) and data and not (set(map(str, data)) & _FILE_KEYS)
+    ):
+        data = {"classes": data}  # the file is just the classes
     if not isinstance(data, Mapping) or "classes" not in data:
-        raise DataError(f"classes file {path} has no 'classes' key", "list the classes under classes:")
-    unknown = set(data) - {"classes", "ignore_index", "nodata"}
+        raise DataError(
+            f"classes file {path} has no 'classes' key", f"list the classes under classes: ({CLASS_FORMS})"
+        )
+    unknown = set(data) - _FILE_KEYS
     if unknown:
         raise DataError(
-            f"classes file {path} has unknown key(s) {sorted(unknown)}", "use classes, ignore_index, nodata"
+            f"classes file {path} has unknown key(s) {sorted(map(str, unknown))}",
+            "use classes, ignore_index, nodata",
         )
-    raw = data["classes"]
-    items: list[tuple[int, str, object]] = []
-    if isinstance(raw, Mapping):
-        items = [(int(k), str(v), None) for k, v in raw.items()]
-    elif isinstance(raw, list):
-        for i, c in enumerate(raw):
-            if not isinstance(c, Mapping) or "value" not in c:
-                raise DataError(f"class {i + 1} in {path} has no value", "write {value: 1, name: forest}")
-            items.append((int(c["value"]), str(c.get("name", f"class_{c['value']}")), c.get("color")))
-    else:
-        raise DataError(f"'classes' in {path} must be a list or a mapping", "see deo segment train --help")
+    items = _class_entries(data["classes"], path)
     ignore = ignore_index if ignore_index is not None else data.get("ignore_index")
-    ignore_vals = (int(ignore),) if ignore is not None else ()
+    ignore_vals = (_label_value(ignore, f"ignore_index in {path.name}"),) if ignore is not None else ()
     items = [it for it in items if it[0] not in ignore_vals]
     classes = tuple(
         ClassInfo(
-            v, n, parse_color(c, f"colour of class {n}") if c is not None else PALETTE[i % len(PALETTE)]
+            v,
+            n,
+            parse_color(c, f"colour of class {v} ({n}) in {path.name}")
+            if c is not None
+            else PALETTE[i % len(PALETTE)],
         )
         for i, (v, n, c) in enumerate(items)
     )
     nodata = data.get("nodata")
+    if nodata is not None:
+        nodata = _label_value(nodata, f"nodata in {path.name}")
     return ClassTable(
-        classes, ignore_vals, int(nodata) if nodata is not None else _default_nodata([v for v, _, _ in items])
+        classes, ignore_vals, nodata if nodata is not None else _default_nodata([v for v, _, _ in items])
     )
 
 

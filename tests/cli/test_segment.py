@@ -212,3 +212,62 @@ def test_predict_several_scenes_into_a_folder(trained, tmp_path):
     with rasterio.open(out / "a.tif") as ma, rasterio.open(out / "b.tif") as mb:
         np.testing.assert_array_equal(ma.read(1), mb.read(1))  # same pixels, same classes
         assert ma.transform == mb.transform
+
+
+CLASS_FILES = {
+    "value -> {name, color}": (
+        "classes:\n  1: {name: cultivated land, color: '#ffff00'}\n  2: {name: forest, color: [0, 100, 0]}\n"
+        "  3: {name: grassland, color: '#7cfc00'}\n  4: {name: shrubland, color: '#8b4513'}\n"
+        "  8: {name: artificial surface, color: '#ff0000'}\nignore_index: 0\n"
+    ),
+    "list of {value, name, color}": (
+        "- {value: 1, name: cultivated land, color: '#ffff00'}\n- {value: 2, name: forest, color: [0, 100, 0]}\n"
+        "- {value: 3, name: grassland, color: '#7cfc00'}\n- {value: 4, name: shrubland, color: '#8b4513'}\n"
+        "- {value: 8, name: artificial surface, color: '#ff0000'}\n"
+    ),
+    "value -> name": "classes: {1: cultivated land, 2: forest, 3: grassland, 4: shrubland, 8: artificial surface}\n",
+}
+
+
+@pytest.mark.parametrize("form", list(CLASS_FILES))
+def test_class_file_forms_reach_the_predicted_mask(trained, tmp_path, form, one_torch_thread):
+    """Each --classes form trains a head whose class names and colours end up in the mask file."""
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(CLASS_FILES[form])
+    out, mask = tmp_path / "run", tmp_path / "mask.tif"
+    result, _ = run(
+        ["segment", "train", "--images", str(trained["image"]), "--labels", str(trained["label"]),
+         "--classes", str(classes), "--ignore-index", "0", "--chip-size", "64", "--epochs", "1",
+         "--head", "linear", "-o", str(out), "--batch-size", "4", *FAST]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result, _ = run(
+        ["segment", "predict", str(trained["image"]), "-o", str(mask), "--head", str(out / "head.pt"),
+         "--num-workers", "0", "--device", "cpu"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    names = ["cultivated land", "forest", "grassland", "shrubland", "artificial surface"]
+    with rasterio.open(mask) as m:
+        written = json.loads(m.tags()["DEO_CLASSES"])
+        cmap = m.colormap(1)
+    assert [c["name"] for c in written["classes"]] == names
+    assert [c["value"] for c in written["classes"]] == [1, 2, 3, 4, 8] and written["ignore"] == [0]
+    if form == "value -> name":  # no colours given: the palette's, one per class, in the table
+        assert len({cmap[v] for v in (1, 2, 3, 4, 8)}) == 5
+    else:
+        assert cmap[1] == (255, 255, 0, 255) and cmap[2] == (0, 100, 0, 255) and cmap[8] == (255, 0, 0, 255)
+        assert [c["color"] for c in written["classes"]][:2] == ["#ffff00", "#006400"]
+
+
+def test_a_class_file_entry_deo_cannot_read_is_one_line(trained, tmp_path):
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("classes:\n  1: {name: forest, colour: '#00640'}\n")
+    out = tmp_path / "run"
+    result, lines = run(
+        ["segment", "train", "--images", str(trained["image"]), "--labels", str(trained["label"]),
+         "--classes", str(classes), "-o", str(out), *FAST]
+    )  # fmt: skip
+    assert_one_line_error(
+        result, lines, 1, "colour of class 1 (forest) in classes.yaml", "'#00640' is not a colour"
+    )
+    assert not out.exists()

@@ -82,6 +82,66 @@ def test_class_file_list_and_mapping_forms(tmp_path):
         load_class_file(f)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # value -> {name, color}: the natural form (was read as a class named by the whole dict)
+        "classes:\n  0: {name: unlabelled}\n  1: {name: crops, color: '#ffff00'}\n"
+        "  8: {name: built, colour: [200, 0, 0]}\nignore_index: 0\n",
+        # a list of {value, name, color}
+        "classes:\n  - {value: 1, name: crops, color: '#FFFF00'}\n  - {value: 8, name: built, color: [200, 0, 0]}\n",
+        # value -> name, colours from the palette; and a mix of both mapping forms
+        "classes: {1: crops, 8: {name: built, color: 'c80000'}}\n",
+        # a file that is only the classes
+        "1: {name: crops, color: '#ffff00'}\n8: {name: built, color: [200, 0, 0]}\n",
+        "- {value: 1, name: crops, color: '#ffff00'}\n- {value: 8, name: built, color: [200, 0, 0]}\n",
+    ],
+)
+def test_class_file_natural_forms(tmp_path, text):
+    f = tmp_path / "classes.yaml"
+    f.write_text(text)
+    t = load_class_file(f)
+    assert t.values == (1, 8) and t.names == ("crops", "built")
+    assert t.classes[1].color == (200, 0, 0)
+    if "ffff00" in text.lower():
+        assert t.classes[0].color == (255, 255, 0)
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        (
+            "classes:\n  forest: 1\n",
+            ["class 'forest' in classes.yaml", "is not a label value", "VALUE: NAME"],
+        ),
+        ("classes:\n  1: {name: a, colr: '#000000'}\n", ["class 1 in classes.yaml", "unknown key(s) colr"]),
+        (
+            "classes:\n  1: [a, '#000000']\n",
+            ["class 1 in classes.yaml", "neither a class name nor {name, color}"],
+        ),
+        (
+            "classes:\n  1: {name: a, color: pink}\n",
+            ["colour of class 1 (a) in classes.yaml", "not a colour"],
+        ),
+        ("classes:\n  1: {name: a, color: [300, 0, 0]}\n", ["colour of class 1", "not a colour"]),
+        ("classes:\n  - {name: a}\n", ["class entry 1 ({'name': 'a'}) in classes.yaml has no value"]),
+        ("classes:\n  - {value: -2, name: a}\n", ["class entry 1", "-2 is not a label value"]),
+        ("classes:\n  - {value: 1.5, name: a}\n", ["1.5 is not a label value"]),
+        ("classes: forest\n", ["'classes' in classes.yaml is neither a mapping nor a list"]),
+        ("classes:\n  1: a\nnodata: none\n", ["nodata in classes.yaml: 'none' is not a label value"]),
+    ],
+)
+def test_class_file_mistakes_name_the_entry(tmp_path, text, needles):
+    f = tmp_path / "classes.yaml"
+    f.write_text(text)
+    with pytest.raises(DataError) as info:
+        load_class_file(f)
+    line = info.value.one_line()
+    assert "\n" not in line
+    for n in needles:
+        assert n in line, line
+
+
 def test_class_table_encode_decode_and_roundtrip():
     t = ClassTable.from_values([0, 2, 5, 9], ignore=[0])
     assert t.values == (2, 5, 9) and t.names == ("class_2", "class_5", "class_9")
