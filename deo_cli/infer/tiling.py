@@ -11,7 +11,10 @@ feature units: ``m = O / s`` overlap, ``t = n - m`` step.
 
 Dense plans (``pad_start=True``) start ``O`` pixels *before* the scene, so the scene's first rows
 and columns lie in the interior of the first chip rather than on its border, and add chips
-until the last scene row lies at least ``O`` pixels inside the last chip. Chip plans
+until the last scene row lies at least ``O`` pixels inside the last chip. Along an axis where
+the scene fits one chip but not with ``O`` pixels to spare on both sides (``C - 2O < size <= C``)
+the plan is one chip at the origin instead: a scene of exactly one chip (224 x 224 for a
+224-px model) is one forward pass and its map is the model's own output. Chip plans
 (``pad_start=False``, for one vector per chip) start at the scene origin.
 
 **Edges.** Pixels a chip needs outside the scene are the nearest scene pixel (edge replicate;
@@ -20,8 +23,8 @@ pixels inside the scene are filled the same way, from the nearest valid pixel of
 (:func:`fill_invalid`), so a rectangular valid area inside a nodata border reads exactly like a
 scene that ends there.
 
-**Blending** (:func:`blend_window`). Each chip's map is weighted by a window that falls toward
-the chip edge over its ``m`` overlap pixels: ``cosine`` (sin², neighbouring ramps sum to 1),
+**Blending** (:func:`plan_window`). Each chip's map is weighted by a window that falls toward
+the chip edge over its ``m`` overlap pixels (flat along an axis with a single chip): ``cosine`` (sin², neighbouring ramps sum to 1),
 ``linear``, or ``center`` (1 on the central part, 0 on the outer ``m/2``: every output pixel is
 taken from exactly one chip). The stitched value is the weighted mean of the chips covering a
 pixel.
@@ -145,8 +148,14 @@ class TilePlan:
     def _starts(self, size_px: int) -> list[int]:
         """Chip starts (input px) along one axis."""
         if self.pad_start:
-            # start -O; last chip: its last O px reach past the scene (the scene end lies at
-            # least O px inside it, where the blend weight is full).
+            if self.chip_size - 2 * self.overlap < size_px <= self.chip_size:
+                # the scene fits one chip but not with O px to spare on both sides: one chip
+                # at the origin, one forward pass, as the model itself sees the scene (two
+                # overlapping chips would only blend two views of the same pixels)
+                return [0]
+            # start -O (a scene of at most C - 2O px: one chip with the scene O px inside it);
+            # last chip: its last O px reach past the scene (the scene end lies at least O px
+            # inside it, where the blend weight is full).
             first = -self.overlap
             count = max(1, math.ceil((size_px + 2 * self.overlap - self.chip_size) / self.step) + 1)
         else:
@@ -304,6 +313,17 @@ def blend_window(n: int, m: int, blend: str = "cosine") -> np.ndarray:
     return np.outer(r, r).astype(np.float32)
 
 
+def plan_window(plan: TilePlan, blend: str = "cosine") -> np.ndarray:
+    """The (n, n) float32 weight window of ``plan``'s chips: :func:`blend_window`, except that
+    along an axis with a single chip the weights are 1 (no neighbour to blend with; a falling
+    ramp there would only lose precision, and the ``center`` blend would drop the scene edge of
+    a chip that starts at the origin)."""
+    rows, cols = plan.shape
+    r = blend_ramp(plan.n, plan.m if rows > 1 else 0, blend)
+    c = blend_ramp(plan.n, plan.m if cols > 1 else 0, blend)
+    return np.outer(r, c).astype(np.float32)
+
+
 class RowStitcher:
     """Accumulate weighted chip maps; release finished output rows in blocks.
 
@@ -336,7 +356,7 @@ class RowStitcher:
         self.plan = plan
         self.channels = channels
         self.emit = emit
-        self.window = blend_window(plan.n, plan.m, blend)
+        self.window = plan_window(plan, blend)
         self.block_rows = max(1, int(block_rows))
         lo, hi = rows if rows is not None else (0, plan.out_height)
         self.begin, self.end = max(0, lo), min(plan.out_height, hi)

@@ -11,29 +11,56 @@ from deo_cli.infer.tiling import (
     edge_index,
     fill_invalid,
     invalid_fraction,
+    plan_window,
 )
 
 
-@pytest.mark.parametrize("h,w", [(1, 1), (7, 300), (224, 224), (1000, 333), (37, 16)])
+@pytest.mark.parametrize("h,w", [(1, 1), (7, 300), (224, 224), (1000, 333), (37, 16), (200, 96)])
 @pytest.mark.parametrize("chip,stride,overlap", [(224, 16, 64), (64, 4, 16), (32, 4, 0), (224, 32, 64)])
 def test_plan_aligns_chips_to_the_feature_grid_and_covers_the_scene(h, w, chip, stride, overlap):
     plan = TilePlan.create(h, w, chip, stride, overlap)
     assert plan.out_height == -(-h // stride) and plan.out_width == -(-w // stride)
-    for starts, size in ((plan.row_starts, plan.out_height), (plan.col_starts, plan.out_width)):
+    window = plan_window(plan, "cosine")
+    ramps = (window[:, plan.n // 2] / window[plan.n // 2, plan.n // 2], window[plan.n // 2])
+    for starts, size, ramp in (
+        (plan.row_starts, plan.out_height, ramps[0]),
+        (plan.col_starts, plan.out_width, ramps[1]),
+    ):
         assert all(s % stride == 0 for s in starts)  # chip feature grids lie on the output grid
-        assert starts[0] == -plan.overlap
+        size_px = size * stride
+        if plan.chip_size - 2 * plan.overlap < size_px <= plan.chip_size:
+            assert starts == [0]  # fits one chip, not with O px to spare: at the origin
+        else:
+            assert starts[0] == -plan.overlap
         steps = set(np.diff(starts))
         assert steps <= {plan.step}
-        # the cosine windows of the chips sum to exactly 1 on every output pixel: the scene
-        # starts m feature px inside the first chip and ends >= m px inside the last one
+        # the windows of the chips sum to exactly 1 on every output pixel: the scene starts m
+        # feature px inside the first chip and ends >= m px inside the last one (or a single
+        # chip along this axis has a flat window)
         fs = np.array(starts) // stride
         total = np.zeros(size + 2 * plan.n)
         for f in fs:
-            total[f + plan.n : f + 2 * plan.n] += blend_ramp(plan.n, plan.m, "cosine")
-        np.testing.assert_allclose(total[plan.n : plan.n + size], 1.0, atol=1e-12)
+            total[f + plan.n : f + 2 * plan.n] += ramp
+        np.testing.assert_allclose(total[plan.n : plan.n + size], 1.0, atol=1e-6)
         # and no chip is superfluous: the one before the last does not already cover the end
         if len(fs) > 1:
             assert fs[-2] + plan.n - plan.m < size
+            np.testing.assert_allclose(ramp, blend_ramp(plan.n, plan.m, "cosine"), atol=1e-6)
+        else:
+            assert (ramp == 1.0).all()
+
+
+@pytest.mark.parametrize("chip,stride", [(224, 16), (224, 32), (64, 4)])
+def test_a_scene_of_exactly_one_chip_is_one_chip_at_the_origin(chip, stride):
+    plan = TilePlan.create(chip, chip, chip, stride)  # default overlap: a quarter of the chip
+    assert plan.overlap > 0 and len(plan) == 1
+    (only,) = plan.chips()
+    assert (only.y, only.x, only.fy, only.fx) == (0, 0, 0, 0)
+    # one chip: a flat window, whatever the blend, so the stitched map is the chip's own map
+    for blend in ("cosine", "linear", "center"):
+        assert (plan_window(plan, blend) == 1.0).all()
+    # one pixel more and the scene is tiled with overlapping chips as before
+    assert TilePlan.create(chip + stride, chip, chip, stride).shape == (2, 1)
 
 
 def test_plan_rounds_overlap_to_the_stride_and_rejects_bad_chip_sizes():
