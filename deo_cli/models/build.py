@@ -15,7 +15,7 @@ from pathlib import Path
 
 from deo_cli.errors import WeightsError
 from deo_cli.models.encoder import DeoEncoder
-from deo_cli.models.registry import ModelSpec, get_model_builder, get_model_spec
+from deo_cli.models.registry import ModelSpec, get_model_builder, get_model_spec, list_models
 from deo_cli.models.weights import (
     LoadedWeights,
     file_sha256,
@@ -50,14 +50,99 @@ def _instantiate(spec: ModelSpec, kwargs: dict) -> DeoEncoder:
     return encoder
 
 
-def _from_loaded(name: str, loaded: LoadedWeights, path: Path, uri: str, overrides: dict) -> DeoEncoder:
-    spec = get_model_spec(name)
+def _swin_shape_of(name: str, kwargs: dict):
+    """The :class:`~deo_cli.models.swin.SwinShape` that ``name(**kwargs)`` builds (on the meta
+    device: no memory, no initialisation cost)."""
+    import torch
+
+    from deo_cli.models.swin import swin_shape
+
+    with torch.device("meta"):
+        encoder = get_model_builder(name)(**kwargs)
+    return swin_shape(encoder.state_dict())
+
+
+def fit_swin_to_checkpoint(
+    name: str, state_dict, kwargs: dict, source: str = "the file", *, implied: bool = False
+) -> tuple[str, dict]:
+    """The model name and builder kwargs that build the Swin whose tensors ``state_dict`` holds.
+
+    The official DEO code builds torchvision's ``swin_b()`` (window 7) while its README says
+    the release uses window 12, so the window is read from the checkpoint's own tensors
+    (:func:`~deo_cli.models.swin.swin_shape`) and the network is built with it, logged at INFO,
+    unless ``kwargs`` name a window (a deo checkpoint's stored kwargs or the caller's): then a
+    different window is one :class:`WeightsError` line. Width, depths, heads and MLP ratio
+    decide the tensors' names and widths: a checkpoint of another size is refused naming both
+    shapes and the registered model that fits, or, when the model was only ``implied`` (a file
+    without a deo header, :func:`load_encoder`), that model is used. Non-Swin models and
+    state dicts without Swin blocks are returned unchanged (the key check reports them).
+    """
+    from deo_cli.models.swin import swin_shape
+
+    if get_model_spec(name).family != "swin":
+        return name, kwargs
+    try:
+        found = swin_shape(state_dict)
+    except ValueError as exc:
+        raise WeightsError(
+            f"{source} holds no Swin deo can build ({exc})",
+            "pass a checkpoint of a torchvision-style Swin such as the official DEO_swin_b.pth",
+        ) from exc
+    if found is None:
+        return name, kwargs
+    log.info("checkpoint %s: %s", source, found.describe())
+    wanted = _swin_shape_of(name, kwargs)
+    if found.size != wanted.size:
+        fits = [
+            n
+            for n in sorted(list_models(), key=lambda n: (get_model_spec(n).test_only, n))
+            if get_model_spec(n).family == "swin" and _swin_shape_of(n, {}).size == found.size
+        ]
+        if implied and fits and _swin_shape_of(fits[0], kwargs).size == found.size:
+            log.info("%s is not %s (%s): building %s", source, name, wanted.describe(), fits[0])
+            name, wanted = fits[0], _swin_shape_of(fits[0], kwargs)
+        elif implied and not fits:
+            raise WeightsError(
+                f"{source} holds a {found.describe()}, which no deo model has",
+                "pass the weights of one of deo's Swin models ("
+                + ", ".join(n for n in list_models(include_test=False) if get_model_spec(n).family == "swin")
+                + "), e.g. the official DEO_swin_b.pth",
+            )
+        else:
+            raise WeightsError(
+                f"{source} holds a {found.describe()}, which --model {name} ({wanted.describe()}) cannot load",
+                f"use --model {fits[0]}" if fits else f"pass weights written for {name}",
+            )
+    if found.window_size != wanted.window_size:
+        if "window_size" in kwargs:
+            raise WeightsError(
+                f"{source} holds a Swin with window {found.window_size}, but {name} was asked for "
+                f"window {kwargs['window_size']}",
+                "drop the window_size setting (deo reads the window from the checkpoint)",
+            )
+        log.info(
+            "building %s with the checkpoint's window %d (its default is %d)",
+            name,
+            found.window_size,
+            wanted.window_size,
+        )
+        kwargs = {**kwargs, "window_size": found.window_size}
+    return name, kwargs
+
+
+def _from_loaded(
+    name: str, loaded: LoadedWeights, path: Path, uri: str, overrides: dict, *, implied: bool = False
+) -> DeoEncoder:
     if loaded.model is not None and loaded.model != name:
         raise WeightsError(
             f"{path.name} holds a {loaded.model} encoder, not {name}",
             f"use --model {loaded.model}",
         )
-    encoder = _instantiate(spec, {**loaded.model_kwargs, **overrides})
+    name, kwargs = fit_swin_to_checkpoint(
+        name, loaded.state_dict, {**loaded.model_kwargs, **overrides}, path.name, implied=implied
+    )
+    spec = get_model_spec(name)
+    encoder = _instantiate(spec, kwargs)
     load_encoder_state(encoder, loaded.state_dict, source=path.name)
     if loaded.manifest is not None:
         encoder.manifest = BandManifest.from_dict(loaded.manifest)
@@ -116,10 +201,11 @@ def build_encoder(
 
 
 def load_encoder(weights: str | os.PathLike, *, which: str | None = None, **overrides) -> DeoEncoder:
-    """Build whatever encoder a weights file holds (deo checkpoints name their model; an
-    official-layout file is taken to be ``deo_swin_b``)."""
+    """Build whatever encoder a weights file holds (deo checkpoints name their model; a file
+    without a deo header is taken to be ``deo_swin_b``, or the registered Swin its tensors fit,
+    with the window they show)."""
     uri, selector = split_selector(str(weights))
     path = resolve_weights(uri)
     loaded = read_encoder_weights(path, which=selector or which)
     name = loaded.model or OFFICIAL_MODEL
-    return _from_loaded(name, loaded, path, str(weights), overrides)
+    return _from_loaded(name, loaded, path, str(weights), overrides, implied=loaded.model is None)

@@ -14,6 +14,11 @@ onto this module by stripping prefixes only (docs/method.md §2.13)::
     conv_rgb.{0,2}.*      RGB stem
     norm.*                final LayerNorm (pooled vector only)
 
+The official code builds torchvision's ``swin_b()`` (window 7) while its README says the release
+uses window 12, so the window is not assumed: :func:`swin_shape` reads it (and the width,
+depths and heads) from a checkpoint's tensors and the network is built to match
+(:func:`deo_cli.models.build.fit_swin_to_checkpoint`).
+
 Output grid for an ``H`` x ``W`` input (zero-padded right/bottom to a multiple of 4 inside
 ``forward``; odd grids are padded by torchvision's patch merging): stage 1 is
 ``ceil(H/4)``, and each later stage is ``ceil(previous/2)``. At 224 px: 56, 28, 14, 7; at
@@ -23,7 +28,10 @@ defaults, docs/method.md §2.5/§2.9) is active only in ``train()`` mode.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 from torch import Tensor, nn
@@ -48,6 +56,80 @@ def _stem(in_chans: int, embed_dim: int) -> nn.Sequential:
     )
 
 
+@dataclass(frozen=True)
+class SwinShape:
+    """A Swin's architecture as its tensors show it (:func:`swin_shape`)."""
+
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: int
+    mlp_ratio: float
+    in_chans: int | None = None  # bands of the multispectral stem (None: the file has none)
+
+    @property
+    def size(self) -> tuple:
+        """What decides the tensors' names and widths (all but the window)."""
+        return (self.embed_dim, self.depths, self.num_heads, self.mlp_ratio)
+
+    def describe(self) -> str:
+        """``"Swin embed 128, depths 2,2,18,2, heads 4,8,16,32, window 7"`` (plus a non-default MLP ratio)."""
+        text = (
+            f"Swin embed {self.embed_dim}, depths {','.join(map(str, self.depths))}, "
+            f"heads {','.join(map(str, self.num_heads))}, window {self.window_size}"
+        )
+        return text if self.mlp_ratio == 4.0 else f"{text}, mlp ratio {self.mlp_ratio:g}"
+
+
+_BLOCK = re.compile(r"^features\.(\d+)\.(\d+)\.attn\.relative_position_bias_table$")
+
+
+def swin_shape(state_dict: Mapping[str, Tensor]) -> SwinShape | None:
+    """Read a Swin's architecture from a state dict in :class:`DeoSwin`'s names (prefixes stripped).
+
+    The window ``w`` from each block's ``relative_position_bias_table`` (``(2w - 1)^2`` rows), the
+    heads of a stage from its columns, the depths from the block indices under
+    ``features.{0,2,4,6}``, the width from the first block's ``norm1`` and the MLP ratio from
+    its first MLP layer. ``None`` when the dict is not a four-stage torchvision-style Swin;
+    ``ValueError`` when its tables fit no square window or the window differs between blocks
+    (torchvision builds one window for all stages).
+    """
+    tables: dict[int, dict[int, Tensor]] = {}
+    for key, value in state_dict.items():
+        m = _BLOCK.match(key)
+        if m:
+            tables.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+    if sorted(tables) != list(STAGE_INDICES) or any(
+        sorted(blocks) != list(range(len(blocks))) for blocks in tables.values()
+    ):
+        return None
+    windows = set()
+    for blocks in tables.values():
+        for table in blocks.values():
+            side = math.isqrt(int(table.shape[0])) if table.ndim == 2 else 0
+            if side * side != table.shape[0] or side % 2 == 0:
+                raise ValueError(
+                    f"a relative position table of shape {tuple(table.shape)} fits no square window"
+                )
+            windows.add((side + 1) // 2)
+    if len(windows) != 1:
+        raise ValueError(f"the attention windows differ between blocks ({sorted(windows)})")
+    norm = state_dict.get("features.0.0.norm1.weight")
+    fc1 = state_dict.get("features.0.0.mlp.0.weight")
+    if norm is None or fc1 is None:
+        return None
+    embed = int(norm.shape[0])
+    stem = state_dict.get("conv_ms.0.weight")
+    return SwinShape(
+        embed_dim=embed,
+        depths=tuple(len(tables[i]) for i in STAGE_INDICES),
+        num_heads=tuple(int(tables[i][0].shape[1]) for i in STAGE_INDICES),
+        window_size=windows.pop(),
+        mlp_ratio=int(fc1.shape[0]) / embed,
+        in_chans=int(stem.shape[1]) if stem is not None and stem.ndim == 4 else None,
+    )
+
+
 class DeoSwin(DeoEncoder):
     """Dual-stem Swin Transformer returning the four stage maps (NCHW, no final norm).
 
@@ -56,7 +138,8 @@ class DeoSwin(DeoEncoder):
         embed_dim: stage-1 width (128 for Swin-B, 96 for Swin-T).
         depths: blocks per stage.
         num_heads: attention heads per stage.
-        window_size: attention window (12 for DEO's Swin-B, docs/method.md §2.5).
+        window_size: attention window (12 for DEO's Swin-B, docs/method.md §2.5; a checkpoint's
+            own window is read from its tensors when it is loaded, :func:`swin_shape`).
         drop_path_rate: stochastic depth of the last block (torchvision scales it linearly).
         mlp_ratio: MLP width over block width.
     """

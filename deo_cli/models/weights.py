@@ -14,8 +14,11 @@ Files deo reads (:func:`read_encoder_weights`):
 
 - **The official release** (``DEO_swin_b.pth``, docs/method.md §2.13): a state dict whose keys carry
   ``feat_extr.`` (and possibly ``student``/``module.``/``backbone.``/``_orig_mod.``) prefixes,
-  either at the top level or under a ``student`` key. Prefix stripping alone maps it onto
-  :class:`~deo_cli.models.swin.DeoSwin`.
+  either at the top level or under a ``student`` key (the official training script saves
+  ``{"student": ..., "teacher": ..., "args": Namespace, ...}``). Prefix stripping alone maps it
+  onto :class:`~deo_cli.models.swin.DeoSwin`, built with the window, width and depths its
+  tensors show (:func:`deo_cli.models.build.fit_swin_to_checkpoint`: the official code builds
+  torchvision's ``swin_b()``, window 7, while its README says window 12).
 - **deo's encoder export** (``deo_format: "encoder-v1"``, written by :func:`save_encoder`)::
 
       {"deo_format": "encoder-v1", "model": name, "model_kwargs": {...}, "state_dict": {...},
@@ -36,6 +39,7 @@ one :class:`~deo_cli.errors.WeightsError` line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -234,6 +238,20 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _allowed_globals(extra: list):
+    """Allow ``extra`` in ``weights_only`` loads for the block, then put torch's allow-list back
+    exactly as it was: ``torch.serialization.safe_globals`` removes its entries on exit even
+    when the caller had added them with ``add_safe_globals`` before."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals(list(extra))
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint file safely (tensors and plain Python values only).
 
@@ -253,7 +271,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             ) from exc
     try:
         # DINO-style checkpoints store their argparse arguments; those are harmless.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with _allowed_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower():

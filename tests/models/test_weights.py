@@ -287,17 +287,57 @@ def test_foreign_checkpoints(tmp_path):
 
 
 def test_wrong_shapes_name_the_first_key_and_the_model(tmp_path):
-    # A window-4 checkpoint has smaller relative-position tables than deo_swin_test's window 6.
-    other = _tiny(0, window_size=4)
-    sd = other.state_dict()
-    path = tmp_path / "w4.pth"
+    # A 12-band stem: the Swin's shape fits deo_swin_test, the stem's input does not.
+    sd = _tiny(0).state_dict()
+    sd["conv_ms.0.weight"] = torch.zeros(16, 12, 4, 4)
+    path = tmp_path / "b12.pth"
     torch.save(sd, path)
     msg = _one_line_error(path)
-    assert (
-        "w4.pth does not fit deo_swin_test: features.0.0.attn.relative_position_bias_table has shape (49, 1)"
-        in msg
-    )
-    assert "(121, 1) in the model" in msg
+    assert "b12.pth does not fit deo_swin_test: conv_ms.0.weight has shape (16, 12, 4, 4)" in msg
+    assert "(16, 10, 4, 4) in the model" in msg
+
+
+def test_a_window_other_than_the_models_is_read_from_the_checkpoint(tmp_path):
+    # A window-4 checkpoint has smaller relative-position tables than deo_swin_test's window 6:
+    # deo builds window 4 (a deo export records it; a plain state dict shows it in its tables).
+    other = _tiny(0, window_size=4)
+    for path in (tmp_path / "w4.pth", tmp_path / "w4-export.pt"):
+        if path.suffix == ".pt":
+            save_encoder(other, path)
+        else:
+            torch.save(other.state_dict(), path)
+        back = build_encoder("deo_swin_test", weights=path)
+        assert back.model_kwargs["window_size"] == 4 and _same_outputs(other, back)
+
+
+class _CallerGlobal:
+    """A class a caller allowed in weights-only loads before calling deo."""
+
+
+def test_reading_a_checkpoint_leaves_torchs_allow_list_as_it_was(tmp_path):
+    path = tmp_path / "dino_style.pth"
+    torch.save({"model": _tiny(3).state_dict(), "args": argparse.Namespace(arch="swin_b")}, path)
+    before = torch.serialization.get_safe_globals()
+    try:
+        # the caller allowed Namespace itself (and another class): both are still allowed after
+        torch.serialization.add_safe_globals([_CallerGlobal, argparse.Namespace])
+        mine = set(torch.serialization.get_safe_globals())
+        read_encoder_weights(path)
+        assert set(torch.serialization.get_safe_globals()) == mine
+        # a caller without them: deo's own addition (Namespace) is gone again, also after a failure
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+        read_encoder_weights(path)
+        with pytest.raises(WeightsError):
+            read_encoder_weights(tmp_path / "nothing.pth")
+        (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+        with pytest.raises(WeightsError):
+            read_encoder_weights(tmp_path / "garbage.pth")
+        assert set(torch.serialization.get_safe_globals()) == set(before)
+        assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 def test_incomplete_checkpoint(tmp_path):
