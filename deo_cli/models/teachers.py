@@ -15,7 +15,8 @@ At 224 px DINOv3 gives a 14x14 grid and DINOv2 (patch 14) 16x16.
 
 Weights (:func:`build_teacher`): ``"default"`` takes timm's pretrained weights from the local
 Hugging Face cache or the hub; a local file may be in timm's layout or Meta's original
-(``dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth``; timm's checkpoint filter converts it);
+(``dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth``; timm's checkpoint filter converts it; its
+``qkv.bias``, which timm's model has no place for, must be zero in q and v or the file is refused);
 ``hf://`` and https URIs are fetched as for encoders. Offline without a cached copy raises one
 :class:`~deo_cli.errors.WeightsError`. DINOv2 position embeddings are resampled by timm at run time
 (bicubic, antialiased), which can differ slightly from Meta's hub code at sizes other than 518.
@@ -203,12 +204,54 @@ def _create(spec: TeacherSpec, pretrained: bool) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **spec.kwargs)
 
 
+def _drop_zero_qkv_biases(sd: dict, model: nn.Module, source: str) -> dict:
+    """Meta's DINOv3 files hold ``blocks.N.attn.qkv.bias``; timm's ViT-S/B/L DINOv3 has no
+    q/v bias (Meta's distilled models ended up with zero biases; the k part is masked to zero
+    by DINOv3 itself). Drop them when their q and v parts are zero (logged at DEBUG); a non-zero
+    bias the model cannot hold is one :class:`WeightsError` line naming the keys."""
+    if "storage_tokens" not in sd:
+        return sd
+    params = {k for k, _ in model.named_parameters()}
+    dropped = [
+        k
+        for k, v in sd.items()
+        if k.endswith("attn.qkv.bias")
+        and isinstance(v, torch.Tensor)
+        and k not in params
+        and k.replace("qkv.bias", "q_bias") not in params
+    ]
+    if not dropped:
+        return sd
+    nonzero = {}
+    for k in dropped:
+        q, _, v = sd[k].chunk(3, dim=-1)
+        peak = max(q.abs().max().item(), v.abs().max().item())
+        if peak != 0.0:
+            nonzero[k] = peak
+    if nonzero:
+        worst = max(nonzero, key=nonzero.get)
+        raise WeightsError(
+            f"{source}: non-zero attention q/v biases in {len(nonzero)} of {len(dropped)} blocks "
+            f"({', '.join(list(nonzero)[:3])}{', ...' if len(nonzero) > 3 else ''}; max |bias| "
+            f"{nonzero[worst]:.3g} in {worst}), which the "
+            f"teacher's timm model has no place for",
+            "pass teacher weights of the same architecture in timm's layout, or Meta's checkpoint of "
+            "this teacher (its q/v biases are zero)",
+        )
+    log.debug(
+        "%s: dropping %d zero q/v attention biases that timm's model has no place for", source, len(dropped)
+    )
+    drop = set(dropped)
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
 def _load_file(model: nn.Module, path, name: str) -> None:
     sd = read_checkpoint(path)
     for key in ("teacher", "model", "state_dict"):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
             break
+    sd = _drop_zero_qkv_biases(dict(sd), model, os.path.basename(str(path)))
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         # timm converts Meta's original DINOv2/DINOv3 layouts; its filter may print, so capture.

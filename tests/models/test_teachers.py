@@ -85,9 +85,8 @@ def test_local_file_in_timm_layout(tmp_path):
     assert got.weights_sha256 is not None and got.weights_uri == str(path)
 
 
-def test_local_file_in_meta_dinov3_layout(tmp_path, capsys):
-    """Meta's original DINOv3 names (storage_tokens, ls1.gamma, qkv.bias...) convert through timm."""
-    src = _teacher(seed=2)
+def _meta_dinov3(src) -> dict:
+    """``src``'s weights under Meta's original DINOv3 names, with Meta's zero qkv biases."""
     meta = {}
     for k, v in src.model.state_dict().items():
         k = (
@@ -100,12 +99,47 @@ def test_local_file_in_meta_dinov3_layout(tmp_path, capsys):
         meta[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(96)  # Meta stores a zero qkv bias
     meta["mask_token"] = torch.zeros(1, 32)
     meta["rope_embed.periods"] = torch.ones(4)
+    return meta
+
+
+def test_local_file_in_meta_dinov3_layout(tmp_path, capsys, caplog):
+    """Meta's original DINOv3 names (storage_tokens, ls1.gamma, qkv.bias...) convert through timm."""
+    src = _teacher(seed=2)
     path = tmp_path / "dinov3_meta.pth"
-    torch.save(meta, path)
-    got = build_teacher("test_dinov3_tiny", weights=path)
+    torch.save(_meta_dinov3(src), path)
+    with caplog.at_level(logging.DEBUG, logger="deo_cli"):
+        got = build_teacher("test_dinov3_tiny", weights=path)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(got(x)[1][0], src(x)[1][0])
     assert capsys.readouterr().out == ""  # timm's filter prints; deo does not let it through
+    # timm's model has no q/v bias: the zero biases are dropped, at DEBUG
+    (rec,) = [r for r in caplog.records if "q/v attention biases" in r.getMessage()]
+    assert rec.levelno == logging.DEBUG and "dropping 2 zero q/v attention biases" in rec.getMessage()
+
+
+@pytest.mark.parametrize("part,refused", [("q", True), ("v", True), ("k", False)])
+def test_meta_dinov3_biases_the_model_cannot_hold_must_be_zero(tmp_path, part, refused):
+    """A non-zero q or v bias would be dropped (timm's ViT-B DINOv3 has none): one line naming
+    the key and the largest value. DINOv3 masks the k bias to zero itself, so k may be anything."""
+    src = _teacher(seed=4)
+    meta = _meta_dinov3(src)
+    start = {"q": 0, "k": 32, "v": 64}[part]
+    meta["blocks.1.attn.qkv.bias"][start : start + 32] = torch.linspace(-0.25, 0.125, 32)
+    path = tmp_path / "dinov3_meta.pth"
+    torch.save(meta, path)
+    if not refused:
+        got = build_teacher("test_dinov3_tiny", weights=path)
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(got(x)[1][0], src(x)[1][0])
+        return
+    with pytest.raises(WeightsError) as info:
+        build_teacher("test_dinov3_tiny", weights=path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "dinov3_meta.pth: non-zero attention q/v biases in 1 of 2 blocks (blocks.1.attn.qkv.bias; "
+        "max |bias| 0.25 in blocks.1.attn.qkv.bias)"
+    )
 
 
 def test_wrong_teacher_file_is_one_clear_line(tmp_path):
