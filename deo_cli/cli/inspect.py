@@ -15,7 +15,8 @@ def inspect_cmd(
     scenes: Annotated[
         list[str],
         typer.Argument(
-            help="Scenes: a raster file, a folder of band files, a glob, @list.txt, a URL, or sample:paris.",
+            help="Scenes: a raster file, a folder of band files, a glob, @list.txt, a URL, or sample:paris. "
+            "Of several, those that are not rasters (a SOURCE.md matched by data/*) are skipped with a warning.",
             show_default=False,
         ),
     ],
@@ -38,13 +39,13 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Show CRS, grid, bands (with the names deo gives them), value ranges, unit and band-set fit."""
-    from deo_cli.io.inspect import inspect_scene, write_report
+    from deo_cli.io.inspect import inspect_scenes, write_report
 
     if output is not None:
         from deo_cli.io.atomic import check_output
 
         check_output(output, overwrite)
-    reports = [inspect_scene(s, band_names=band_names, nodata=nodata, require=bands) for s in scenes]
+    reports = inspect_scenes(scenes, band_names=band_names, nodata=nodata, require=bands)
     if output is not None:
         write_report(reports, output, overwrite=overwrite)
     if as_json:

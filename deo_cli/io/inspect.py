@@ -3,19 +3,26 @@
 For each scene: CRS, size, resolution, bounds (also in WGS84), data type, nodata, the date when
 known, every band with the name deo gives it (and where that name came from), its native
 resolution, a sampled value range, the unit deo infers, and which band sets and model
-manifests the scene satisfies (or which bands are missing).
+manifests the scene satisfies (or which bands are missing). Several inputs (a shell glob)
+skip what is not a raster with a warning each (:func:`inspect_scenes`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 from rasterio.warp import transform_bounds
 
+from deo_cli.errors import InputNotFoundError, RasterReadError
+from deo_cli.io.env import is_remote
 from deo_cli.io.raster import every_core, open_scene
 from deo_cli.io.units import infer_unit, zero_fraction
 from deo_cli.sensors import BAND_SETS, MANIFESTS, band_info, match_bands, resolve_bands
+
+log = logging.getLogger(__name__)
 
 
 def _crs_text(crs) -> str | None:
@@ -124,6 +131,50 @@ def inspect_scene(
             "manifests": manifests,
             "value_sample_pixels": int(ov.valid.sum()),
         }
+
+
+def inspect_scenes(
+    sources: Sequence,
+    band_names: Sequence[str] | str | None = None,
+    nodata: float | None = None,
+    require: str | Sequence[str] | None = None,
+) -> list[dict]:
+    """One :func:`inspect_scene` report per input.
+
+    With several inputs (typically a shell glob such as ``data/*``, which also matches a
+    ``SOURCE.md`` or a folder of notes), an input that exists but is not a raster GDAL can open
+    (or a folder holding none) is skipped with one warning line each and the rest are
+    inspected; a missing path, a scene that lacks ``require``'s bands, or inputs of which none
+    is a raster, are errors. A single input that is not a raster is an error too.
+    """
+    if len(sources) <= 1:
+        return [inspect_scene(s, band_names=band_names, nodata=nodata, require=require) for s in sources]
+    reports, skipped = [], []
+    for source in sources:
+        try:
+            reports.append(inspect_scene(source, band_names=band_names, nodata=nodata, require=require))
+        except (RasterReadError, InputNotFoundError) as e:
+            if not _local_path(source):
+                raise
+            why = "not a raster GDAL can open" if isinstance(e, RasterReadError) else e.problem
+            log.warning("skipping %s: %s", source, why)
+            log.debug("%s: %s", source, e.problem)
+            skipped.append(Path(str(source)).name)
+    if not reports:
+        raise RasterReadError(
+            f"none of the {len(sources)} inputs is a raster deo can read ({', '.join(skipped[:5])}"
+            f"{', ...' if len(skipped) > 5 else ''})",
+            "name GeoTIFF/COG, JPEG2000 or VRT files, or folders of band files",
+        )
+    return reports
+
+
+def _local_path(source) -> bool:
+    """``source`` names an existing local file or folder (not a sample, URL, glob or list)."""
+    text = str(source)
+    if text.startswith(("sample:", "@")) or is_remote(text):
+        return False
+    return Path(text).expanduser().exists()
 
 
 def write_report(reports: list[dict], path, overwrite: bool = False) -> None:

@@ -100,6 +100,14 @@ def _band_files(files: list[Path], where: str) -> list[Path]:
     chosen: dict[str, Path] = {}
     for f, b in sorted(named, key=lambda fb: res_rank(fb[0])):
         if b in chosen:
+            if res_rank(chosen[b]) == res_rank(f) and chosen[b].parent != f.parent:
+                folders = sorted({p.parent.name for p, _ in named})
+                raise BandError(
+                    f"{where} holds the bands of several scenes (band {b} is in {chosen[b].parent.name}/ "
+                    f"and {f.parent.name}/; {len(folders)} folders)",
+                    "name one scene's folder, or each of them"
+                    + (f" ({where.split(' ', 1)[1]}/*, unquoted)" if where.startswith("folder ") else ""),
+                )
             if res_rank(chosen[b]) == res_rank(f):
                 raise BandError(
                     f"{where} holds band {b} twice ({chosen[b].name} and {f.name})",
@@ -162,10 +170,28 @@ def resolve_source(source: str | os.PathLike | list | tuple) -> ResolvedSource:
         return ResolvedSource(path.name, (str(path),), False)
     if _has_glob(text):
         files = [Path(f) for f in sorted(glob.glob(os.path.expanduser(text)))]
+        folders = [f for f in files if f.is_dir()]
         files = [f for f in files if f.is_file()]
+        others: list[Path] = []
+        if len(files) > 1 or folders:  # the band files of one scene: leave out what is not a raster
+            others = [f for f in files if f.suffix.lower() not in RASTER_SUFFIXES]
+            files = [f for f in files if f.suffix.lower() in RASTER_SUFFIXES]
         if not files:
+            if folders:
+                raise InputNotFoundError(
+                    f"pattern {text!r} matches {len(folders)} folder(s) but no raster files",
+                    "a quoted pattern is one scene's band files; to name each folder as a scene, "
+                    "leave the pattern unquoted so the shell expands it",
+                )
             raise InputNotFoundError(
-                f"no files match {text!r}", "check the pattern (quote it so the shell leaves it alone)"
+                f"no {'raster ' if others else ''}files match {text!r}", "check the pattern (quote it so the shell leaves it alone)"
+            )
+        if others:
+            log.warning(
+                "pattern %r: ignoring %d file(s) that are not rasters: %s",
+                text,
+                len(others),
+                ", ".join(f.name for f in others[:5]) + (" ..." if len(others) > 5 else ""),
             )
         if len(files) == 1:
             return ResolvedSource(files[0].name, (str(files[0]),), False)
