@@ -23,7 +23,8 @@ Throughput rows hold images/s and MiB instead.
 Rows are appended to ``results.csv`` under an exclusive ``flock`` (one ``write`` call per unit
 of work, so parallel jobs can share a file, as torchgeo-bench does); ``results.json`` is the
 same rows rewritten atomically after each append; ``results_and_parameters.csv`` is the
-GEO-Bench-2 leaderboard view of the trained-probe rows.
+same rows again, one for one and in the same order, in GEO-Bench-2's leaderboard format
+(:func:`geobench2_rows`), for every suite.
 """
 
 from __future__ import annotations
@@ -245,13 +246,11 @@ class ResultsStore:
         """Rewrite ``results.json`` and ``results_and_parameters.csv`` from ``results.csv``."""
         rows = self.rows()
         write_text_atomic(self.json_path, json.dumps(rows, indent=1) + "\n")
-        leaderboard = geobench2_rows(rows)
-        if leaderboard:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=GEOBENCH2_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows({k: _fmt(v) for k, v in r.items()} for r in leaderboard)
-            write_text_atomic(self.geobench2_path, buf.getvalue())
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=GEOBENCH2_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _fmt(v) for k, v in r.items()} for r in geobench2_rows(rows))
+        write_text_atomic(self.geobench2_path, buf.getvalue())
 
     def clear(self) -> None:
         """Remove the result files (``--overwrite``)."""
@@ -261,19 +260,28 @@ class ResultsStore:
 
 
 def geobench2_rows(rows: Iterable[dict]) -> list[dict]:
-    """The GEO-Bench-2 leaderboard view: trained-probe rows of the paper's metrics only
-    (kNN, smoke runs with ``limit`` and other suites are left out)."""
+    """``rows`` in GEO-Bench-2's leaderboard format (:data:`GEOBENCH2_COLUMNS`), one for one.
+
+    ``Metric`` takes GEO-Bench-2's name where it has one (:data:`GEOBENCH2_METRICS`), else
+    deo's (``f1``, ``iou``, ``images_per_s:...``); ``protocol`` tells trained probes from kNN,
+    zero-shot and forward-only rows. Every deo protocol keeps the encoder frozen. Rows of a
+    ``--limit`` smoke run carry ``-limitN`` in ``experiment_name``: they are no leaderboard
+    entries.
+    """
     out = []
     for r in rows:
-        metric = GEOBENCH2_METRICS.get(str(r.get("metric")))
-        if r.get("suite") != "geobench" or metric is None or r.get("protocol") == "knn" or r.get("limit"):
-            continue
+        metric = str(r.get("metric"))
+        name = f"deo-bench-{r.get('model')}-{r.get('recipe_hash')}"
+        if r.get("suite") not in (None, "geobench"):
+            name += f"-{r.get('suite')}"
+        if r.get("limit"):
+            name += f"-limit{r.get('limit')}"
         out.append(
             {
                 "backbone": r.get("model"),
                 "dataset": r.get("dataset"),
-                "Metric": metric,
-                "experiment_name": f"deo-bench-{r.get('model')}-{r.get('recipe_hash')}",
+                "Metric": GEOBENCH2_METRICS.get(metric, metric),
+                "experiment_name": name,
                 "frozen_or_full_ft": "frozen",
                 "batch_size_selection": "fixed",
                 "early_stop_patience": None,

@@ -4,7 +4,7 @@ The output folder (``--out``; default ``bench-results/<suite>-<YYYYmmdd-HHMMSS>`
 
     results.csv                  one row per (model, dataset, protocol, partition, seed, metric)
     results.json                 the same rows, as a JSON list
-    results_and_parameters.csv   GEO-Bench-2 leaderboard view (geobench suite, trained probes)
+    results_and_parameters.csv   the same rows in GEO-Bench-2's leaderboard format (every suite)
     recipe.yaml                  the resolved recipe (rerun with --recipe recipe.yaml)
     run.log                      the run's log (appended on --resume)
 

@@ -84,11 +84,17 @@ def test_append_round_trip_json_copy_and_done(tmp_path):
 def test_geobench2_view_and_clear(tmp_path):
     store = ResultsStore(tmp_path)
     store.append([_row(), _row(protocol="knn"), _row(metric="micro_f1", dataset="m-bigearthnet", limit=5)])
+    store.append([_row(suite="oscd", dataset="oscd", protocol="zero-shot", metric="f1", lr=None)])
     lb = list(csv.DictReader(store.geobench2_path.open()))
     assert tuple(lb[0]) == GEOBENCH2_COLUMNS
-    assert len(lb) == 1  # kNN and --limit rows are not leaderboard entries
-    assert lb[0]["Metric"] == "Overall_Accuracy" and lb[0]["frozen_or_full_ft"] == "frozen"
-    assert float(lb[0]["test metric"]) == 0.5 and lb[0]["Seed"] == "0"
+    assert len(lb) == 4  # one for one with results.csv, every suite
+    assert [x["Metric"] for x in lb] == ["Overall_Accuracy", "Overall_Accuracy", "Multilabel_F1_Score", "f1"]
+    assert [x["protocol"] for x in lb] == ["linear", "knn", "linear", "zero-shot"]
+    assert all(x["frozen_or_full_ft"] == "frozen" for x in lb)
+    assert float(lb[0]["test metric"]) == 0.5 and lb[0]["Seed"] == "0" and lb[3]["lr"] == ""
+    assert lb[0]["experiment_name"] == "deo-bench-deo_swin_test-None"
+    assert lb[2]["experiment_name"].endswith("-limit5")  # a smoke run, no leaderboard entry
+    assert lb[3]["experiment_name"].endswith("-oscd") and lb[3]["dataset"] == "oscd"
     assert geobench2_rows([_row(metric="miou")])[0]["Metric"] == "Multiclass_Jaccard_Index"
     assert geobench2_rows([_row(metric="micro_f1")])[0]["Metric"] == "Multilabel_F1_Score"
     store.clear()

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from deo_cli.bench.results import COLUMNS
+from deo_cli.bench.results import COLUMNS, GEOBENCH2_COLUMNS, GEOBENCH2_METRICS
 from deo_cli.cli.app import app
 from deo_cli.recipes import BenchRecipe, build_recipe
 from deo_cli.sensors import DEO_S2_MANIFEST
@@ -37,6 +37,23 @@ def bench(*args):
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def assert_leaderboard_matches(out):
+    """results_and_parameters.csv: GEO-Bench-2's columns, one row per results.csv row."""
+    rows = read_csv(out / "results.csv")
+    lb = read_csv(out / "results_and_parameters.csv")
+    assert rows and len(lb) == len(rows) and list(lb[0]) == list(GEOBENCH2_COLUMNS)
+    for x, r in zip(lb, rows):
+        assert (x["backbone"], x["dataset"], x["Seed"], x["partition"], x["protocol"]) == (
+            r["model"], r["dataset"], r["seed"], r["partition"], r["protocol"]
+        )  # fmt: skip
+        assert x["test metric"] == r["value"] and x["batch_size"] == r["batch_size"] and x["lr"] == r["lr"]
+        assert x["Metric"] == GEOBENCH2_METRICS.get(r["metric"], r["metric"])
+        assert x["experiment_name"].endswith(f"-limit{r['limit']}" if r["limit"] else r["recipe_hash"] + (
+            "" if r["suite"] == "geobench" else f"-{r['suite']}"
+        ))  # fmt: skip
+    return lb
 
 
 def assert_one_line(result, code, *needles):
@@ -83,6 +100,8 @@ def test_geobench_brick_kiln_linear_and_knn(gb_root, tmp_path, monkeypatch):
     log = (out / "run.log").read_text()
     assert "m-brick-kiln (classification, 2 classes)" in log and "knn seed 0" in log
     assert "m-brick-kiln" in r.stdout and "OA" in r.stdout
+    lb = assert_leaderboard_matches(out)  # a --limit run too, its rows marked as a smoke run
+    assert [x["protocol"] for x in lb] == ["linear", "knn"] and lb[0]["experiment_name"].endswith("-limit5")
 
 
 def test_geobench_segmentation_task_upernet(tmp_path):
@@ -106,7 +125,7 @@ def test_geobench_segmentation_task_upernet(tmp_path):
     assert row["image_size"] == "32" and row["best_epoch"] == "0" and row["lr"] == "0.0001"
     assert 0.0 <= float(row["value"]) <= 1.0 and 0.0 <= float(row["val_value"]) <= 1.0
     assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"])
-    (lb,) = read_csv(out / "results_and_parameters.csv")
+    (lb,) = assert_leaderboard_matches(out)
     assert lb["Metric"] == "Multiclass_Jaccard_Index" and lb["test metric"] == row["value"]
 
 
@@ -130,6 +149,8 @@ def test_oscd_subset_f1_rows(shared_data, tmp_path):
     log = (out / "run.log").read_text()
     assert all(f"oscd {c}:" in log for c in ("aguasclaras", "bercy", "bordeaux", "paris"))
     assert "60.40*" in r.stdout and "zero-shot" in r.stdout
+    lb = assert_leaderboard_matches(out)
+    assert [x["Metric"] for x in lb] == ["f1", "iou"] and lb[0]["experiment_name"].endswith("-oscd")
 
 
 def test_resume_skips_finished_rows(gb_root, tmp_path):
@@ -163,6 +184,8 @@ def test_throughput_rows(tmp_path):
     assert [x["metric"].split(":")[0] for x in rows] == ["images_per_s", "peak_memory_mib"]
     assert all(x["image_size"] == "32" and x["batch_size"] == "2" and x["n_test"] == "4" for x in rows)
     assert float(rows[0]["value"]) > 0 and float(rows[1]["value"]) > 10
+    lb = assert_leaderboard_matches(out)
+    assert [x["Metric"].split(":")[0] for x in lb] == ["images_per_s", "peak_memory_mib"]
 
 
 def test_default_out_folder_and_resume_of_the_newest(tmp_path, monkeypatch):
@@ -181,7 +204,13 @@ def test_default_out_folder_and_resume_of_the_newest(tmp_path, monkeypatch):
     r = bench(*args)
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "bench-results").glob("throughput-*")
-    assert {p.name for p in run.iterdir()} == {"results.csv", "results.json", "recipe.yaml", "run.log"}
+    assert {p.name for p in run.iterdir()} == {
+        "results.csv",
+        "results.json",
+        "results_and_parameters.csv",
+        "recipe.yaml",
+        "run.log",
+    }
     r = bench(*args, "--resume")
     assert r.exit_code == 0 and "0 row(s) written, 1 unit(s) skipped" in r.stdout
     assert len(read_csv(run / "results.csv")) == 2
