@@ -81,6 +81,10 @@ class OutputExistsError(OutputError):
     """The output already exists and ``--overwrite`` was not given."""
 
 
+class OutputLockedError(OutputError):
+    """Another deo run is writing the same output (its lock file names it)."""
+
+
 class RecipeError(DeoError):
     """A recipe file, key or value is invalid."""
 
@@ -105,3 +109,16 @@ class NotBuiltError(DeoError):
     """A command whose core has not been built yet (never pretends to work)."""
 
     exit_code = 2
+
+
+def note_kept(exc: BaseException, path) -> None:
+    """Record on ``exc`` (an interruption on its way out) that ``path`` was kept for ``--resume``;
+    the command line's message on Ctrl-C names what was kept (:func:`kept_paths`)."""
+    kept = list(getattr(exc, "deo_kept", ()))
+    kept.append(str(path))
+    exc.deo_kept = kept
+
+
+def kept_paths(exc: BaseException) -> list[str]:
+    """What :func:`note_kept` recorded on ``exc`` (empty: nothing was kept)."""
+    return list(getattr(exc, "deo_kept", ()))

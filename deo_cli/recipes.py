@@ -221,13 +221,46 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
-        if not isinstance(nxt, dict):
+        if nxt is not None and not isinstance(nxt, dict):  # never drop a value silently
+            key = ".".join(parts[: i + 1])
+            raise RecipeError(
+                f"recipe key {key!r} is {nxt!r}, a single value, so {dotted!r} cannot be set in it",
+                f"make {key!r} a section of keys (e.g. --set {key}.name={nxt})",
+            )
+        if nxt is None:
             nxt = {}
             node[p] = nxt
         node = nxt
     node[parts[-1]] = value
+
+
+def _check_section_value(schema: type, item: str, key: str, value: Any, flags: Mapping[str, Any]) -> None:
+    """``--set model=foo`` names a whole section (``model``: name and weights) with one value: a
+    :class:`RecipeError` with the key that was meant (``--set model.name=foo`` or ``--model
+    foo``), rather than a section silently replaced by the command's flags."""
+    node: Any = schema
+    parts = key.split(".")
+    for p in parts:
+        if not dataclasses.is_dataclass(node):
+            return
+        hints = _hints(node)
+        if p not in hints or p not in {f.name for f in dataclasses.fields(node)}:
+            return  # an unknown key: _build says so with a did-you-mean
+        node = hints[p]
+    if not dataclasses.is_dataclass(node) or isinstance(value, Mapping):
+        return
+    keys = [f.name for f in dataclasses.fields(node)]
+    target = "name" if "name" in keys else keys[0]
+    raw = item.split("=", 1)[1]
+    also = f" or --{key} {raw}" if target == "name" and f"{key}.name" in flags else ""
+    fix = (
+        f"did you mean --set {key}.name={raw}{also}?"
+        if target == "name"
+        else f"set one of its keys, e.g. --set {key}.{target}={raw}"
+    )
+    raise RecipeError(f"--set {item} gives the section {key!r} (keys: {', '.join(keys)}) a single value", fix)
 
 
 def recipe_to_dict(recipe: Any) -> dict:
@@ -327,6 +360,7 @@ def build_recipe(
         tree = _load_yaml(find_recipe(file, command))
     for item in sets:
         key, value = parse_set(item)
+        _check_section_value(schema, item, key, value, flags or {})
         _set_dotted(tree, key, value)
     for key, value in (flags or {}).items():
         if value is not None:

@@ -45,13 +45,30 @@ def test_unknown_key_did_you_mean(tmp_path):
         ("compile=maybe", "expects bool"),
         ("precision=fp64", "must be one of"),
         ("crops.global_scale=[0.4]", "expects 2 values"),
-        ("optim=3", "expects a mapping"),
+        (
+            "optim=3",
+            "gives the section 'optim' .* a single value. Set one of its keys, e.g. --set optim.lr=3",
+        ),
         ("noequals", "not KEY=VALUE"),
     ],
 )
 def test_type_errors(item, match):
     with pytest.raises(RecipeError, match=match):
         build_recipe(PretrainRecipe, sets=[item])
+
+
+def test_a_section_given_one_value_is_never_dropped():
+    """``--set model=foo`` with a flag under ``model`` (``--weights``) used to become
+    ``model: {weights: ...}``: the asked model silently replaced by the default."""
+    flags = {"model.name": None, "model.weights": "random"}
+    with pytest.raises(RecipeError, match="Did you mean --set model.name=foo or --model foo"):
+        build_recipe(EmbedRecipe, sets=["model=foo"], flags=flags)
+    with pytest.raises(RecipeError, match="'model' is 'foo', a single value"):  # from a YAML file
+        from deo_cli.recipes import _set_dotted
+
+        _set_dotted({"model": "foo"}, "model.weights", "random")
+    r = build_recipe(EmbedRecipe, sets=["model={name: deo_swin_t}"], flags=flags)
+    assert (r.model.name, r.model.weights) == ("deo_swin_t", "random")
 
 
 def test_validation_in_post_init():

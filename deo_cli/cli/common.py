@@ -119,12 +119,25 @@ class DeoGroup(TyperGroup):
             err.__traceback__ = os_err.__traceback__
             report_error(err)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo(
-                "error: interrupted. Outputs in progress were removed; rerun (with --resume where offered).",
-                err=True,
-            )
+        except KeyboardInterrupt as stop:
+            typer.echo(f"error: {interrupted_line(stop)}", err=True)
             raise typer.Exit(130) from None
+
+
+def interrupted_line(stop: KeyboardInterrupt) -> str:
+    """What Ctrl-C left behind, in one line: the unfinished output kept for ``--resume`` (the
+    core notes it on the interruption, :func:`deo_cli.errors.note_kept`), or nothing."""
+    from deo_cli.errors import kept_paths
+
+    kept = kept_paths(stop)
+    if kept:
+        return (
+            f"interrupted. The rows finished so far are kept for --resume in {', '.join(kept)}; "
+            "rerun the same command with --resume to continue"
+        )
+    return (
+        "interrupted. Unfinished outputs were removed; rerun the command (with --resume where it offers one)"
+    )
 
 
 def default_group(default: str) -> type[TyperGroup]:

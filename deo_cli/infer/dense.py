@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from torch import nn
 
 from deo_cli.errors import UsageError
 from deo_cli.infer.model import copy_encoder_facts
-from deo_cli.infer.tiling import TilePlan, round_up
+from deo_cli.infer.tiling import TilePlan, resolve_overlap, round_up
 from deo_cli.io.grid import Grid
 from deo_cli.io.writers import RasterLayout, StreamingRasterWriter
 
@@ -39,7 +40,9 @@ def aligned_plan(
     """A dense plan (``pad_start=True``) with chip size and overlap multiples of ``align``.
 
     ``overlap`` defaults to a quarter of the chip, rounded up to ``align`` (and down below half
-    the chip). Raises :class:`UsageError` for a chip that is not a multiple of ``align``.
+    the chip); a given one is rounded up to ``align`` with a warning, and refused when that
+    reaches half the chip (:func:`~deo_cli.infer.tiling.resolve_overlap`). Raises
+    :class:`UsageError` for a chip that is not a multiple of ``align``.
     """
     if chip_size % align:
         raise UsageError(
@@ -51,11 +54,18 @@ def aligned_plan(
             f"--chip-size {chip_size} is not a multiple of the output stride {out_stride}",
             f"use {round_up(chip_size, max(align, out_stride))}",
         )
-    o = chip_size // 4 if overlap is None else int(overlap)
-    o = round_up(o, align)
-    if 2 * o >= chip_size:
-        o = max(0, (chip_size // 2 - 1) // align * align)
+    o = resolve_overlap(chip_size, align, overlap)
+    if overlap is not None and o != overlap:
+        _warn_rounded_overlap(int(overlap), o, align)
     return TilePlan(height, width, chip_size, o, out_stride, pad_start=True)
+
+
+@functools.cache
+def _warn_rounded_overlap(asked: int, used: int, align: int) -> None:
+    """Once per run and value (a command plans each scene)."""
+    log.warning(
+        "--overlap %d rounded up to %d px, a multiple of the encoder's coarsest stride %d", asked, used, align
+    )
 
 
 class DenseHeadModel(nn.Module):

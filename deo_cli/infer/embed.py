@@ -31,10 +31,13 @@ continues interrupted rasters from their last checkpointed row block (see
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ import torch
 from affine import Affine
 
 from deo_cli import __version__
-from deo_cli.errors import DeoError, UsageError
+from deo_cli.errors import DeoError, UsageError, note_kept
 from deo_cli.infer.chips import ChipReader
 from deo_cli.infer.distributed import RankInfo, run_ranks
 from deo_cli.infer.model import EncoderFeatures, resolve_layer
@@ -59,8 +62,8 @@ from deo_cli.infer.runner import (
     run_pooled,
     split_rows,
 )
-from deo_cli.infer.tiling import TilePlan
-from deo_cli.io.atomic import check_output
+from deo_cli.infer.tiling import TilePlan, check_chip_memory, resolve_overlap, round_up
+from deo_cli.io.atomic import check_output, output_lock, remove_stale_temporaries
 from deo_cli.io.grid import Grid
 from deo_cli.io.sources import resolve_source
 from deo_cli.io.writers import (
@@ -82,6 +85,9 @@ from deo_cli.runtime import Runtime, check_gpus, resolve_runtime, seed_everythin
 log = logging.getLogger(__name__)
 
 SUFFIX = {"cog": ".tif", "zarr": ".zarr", "parquet": ".parquet"}
+#: File name extensions of each output format (the first is the one deo suggests).
+FORMAT_SUFFIXES = {"cog": (".tif", ".tiff"), "zarr": (".zarr",), "parquet": (".parquet", ".geoparquet")}
+FORMAT_NAMES = {"cog": "a COG (GeoTIFF)", "zarr": "a Zarr store", "parquet": "GeoParquet"}
 #: Names that say "one output file" (several scenes need a folder instead).
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr", ".parquet", ".geoparquet")
 #: Chips run through the model to fit the int8 scale/offset.
@@ -138,6 +144,29 @@ def output_format(output: Path, pool: str, fmt: str = "auto") -> str:
     return fmt
 
 
+def check_output_suffix(path: Path, fmt: str, option: str = "-o", why: str = "") -> None:
+    """Refuse an output file name whose extension is not ``fmt``'s (a GeoParquet file named
+    ``e.tif``, a COG named ``e.xyz``): one :class:`UsageError` naming the extension, the format
+    (``why`` says what chose it, e.g. `` (--pool mean)``) and the name to use instead."""
+    exts = FORMAT_SUFFIXES[fmt]
+    if path.suffix.lower() in exts:
+        return
+    got = f"the extension {path.suffix}" if path.suffix else "no extension"
+    raise UsageError(
+        f"{option} {path.name} has {got}, but the output is {FORMAT_NAMES[fmt]}{why}",
+        f"use {option} {path.with_suffix(exts[0])}",
+    )
+
+
+def format_reason(recipe: EmbedRecipe) -> str:
+    """What chose the output format, for messages: `` (--pool mean)``, `` (output.format zarr)``."""
+    if recipe.output.pool != "none":
+        return f" (--pool {recipe.output.pool})"
+    if recipe.output.format != "auto":
+        return f" (output.format {recipe.output.format})"
+    return ""
+
+
 def scene_stem(name: str) -> str:
     """A file-name stem for a scene name (``sample:paris`` -> ``paris``, ``a/b.tif`` -> ``b``)."""
     text = name.split(":", 1)[1] if name.startswith("sample:") else name
@@ -148,13 +177,14 @@ def scene_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "scene"
 
 
-def plan_outputs(sources: list[str], output: Path, fmt: str) -> list[Path | None]:
+def plan_outputs(sources: list[str], output: Path, fmt: str, why: str = "") -> list[Path | None]:
     """One output path per scene: ``output`` itself for one scene and a file name, else
     ``output/<scene><suffix>`` (``None`` where the scene cannot be resolved; it fails later).
 
     Several scenes with ``output`` named like an output file (``emb.tif``, ``v.parquet``,
     ``e.zarr``) that is not an existing folder are refused: a folder called ``emb.tif`` is
-    never what was meant."""
+    never what was meant. A file name whose extension is not the format's is refused
+    (:func:`check_output_suffix`; ``why`` says what chose the format)."""
     is_folder = output.is_dir() and output.suffix.lower() != ".zarr"
     if len(sources) > 1 and not is_folder and output.suffix.lower() in OUTPUT_SUFFIXES:
         raise UsageError(
@@ -163,6 +193,7 @@ def plan_outputs(sources: list[str], output: Path, fmt: str) -> list[Path | None
         )
     folder = len(sources) > 1 or is_folder or not output.suffix
     if not folder:
+        check_output_suffix(output, fmt, "-o", why)
         return [output]
     out: list[Path | None] = []
     seen: dict[str, str] = {}
@@ -209,6 +240,45 @@ def build_model(recipe: EmbedRecipe) -> EncoderFeatures:
     seed_everything(recipe.runtime.seed)  # random weights (--weights random) are reproducible
     encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
     return EncoderFeatures(encoder, layer)
+
+
+def resolve_tiling(recipe: EmbedRecipe, model=None) -> EmbedRecipe:
+    """Check the chip size and overlap against the model before anything is read or allocated,
+    and return the recipe with the values that will be used.
+
+    Refused (:class:`UsageError`, one line with the allowed range): a chip size that is not a
+    multiple of the feature stride, or whose batch would not fit a quarter of the machine's
+    memory (:func:`~deo_cli.infer.tiling.check_chip_memory`), and an overlap of half a chip or
+    more (:func:`~deo_cli.infer.tiling.resolve_overlap`). An overlap that is not a multiple of
+    the stride is rounded up with a warning, and the rounded value is what the saved recipe
+    and the tags record. ``model``: a ready model (default: the recipe's, from its spec, so
+    no weights are loaded).
+    """
+    t = recipe.tiling
+    if model is not None:
+        stride, input_size = int(model.stride), int(model.input_size)
+        bands = len(model.manifest.bands)
+    else:
+        from deo_cli.models import get_model_spec
+
+        spec = get_model_spec(recipe.model.name)
+        stride = int(spec.feature_strides[resolve_layer(spec, recipe.layer)])
+        input_size, bands = int(spec.input_size), len(spec.manifest.bands)
+    chip = t.chip_size or input_size
+    if chip % stride:
+        raise UsageError(
+            f"--chip-size {chip} is not a multiple of the feature stride {stride}",
+            f"use --chip-size {round_up(chip, stride)}",
+        )
+    check_chip_memory(chip, recipe.runtime.batch_size, bands, stride, input_size)
+    default = 0 if recipe.output.pool != "none" else None  # chip vectors: no overlap unless asked
+    used = resolve_overlap(chip, stride, t.overlap, default)
+    if t.overlap is None or used == t.overlap:
+        return recipe
+    log.warning(
+        "--overlap %d rounded up to %d px, a multiple of the feature stride %d", t.overlap, used, stride
+    )
+    return dataclasses.replace(recipe, tiling=dataclasses.replace(t, overlap=used))
 
 
 def _describe_model(model) -> dict:
@@ -397,7 +467,12 @@ def _dense(
         {
             "deo_quantization": quant.to_dict()
             if quant is not None and recipe.output.dtype == "int8"
-            else None
+            else None,
+            "deo_dtype": (
+                "float16: values rounded to half precision (a COG stores them as Float32)"
+                if recipe.output.dtype == "float16"
+                else recipe.output.dtype
+            ),
         },
     )
     layout = _layout(model, recipe, meta, quant)
@@ -425,8 +500,11 @@ def _dense(
             t_finish = time.perf_counter()
             sink.finish()
             stats.extra["finish_seconds"] = time.perf_counter() - t_finish
-        except BaseException:
-            sink.abort(keep=True)
+        except KeyboardInterrupt as stop:  # Ctrl-C: finished rows stay for --resume
+            _stop(sink, stop)
+            raise
+        except BaseException:  # any other failure leaves nothing behind
+            sink.abort(keep=False)
             raise
         return out_grid, {"stats": stats, "plan": plan}
 
@@ -453,10 +531,19 @@ def _dense(
             )
             stats = run_dense(reader, model, writer, rows=(writer.rows_done, hi), **common)
             writer.close()
-    except BaseException:
+    except KeyboardInterrupt as stop:  # Ctrl-C: this rank's finished rows stay for --resume
         ok = False
         if writer is not None:
             writer.close()
+            if writer.rows_done > writer.row_begin:
+                note_kept(stop, writer.path)
+            else:
+                writer.discard()
+        raise
+    except BaseException:
+        ok = False
+        if writer is not None:
+            writer.discard()
         raise
     finally:  # every rank's chips in the summary, not rank 0's alone
         all_ok, chips = ranks.all_ok_and_total(ok, stats.chips if stats is not None else 0)
@@ -472,6 +559,15 @@ def _dense(
             p.with_suffix(".json").unlink(missing_ok=True)
     ranks.barrier()
     return out_grid, {"stats": stats, "plan": plan}
+
+
+def _stop(sink, stop: KeyboardInterrupt) -> None:
+    """An interrupted dense output: keep its temporary file for ``--resume`` when rows are in it
+    (and say so on the interruption, :func:`note_kept`), else remove it."""
+    keep = sink.rows_done > 0
+    sink.abort(keep=keep)
+    if keep:
+        note_kept(stop, sink.partial_path)
 
 
 def _chip_polygon(grid: Grid, x: int, y: int, size: int):
@@ -669,9 +765,7 @@ def embed_scene(
         if fmt == "parquet":
             out_grid, info = _pooled(scene, out, model, inp, recipe, rt, **kw)
         else:
-            out_grid, info = _dense(
-                scene, out, fmt, model, inp, recipe, rt, resume=resume, **kw
-            )
+            out_grid, info = _dense(scene, out, fmt, model, inp, recipe, rt, resume=resume, **kw)
     if ranks.is_main:
         if fmt != "zarr":
             res.recipe = save_recipe(recipe, recipe_path_for(out), "embed")
@@ -722,6 +816,7 @@ def _run(
     progress: Progress | None = None,
     model=None,
     ranks: RankInfo | None = None,
+    outs: list[Path | None] | None = None,
 ) -> list[EmbedResult]:
     with _capped_gdal_cache():
         return _run_capped(
@@ -734,6 +829,7 @@ def _run(
             progress=progress,
             model=model,
             ranks=ranks,
+            outs=outs,
         )
 
 
@@ -757,6 +853,7 @@ def _run_capped(
     progress: Progress | None,
     model,
     ranks: RankInfo | None,
+    outs: list[Path | None] | None = None,
 ) -> list[EmbedResult]:
     ranks = ranks or RankInfo()
     fmt = output_format(output, recipe.output.pool, recipe.output.format)
@@ -764,7 +861,8 @@ def _run_capped(
         raise UsageError(f"--preview {preview.name} must be a .png file", "name it e.g. preview.png")
     if fmt == "parquet" and preview is not None:
         raise UsageError("--preview needs a dense output", "drop --preview, or embed without --pool")
-    outs = plan_outputs(sources, output, fmt)
+    if outs is None:
+        outs = plan_outputs(sources, output, fmt, format_reason(recipe))
     many = len(sources) > 1
     if model is not None:
         manifests = (model.manifest, getattr(model, "rgb_manifest", None))
@@ -844,7 +942,7 @@ def _run_capped(
     return results
 
 
-def _run_rank(sources, output, recipe, *, overwrite, resume, preview, ranks, progress=None):
+def _run_rank(sources, output, recipe, *, overwrite, resume, preview, ranks, outs=None, progress=None):
     return _run(
         sources,
         output,
@@ -854,7 +952,29 @@ def _run_rank(sources, output, recipe, *, overwrite, resume, preview, ranks, pro
         preview=preview,
         progress=progress,
         ranks=ranks,
+        outs=outs,
     )
+
+
+def _launcher_rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise)."""
+    return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+
+
+@contextlib.contextmanager
+def _outputs_locked(outs: list[Path | None], previews: list[Path | None]):
+    """Hold every output's lock for the run (rank 0 of a ``torchrun`` job only; ``--gpus``
+    children run under their parent's), and remove the temporaries that earlier runs of the
+    same outputs left when they were killed (:func:`remove_stale_temporaries`)."""
+    with contextlib.ExitStack() as stack:
+        if _launcher_rank() == 0:
+            for out in outs:
+                if out is not None:
+                    stack.enter_context(output_lock(out))
+            for p in [*outs, *previews]:
+                if p is not None:
+                    remove_stale_temporaries(p)
+        yield
 
 
 def run_embed(
@@ -873,15 +993,27 @@ def run_embed(
     ``model``: a ready :class:`~deo_cli.infer.model.FeatureModel` (default: built from
     ``recipe.model`` and ``recipe.layer``). With one scene a :class:`DeoError` is raised; with
     several, each failure is recorded in its result and the other scenes are still written.
+    Each output is locked for the run (:func:`~deo_cli.io.atomic.output_lock`): a second run
+    on it stops with one line naming the first.
     """
     output = Path(output)
     preview = Path(preview) if preview is not None else None
     if not sources:
         raise UsageError("no scene given", "pass one or more scenes")
-    if recipe.gpus > 1 and output_format(output, recipe.output.pool, recipe.output.format) == "zarr":
+    fmt = output_format(output, recipe.output.pool, recipe.output.format)
+    if recipe.gpus > 1 and fmt == "zarr":
         raise UsageError(
             "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
         )
+    outs = plan_outputs(list(sources), output, fmt, format_reason(recipe))
+    recipe = resolve_tiling(recipe, model)
+    many = len(sources) > 1
+    previews = [_preview_for(preview, o, many) if o is not None else None for o in outs]
+    with _outputs_locked(outs, previews):
+        return _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progress, model)
+
+
+def _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progress, model):
     if recipe.gpus > 1 and model is None:
         rt = resolve_runtime(recipe.runtime)
         check_gpus(recipe.gpus, rt.device_spec, rt.device)
@@ -894,6 +1026,7 @@ def run_embed(
             overwrite=overwrite,
             resume=resume,
             preview=preview,
+            outs=outs,
             main_kwargs={"progress": progress},
         )
     if recipe.gpus > 1:
@@ -907,6 +1040,7 @@ def run_embed(
         preview=preview,
         progress=progress,
         model=model,
+        outs=outs,
     )
 
 

@@ -52,6 +52,93 @@ def round_up(x: int, multiple: int) -> int:
     return -(-int(x) // multiple) * multiple
 
 
+def largest_overlap(chip_size: int, unit: int) -> int:
+    """The largest overlap (a multiple of ``unit``) below half of a ``chip_size`` chip."""
+    return max(0, (chip_size - 1) // 2 // unit * unit)
+
+
+def resolve_overlap(chip_size: int, unit: int, overlap: int | None = None, default: int | None = None) -> int:
+    """The overlap in pixels of ``chip_size`` chips: a multiple of ``unit`` below half the chip.
+
+    ``None``: ``default`` (a quarter of the chip when ``None``) rounded up to ``unit`` and, where
+    that reaches half the chip, lowered to :func:`largest_overlap` (deo's own choice: the plan's
+    tags record it). A given ``overlap`` is rounded up to ``unit`` (callers warn and record the
+    value used) and refused with a :class:`~deo_cli.errors.UsageError` naming the allowed range
+    when it is negative or its rounded value reaches half the chip.
+    """
+    from deo_cli.errors import UsageError
+
+    top = largest_overlap(chip_size, unit)
+    if overlap is None:
+        return min(round_up(chip_size // 4 if default is None else default, unit), top)
+    fix = f"use --overlap 0 to {top} (multiples of {unit} px), or a larger --chip-size"
+    if overlap < 0:
+        raise UsageError(f"--overlap {overlap} is negative", fix)
+    used = round_up(overlap, unit)
+    if used > top:
+        rounded = f" (rounded up to a multiple of {unit} px: {used})" if used != overlap else ""
+        raise UsageError(
+            f"--overlap {overlap}{rounded} is too large for {chip_size} px chips: "
+            f"chips must overlap by less than half a chip ({chip_size / 2:g} px)",
+            fix,
+        )
+    return used
+
+
+#: Share of the machine's memory that one batch of input chips (and the read of one more) may
+#: take; a chip size beyond it is refused before anything is allocated.
+CHIP_MEMORY_SHARE = 0.25
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (``None`` where the system does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _bytes_text(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000.0
+    return f"{n:.3g} PB"
+
+
+def check_chip_memory(
+    chip_size: int,
+    batch_size: int,
+    bands: int,
+    stride: int,
+    model_input: int | None = None,
+    memory: int | None = None,
+) -> None:
+    """Refuse (:class:`~deo_cli.errors.UsageError`) a chip size whose batch of input chips
+    (``batch_size`` + 1 chips of ``bands`` float32 bands) would take more than
+    :data:`CHIP_MEMORY_SHARE` of the machine's ``memory`` (default: :func:`physical_memory`),
+    saying the largest size that fits."""
+    from deo_cli.errors import UsageError
+
+    memory = memory if memory is not None else physical_memory()
+    if not memory:
+        return
+    per_px = (batch_size + 1) * bands * 4
+    need = per_px * chip_size * chip_size
+    budget = memory * CHIP_MEMORY_SHARE
+    if need <= budget:
+        return
+    largest = max(stride, int(math.sqrt(budget / per_px)) // stride * stride)
+    own = f" (the model's own input is {model_input} px)" if model_input else ""
+    raise UsageError(
+        f"--chip-size {chip_size} needs {_bytes_text(need)} of memory for one batch of {batch_size} "
+        f"chips ({bands} bands as float32), more than a quarter of this machine's {_bytes_text(memory)}",
+        f"use --chip-size {largest} or less{own}, or a smaller --batch-size",
+    )
+
+
 @dataclass(frozen=True)
 class Chip:
     """One chip: its position in the plan and its top-left corner in input pixels.
@@ -104,21 +191,17 @@ class TilePlan:
         overlap: int | None = None,
         pad_start: bool = True,
     ) -> TilePlan:
-        """A plan with ``overlap`` (default: a quarter of the chip) rounded up to the stride.
+        """A plan whose ``overlap`` is :func:`resolve_overlap`'s (default: a quarter of the chip).
 
         Raises ``ValueError`` (with a message for the user) for a chip that is not a multiple of
-        the stride or an overlap of half the chip or more.
+        the stride, :class:`~deo_cli.errors.UsageError` for an overlap of half the chip or more.
         """
         if chip_size % stride:
             raise ValueError(
                 f"--chip-size {chip_size} is not a multiple of the feature stride {stride}; "
                 f"use {round_up(chip_size, stride)}"
             )
-        if overlap is None:
-            overlap = chip_size // 4
-        overlap = round_up(overlap, stride)
-        if 2 * overlap >= chip_size:
-            overlap = max(0, (chip_size // 2 - 1) // stride * stride)
+        overlap = resolve_overlap(chip_size, stride, overlap)
         return cls(height, width, chip_size, overlap, stride, pad_start)
 
     # -- feature units -----------------------------------------------------------------------
