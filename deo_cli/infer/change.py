@@ -85,7 +85,14 @@ from deo_cli import __version__
 from deo_cli.data.segdata import IGNORE, ArrayLabels, ClassInfo, ClassTable
 from deo_cli.errors import DataError, GeoreferenceError, UsageError, WeightsError
 from deo_cli.infer.chips import ChipReader, ChipSample
-from deo_cli.infer.dense import ArraySink, CogSink, DenseHeadModel, aligned_plan, gdal_tags
+from deo_cli.infer.dense import (
+    ArraySink,
+    CogSink,
+    DenseHeadModel,
+    aligned_plan,
+    gdal_tags,
+    with_used_overlap,
+)
 from deo_cli.infer.headfile import (
     HeadFile,
     build_head_module,
@@ -110,6 +117,7 @@ from deo_cli.infer.model import (
 from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
 from deo_cli.infer.threshold import ScoreHistogram, Threshold, choose_threshold
+from deo_cli.infer.tiling import check_chip_memory, resolve_overlap
 from deo_cli.infer.trainchips import (
     LabelledChips,
     cache_frozen_inputs,
@@ -117,7 +125,7 @@ from deo_cli.infer.trainchips import (
     make_loader,
     training_plan,
 )
-from deo_cli.io.atomic import check_output
+from deo_cli.io.atomic import check_output, outputs_locked
 from deo_cli.io.grid import Grid
 from deo_cli.io.raster import Scene
 from deo_cli.io.writers import RasterLayout
@@ -608,8 +616,50 @@ def run_detect_change(
 
     ``head``: a change head file (supervised); default zero-shot. ``encoder``: a ready encoder
     for zero-shot (tests, notebooks). Raises :class:`~deo_cli.errors.DeoError` for user mistakes,
-    before any model is loaded when the inputs or outputs are wrong.
+    before any model is loaded when the inputs or outputs are wrong. The score and mask COGs
+    are locked for the run (a second run on them stops with one line naming the first).
     """
+    from deo_cli.infer.embed import check_output_suffix
+
+    output = Path(output)
+    mask_path = Path(mask) if mask is not None else default_mask_path(output)
+    check_output_suffix(output, "cog", "-o")
+    check_output_suffix(mask_path, "cog", "--mask")
+    if mask_path.resolve() == output.resolve():
+        raise UsageError("--mask and -o name the same file", "choose another --mask")
+    sides = (polygons, preview, recipe_path_for(output))
+    with outputs_locked([output, mask_path], sides):
+        return _detect_change(
+            before,
+            after,
+            output,
+            recipe,
+            head=head,
+            mask=mask_path,
+            polygons=polygons,
+            preview=preview,
+            overwrite=overwrite,
+            progress=progress,
+            encoder=encoder,
+            weights=weights,
+        )
+
+
+def _detect_change(
+    before: str,
+    after: str,
+    output: Path,
+    recipe: ChangeRecipe,
+    *,
+    head,
+    mask: Path,
+    polygons,
+    preview,
+    overwrite: bool,
+    progress: Progress | None,
+    encoder,
+    weights: str | None,
+) -> ChangeResult:
     from deo_cli.models import get_model_spec
 
     t0 = time.perf_counter()
@@ -619,10 +669,6 @@ def run_detect_change(
     poly_path = Path(polygons) if polygons is not None else None
     preview = Path(preview) if preview is not None else None
     # -- checks before any compute ---------------------------------------------------------
-    if output.suffix.lower() not in (".tif", ".tiff"):
-        raise UsageError(f"-o {output.name} must be a GeoTIFF (.tif)", "name it e.g. change.tif")
-    if mask_path.resolve() == output.resolve():
-        raise UsageError("--mask and -o name the same file", "choose another --mask")
     if poly_path is not None:
         from deo_cli.io.vector import vector_format
 
@@ -647,6 +693,12 @@ def run_detect_change(
     else:
         spec = get_model_spec(recipe.model.name)
         parse_layers(spec, recipe.layer)  # a bad --layer fails here, before the weights load
+        # and an impossible chip size or overlap (aligned_plan checks them again)
+        align, chip = max(spec.feature_strides), recipe.tiling.chip_size or spec.input_size
+        check_chip_memory(
+            chip, recipe.runtime.batch_size, 2 * len(spec.manifest.bands), align, spec.input_size
+        )
+        resolve_overlap(chip, align, recipe.tiling.overlap)
         manifests = (spec.manifest, spec.rgb_manifest)
     first, second, pair_info = open_dates(before, after, recipe.input)
     inp_a, inp_b = prepare_dates(first, second, *manifests, recipe.input, head=hf)
@@ -671,7 +723,9 @@ def run_detect_change(
 
     t = recipe.tiling
     chip = t.chip_size or (hf.chip_size if hf is not None else model.input_size)
+    check_chip_memory(chip, rt.batch_size, len(inp_a.bands) + len(inp_b.bands), model.align, model.input_size)
     plan = aligned_plan(first.height, first.width, chip, model.stride, model.align, t.overlap)
+    recipe = with_used_overlap(recipe, plan)
     out_grid = first.grid.scaled(model.stride) if model.stride > 1 else first.grid
     reader = PairChipReader(
         ChipReader(first, inp_a.bands, inp_a.normalizer, plan),

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -58,6 +59,15 @@ def aligned_plan(
     if overlap is not None and o != overlap:
         _warn_rounded_overlap(int(overlap), o, align)
     return TilePlan(height, width, chip_size, o, out_stride, pad_start=True)
+
+
+def with_used_overlap(recipe, plan: TilePlan):
+    """``recipe`` with ``tiling.overlap`` set to ``plan``'s where an asked overlap was rounded
+    (:func:`aligned_plan` warned): the saved recipe and its hash record what was used."""
+    t = recipe.tiling
+    if t.overlap is None or t.overlap == plan.overlap:
+        return recipe
+    return dataclasses.replace(recipe, tiling=dataclasses.replace(t, overlap=plan.overlap))
 
 
 @functools.cache
@@ -128,4 +138,4 @@ class ArraySink:
         self.array[:, row0 : row0 + data.shape[1]] = data
 
 
-__all__ = ["ArraySink", "CogSink", "DenseHeadModel", "aligned_plan", "gdal_tags"]
+__all__ = ["ArraySink", "CogSink", "DenseHeadModel", "aligned_plan", "gdal_tags", "with_used_overlap"]

@@ -63,7 +63,7 @@ from deo_cli.infer.runner import (
     split_rows,
 )
 from deo_cli.infer.tiling import TilePlan, check_chip_memory, resolve_overlap, round_up
-from deo_cli.io.atomic import check_output, output_lock, remove_stale_temporaries
+from deo_cli.io.atomic import check_output, outputs_locked
 from deo_cli.io.grid import Grid
 from deo_cli.io.sources import resolve_source
 from deo_cli.io.writers import (
@@ -965,15 +965,11 @@ def _launcher_rank() -> int:
 def _outputs_locked(outs: list[Path | None], previews: list[Path | None]):
     """Hold every output's lock for the run (rank 0 of a ``torchrun`` job only; ``--gpus``
     children run under their parent's), and remove the temporaries that earlier runs of the
-    same outputs left when they were killed (:func:`remove_stale_temporaries`)."""
-    with contextlib.ExitStack() as stack:
-        if _launcher_rank() == 0:
-            for out in outs:
-                if out is not None:
-                    stack.enter_context(output_lock(out))
-            for p in [*outs, *previews]:
-                if p is not None:
-                    remove_stale_temporaries(p)
+    same outputs left when they were killed (:func:`~deo_cli.io.atomic.outputs_locked`)."""
+    if _launcher_rank() != 0:
+        yield
+        return
+    with outputs_locked(outs, previews):
         yield
 
 

@@ -62,7 +62,7 @@ from deo_cli.data.segdata import (
 )
 from deo_cli.errors import DataError, DeoError, UsageError
 from deo_cli.infer.chips import ChipReader
-from deo_cli.infer.dense import CogSink, DenseHeadModel, aligned_plan, gdal_tags
+from deo_cli.infer.dense import CogSink, DenseHeadModel, aligned_plan, gdal_tags, with_used_overlap
 from deo_cli.infer.headfile import (
     HeadFile,
     build_head_module,
@@ -79,6 +79,7 @@ from deo_cli.infer.headfile import (
 )
 from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
 from deo_cli.infer.runner import block_rows_for, run_dense
+from deo_cli.infer.tiling import check_chip_memory
 from deo_cli.infer.trainchips import (
     ChipRef,
     LabelledChips,
@@ -87,7 +88,7 @@ from deo_cli.infer.trainchips import (
     make_loader,
     training_plan,
 )
-from deo_cli.io.atomic import check_output
+from deo_cli.io.atomic import check_output, outputs_locked
 from deo_cli.io.writers import RasterLayout
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import (
@@ -518,7 +519,7 @@ def run_segment_predict(
 ) -> list[SegmentResult]:
     """Write a class COG per scene (see the module docstring). With one scene, errors raise;
     with several, each failure is recorded in its result and the other scenes still run."""
-    from deo_cli.infer.embed import plan_outputs
+    from deo_cli.infer.embed import check_output_suffix, plan_outputs
 
     if not scenes:
         raise UsageError("no scene given", "pass one or more scenes")
@@ -531,6 +532,8 @@ def run_segment_predict(
     table = ClassTable.from_dict(hf.classes)
     many = len(scenes) > 1
     outs = plan_outputs(list(scenes), output, "cog")
+    if probabilities is not None and probabilities.suffix and not probabilities.is_dir():
+        check_output_suffix(probabilities, "cog", "--probabilities")
     manifests = head_manifests(hf)
     results: list[SegmentResult] = []
     jobs = []
@@ -553,6 +556,13 @@ def run_segment_predict(
         results.append(res)
     if not jobs:
         return results
+    # one run per output; temporaries of killed runs of these outputs go
+    with outputs_locked([j[0].output for j in jobs] + [j[3] for j in jobs], [j[4] for j in jobs]):
+        _predict_jobs(jobs, hf, table, recipe, weights, overwrite, progress, many)
+    return results
+
+
+def _predict_jobs(jobs, hf, table, recipe, weights, overwrite, progress, many) -> None:
     model, encoder = build_segment_model(hf, weights)
     rt = resolve_runtime(recipe.runtime)
     model = model.to(rt.device)
@@ -566,23 +576,20 @@ def run_segment_predict(
     )
     for res, scene, inp, prob, prev in jobs:
         try:
-            _predict_scene(
-                res, scene, inp, prob, prev, hf, table, model, recipe, rt, overwrite, progress
-            )
+            _predict_scene(res, scene, inp, prob, prev, hf, table, model, recipe, rt, overwrite, progress)
         except DeoError as e:
             if not many:
                 raise
             res.error = e
-    return results
 
 
-def _predict_scene(
-    res, scene, inp, prob, prev, hf, table, model, recipe, rt, overwrite, progress
-):
+def _predict_scene(res, scene, inp, prob, prev, hf, table, model, recipe, rt, overwrite, progress):
     t0 = time.perf_counter()
     t = recipe.tiling
     chip = t.chip_size or hf.chip_size
+    check_chip_memory(chip, rt.batch_size, len(inp.bands), model.align, hf.chip_size)
     plan = aligned_plan(scene.height, scene.width, chip, 1, model.align, t.overlap)
+    recipe = with_used_overlap(recipe, plan)
     assert (plan.out_height, plan.out_width) == (scene.height, scene.width)
     reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
     meta = {

@@ -71,7 +71,11 @@ def resolve_overlap(chip_size: int, unit: int, overlap: int | None = None, defau
     top = largest_overlap(chip_size, unit)
     if overlap is None:
         return min(round_up(chip_size // 4 if default is None else default, unit), top)
-    fix = f"use --overlap 0 to {top} (multiples of {unit} px), or a larger --chip-size"
+    fix = (
+        f"use --overlap 0 to {top} (multiples of {unit} px), or a larger --chip-size"
+        if top
+        else f"use --overlap 0, or a --chip-size of at least {4 * unit} for an overlap of {unit} px"
+    )
     if overlap < 0:
         raise UsageError(f"--overlap {overlap} is negative", fix)
     used = round_up(overlap, unit)

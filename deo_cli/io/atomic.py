@@ -242,6 +242,20 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def outputs_locked(paths, clean=()) -> Iterator[None]:
+    """Hold the lock of every output in ``paths`` (``None`` entries skipped) for the block, and
+    remove the temporaries killed runs left of them and of the ``clean`` paths (previews and
+    other side outputs): :func:`output_lock`, :func:`remove_stale_temporaries`."""
+    paths = [Path(p) for p in paths if p is not None]
+    with contextlib.ExitStack() as stack:
+        for p in paths:
+            stack.enter_context(output_lock(p))
+        for p in [*paths, *(Path(c) for c in clean if c is not None)]:
+            remove_stale_temporaries(p)
+        yield
+
+
 def pid_running(pid: int) -> bool:
     """Whether a process ``pid`` exists on this machine."""
     if pid <= 0:

@@ -103,7 +103,9 @@ def test_other_mistakes_are_one_line(make_raster, tmp_path):
     )
     assert_one_line_error(result, lines, 2, "--layer 9 is out of range")
     result, lines = run(["detect-change", str(pa), str(pb), "-o", str(tmp_path / "f.parquet"), *FAST])
-    assert_one_line_error(result, lines, 2, "must be a GeoTIFF")
+    assert_one_line_error(
+        result, lines, 2, "-o f.parquet has the extension .parquet", "a COG (GeoTIFF)", "f.tif"
+    )
     assert not any(p.name.startswith(("d", "e", "f")) for p in tmp_path.iterdir())
 
 

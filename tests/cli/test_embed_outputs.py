@@ -326,3 +326,38 @@ def test_float16_is_deterministic_half_precision_and_smaller(make_raster, tmp_pa
         o = ov.read()
         assert np.array_equal(o, o.astype(np.float16).astype(np.float32), equal_nan=True)
     assert_valid_cog(outs["h1"])
+
+
+# -- the same rules in detect-change and segment predict -----------------------------------------
+
+
+def test_detect_change_names_locks_and_overlaps(make_raster, tmp_path):
+    from tests.cli.test_change import FAST as CHANGE
+    from tests.cli.test_change import _pair
+
+    pa, pb = _pair(make_raster)
+    out = tmp_path / "c.tif"
+    result, lines = run(
+        ["detect-change", str(pa), str(pb), "-o", str(out), "--mask", str(tmp_path / "m.png"), *CHANGE]
+    )
+    assert_one_line_error(result, lines, 2, "--mask m.png has the extension .png", "a COG (GeoTIFF)", "m.tif")
+    with output_lock(out):
+        result, lines = run(["detect-change", str(pa), str(pb), "-o", str(out), *CHANGE])
+        assert_one_line_error(
+            result, lines, 1, "c.tif is being written by another deo run", f"PID {os.getpid()}"
+        )
+    result, lines = run(
+        ["detect-change", str(pa), str(pb), "-o", str(out), *CHANGE, "--chip-size", "128", "--overlap", "40"]
+    )
+    assert_one_line_error(
+        result, lines, 2, "--overlap 40 (rounded up to a multiple of 32 px: 64)", "Use --overlap 0 to 32"
+    )
+    assert left_in(tmp_path) == ["after.tif", "before.tif"]
+    result, lines = run(
+        ["detect-change", str(pa), str(pb), "-o", str(out), *CHANGE, "--chip-size", "128", "--overlap", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    assert any("--overlap 20 rounded up to 32 px" in ln for ln in lines), lines
+    assert yaml.safe_load((tmp_path / "c.recipe.yaml").read_text())["tiling"]["overlap"] == 32
+    with rasterio.open(out) as ds:
+        assert json.loads(ds.tags()["DEO_TILING"])["overlap"] == 32

@@ -271,3 +271,33 @@ def test_a_class_file_entry_deo_cannot_read_is_one_line(trained, tmp_path):
         result, lines, 1, "colour of class 1 (forest) in classes.yaml", "'#00640' is not a colour"
     )
     assert not out.exists()
+
+
+def test_predict_output_names_and_locks(trained, tmp_path):
+    from deo_cli.io.atomic import output_lock
+
+    head = str(trained["run"] / "head.pt")
+    image = str(trained["image"])
+    result, lines = run(["segment", "predict", image, "-o", str(tmp_path / "m.png"), "--head", head])
+    assert_one_line_error(result, lines, 2, "-o m.png has the extension .png", "a COG (GeoTIFF)", "m.tif")
+    out = tmp_path / "m.tif"
+    result, lines = run(
+        [
+            "segment",
+            "predict",
+            image,
+            "-o",
+            str(out),
+            "--head",
+            head,
+            "--probabilities",
+            str(tmp_path / "p.xyz"),
+        ]
+    )
+    assert_one_line_error(result, lines, 2, "--probabilities p.xyz has the extension .xyz", "p.tif")
+    with output_lock(out):
+        result, lines = run(["segment", "predict", image, "-o", str(out), "--head", head, "-q"])
+        assert_one_line_error(
+            result, lines, 1, "m.tif is being written by another deo run", "Wait for that run"
+        )
+    assert list(tmp_path.iterdir()) == []
