@@ -28,6 +28,12 @@ largest scene (target < 10 %). Results are printed and written to
 
     python benchmarks/embed.py                                   # tiny model 1k/4k/10k, swin_t 1k/4k
     python benchmarks/embed.py --models deo_swin_t --sizes 10000  # the long one (~10 min on 2 cores)
+    python benchmarks/embed.py --models deo_swin_b --sizes 10980 --cog --device cuda --batch-size 64
+                                                   # a full Sentinel-2 tile on a GPU (gpu_check.py)
+
+On a GPU (``--device cuda``) the pure forward is timed on chips already on the GPU, every timing
+waits for the GPU (``torch.cuda.synchronize``), and ``peak_cuda_mb`` is the CUDA allocator's peak
+(``max_memory_allocated``) over the run.
 """
 
 from __future__ import annotations
@@ -62,8 +68,18 @@ BANDS = ["B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
 # ---------------------------------------------------------------------------------------------
 
 
-def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate") -> Path:
-    """A size x size, 10-band uint16 scene (smooth fields plus noise), tiled 256."""
+def scene_path(workdir: Path, size: int, compress: str = "deflate", cog: bool = False) -> Path:
+    """Where :func:`main` keeps the synthetic scene of ``size`` px (made once, then reused)."""
+    return workdir / f"scene_{size}_{compress}{'_cog' if cog else ''}.tif"
+
+
+def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate", cog: bool = False) -> Path:
+    """A size x size, 10-band uint16 scene (smooth fields plus noise), tiled 256.
+
+    ``cog``: a Cloud-Optimized GeoTIFF as Sentinel-2 tiles are distributed (nodata 0, 512 px
+    blocks, ``compress`` with a predictor, overviews): the rows are written block by block into
+    an uncompressed tiled temporary file, which GDAL's COG driver then compresses with every
+    core; memory stays at one row of blocks whatever the size (10980 px: a 2.4 GB scene)."""
     import numpy as np
     import rasterio
     from affine import Affine
@@ -73,6 +89,7 @@ def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate") 
         return path
     rng = np.random.default_rng(seed)
     tmp = path.with_name(path.name + ".tmp.tif")
+    written = "none" if cog else compress
     profile = dict(
         driver="GTiff",
         width=size,
@@ -84,10 +101,11 @@ def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate") 
         tiled=True,
         blockxsize=256,
         blockysize=256,
-        compress=compress,
-        **({"predictor": 2} if compress != "none" else {}),
+        compress=written,
+        **({"predictor": 2} if written != "none" else {}),
         interleave="pixel",
         bigtiff="IF_SAFER",
+        **({"nodata": 0} if cog else {}),
     )
     freqs = rng.uniform(0.002, 0.02, (10, 3, 2))
     phases = rng.uniform(0, 2 * np.pi, (10, 3))
@@ -103,6 +121,26 @@ def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate") 
                 f = 1500 + 400 * b / 10 + 350 * f + rng.normal(0, 60, (k, size))
                 block[b] = np.clip(f, 1, 10000).astype(np.uint16)
             ds.write(block, window=Window(0, r0, size, k))
+    if cog:
+        import rasterio.shutil
+
+        staged = path.with_name(path.name + ".cog.tmp.tif")
+        try:
+            rasterio.shutil.copy(
+                tmp,
+                staged,
+                driver="COG",
+                compress=compress,
+                **({"predictor": "YES"} if compress != "none" else {}),
+                num_threads="ALL_CPUS",
+                bigtiff="IF_SAFER",
+                overview_resampling="average",
+            )
+            os.replace(staged, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
+        return path
     os.replace(tmp, path)
     return path
 
@@ -206,6 +244,32 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+def _cuda_sync(device) -> None:
+    import torch
+
+    torch.cuda.synchronize(device)
+
+
+def _cuda_peaks(device) -> dict:
+    """The CUDA caching allocator's peaks since the last reset (None on other devices)."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return {"peak_cuda_mb": None, "peak_cuda_reserved_mb": None}
+    return {
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+        "peak_cuda_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+    }
+
+
+def _reset_cuda_peaks(device) -> None:
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 class ForwardProbe:
     """The model as the pipeline sees it, timing the pure forward *during* the run.
 
@@ -237,9 +301,15 @@ class ForwardProbe:
         now = time.perf_counter()
         self._calls += 1
         if self._calls >= 3 and now >= self._due:
+            cuda = getattr(x, "is_cuda", False)
+            if cuda:  # the GPU runs asynchronously: time its work, not the launches
+                _cuda_sync(x.device)
+                now = time.perf_counter()
             cpu = _cpu_seconds()
             for _ in range(self.repeat):
                 self.model(x)
+            if cuda:
+                _cuda_sync(x.device)
             dt = time.perf_counter() - now
             self.cpu_seconds += _cpu_seconds() - cpu
             self.chips += self.repeat * len(x)
@@ -278,24 +348,37 @@ def peak_before_finish():
         StreamingRasterWriter.finish = finish
 
 
-def memory_run(model, recipe, scene: Path, out: Path) -> dict:
+def memory_run(model, recipe, scene: Path, out: Path, workers: int = 0, device=None) -> dict:
     """Peak RSS of one ``run_embed`` with no timing around it: the forward-speed measurements
     of :func:`child` leave the heap fragmented (a 64-chip forward before the run raised the
-    tiny model's 4k peak from ~900 to 971 MB), so memory gets a process of its own."""
+    tiny model's 4k peak from ~900 to 971 MB), so memory gets a process of its own.
+
+    With reading ``workers`` the peak is the larger of this process's and the peak summed PSS of
+    it and its workers (sampled as in :func:`child`); on a CUDA ``device`` also the allocator's
+    peaks."""
     from deo_cli.infer.embed import run_embed
     from deo_cli.infer.runner import release_heap
 
     gc.collect()
     release_heap()
     base_kb = _rss_kb(os.getpid())
+    sampler = RssSampler() if workers > 0 else None
+    _reset_cuda_peaks(device)
     _reset_peak_rss()
+    if sampler is not None:
+        sampler.start()
     with peak_before_finish() as before_finish:
         (res,) = run_embed([str(scene)], out, recipe, model=model, overwrite=True)
+    peak_kb = _peak_rss_kb()
+    if sampler is not None:
+        sampler.stop()
+        peak_kb = max(peak_kb, sampler.peak_kb)
     return {
         "rss_before_mb": round(base_kb / 1024, 1),
-        "peak_mb": round(_peak_rss_kb() / 1024, 1),
+        "peak_mb": round(peak_kb / 1024, 1),
         "peak_rss_streaming_mb": round(before_finish["kb"] / 1024, 1),
         "chips": res.chips,
+        **_cuda_peaks(device),
     }
 
 
@@ -332,11 +415,20 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     from deo_cli.io.raster import open_scene
     from deo_cli.models import build_encoder, get_model_spec
     from deo_cli.recipes import EmbedRecipe, build_recipe
-    from deo_cli.runtime import resolve_num_workers
+    from deo_cli.runtime import (
+        autocast,
+        precision_name,
+        resolve_device,
+        resolve_num_workers,
+        resolve_precision,
+    )
 
     torch.manual_seed(0)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     spec = get_model_spec(model_name)
     model = EncoderFeatures(build_encoder(model_name, weights=None), resolve_layer(spec, "default"))
+    model = model.to(device)
     sets = [
         f"model.name={model_name}",
         "model.weights=random",
@@ -344,22 +436,29 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
         f"runtime.batch_size={args.batch_size}",
         f"runtime.num_workers={args.num_workers}",
         f"runtime.micro_batch={args.micro_batch}",
+        f"runtime.device={args.device}",
+        f"runtime.precision={args.precision}",
     ]
     recipe = build_recipe(EmbedRecipe, sets=sets)
     bs = args.batch_size
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     # the pipeline's slices
-    step = default_micro_batch(torch.device("cpu"), args.micro_batch, model, args.chip_size) or bs
-    with torch.inference_mode():  # warm-up (first calls allocate)
-        model(torch.zeros(step, 10, args.chip_size, args.chip_size))
+    step = default_micro_batch(device, args.micro_batch, model, args.chip_size) or bs
+    with torch.inference_mode(), autocast(device, precision):  # warm-up (first calls allocate)
+        model(torch.zeros(step, 10, args.chip_size, args.chip_size, device=device))
+    sync()
     out = outdir / f"{model_name}_{size}.tif"
     if out.exists():
         out.unlink()
-    if args.memory_only:  # the run as a user makes it: nothing else in the process
-        return memory_run(model, recipe, scene, out)
     workers = resolve_num_workers(
-        args.num_workers if args.num_workers == "auto" else int(args.num_workers), torch.device("cpu")
+        args.num_workers if args.num_workers == "auto" else int(args.num_workers), device
     )
+    if args.memory_only:  # the run as a user makes it: nothing else in the process
+        return memory_run(model, recipe, scene, out, workers, device)
 
     def forward_chips():
         """The chips a forward-only run uses: a band of real chips from the middle of the plan."""
@@ -371,7 +470,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
         mid = len(chips) // 2
         n_fwd = min(len(chips), args.forward_chips)
         pick = chips[max(0, mid - n_fwd // 2) : max(0, mid - n_fwd // 2) + n_fwd]
-        xs = torch.from_numpy(np.stack([reader.read(c).x for c in pick]))
+        xs = torch.from_numpy(np.stack([reader.read(c).x for c in pick])).to(device)
         sc.close()
         return plan, xs
 
@@ -379,12 +478,14 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
 
     def forward_cps(xs, step: int) -> float:
         """Chips/s of the model alone over ``xs``, ``step`` chips per call."""
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, precision):
             model(xs[:step])  # warm-up
+            sync()
             c = _cpu_seconds()
             t = time.perf_counter()
             for i in range(0, len(xs), step):
                 model(xs[i : i + step])
+            sync()
             fwd_cpu_per_chip.append((_cpu_seconds() - c) / len(xs))
             return len(xs) / (time.perf_counter() - t)
 
@@ -399,6 +500,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     load0 = os.getloadavg()[0]
     sampler = RssSampler()
     base_kb = _rss_kb(os.getpid())
+    _reset_cuda_peaks(device)
     _reset_peak_rss()  # the high-water mark from here on is the run's alone
     sampler.start()
     cpu0 = _cpu_seconds()
@@ -412,6 +514,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     # which can miss the peak of a one-second run (it covers reading too when there are no workers)
     maxrss_kb = _peak_rss_kb()
     sampler.stop()
+    cuda_peaks = _cuda_peaks(device)
     plan, xs = forward_chips()
     after = [forward_cps(xs, step) for _ in range(rounds)]
     adjacent = sum(before + after) / len(before + after)
@@ -430,6 +533,9 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     return {
         "model": model_name,
         "size": size,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": precision_name(precision),
         "chip_size": args.chip_size,
         "overlap": plan.overlap,
         "layer": model.layer,
@@ -476,6 +582,8 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
         # speed changing between the end-to-end run and the pure-forward timing)
         "model_share": round(timing["model_seconds"] / e2e_s, 4),
         "peak_rss_main_mb": round(sampler.peak_main_kb / 1024, 1),
+        # the CUDA caching allocator's peaks over the run (None on the CPU)
+        **cuda_peaks,
         "rss_before_mb": round(base_kb / 1024, 1),
         "ru_maxrss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "ru_maxrss_children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
@@ -493,6 +601,17 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
 
 def _peak(row: dict) -> float:
     return row.get("peak_mb") or row["peak_pss_mb"]
+
+
+def _input(row: dict) -> str:
+    """What a run read and ran on besides model and size: the scene's compression, ``-cog`` for
+    a COG, ``@cuda`` off the CPU (rows of CPU runs on plain GeoTIFFs: the compression alone)."""
+    label = row.get("scene_compression", "deflate")
+    if row.get("scene_format") == "cog":
+        label += "-cog"
+    if row.get("device", "cpu") != "cpu":
+        label += f"@{row['device']}"
+    return label
 
 
 def run_child(cmd: list[str]) -> dict | None:
@@ -546,6 +665,19 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--compress", default="deflate", help="compression of the synthetic scenes (deflate, none)"
     )
+    ap.add_argument("--device", default="auto", help="runtime.device (auto, cpu, cuda, cuda:N)")
+    ap.add_argument("--precision", default="auto", help="runtime.precision (auto, fp32, bf16, fp16)")
+    ap.add_argument(
+        "--cog",
+        action="store_true",
+        help="synthetic scenes as Sentinel-2-like COGs (nodata 0, 512 px blocks, overviews)",
+    )
+    ap.add_argument(
+        "--no-memory-run",
+        dest="memory_run",
+        action="store_false",
+        help="skip the separate memory run; peak memory is then the timed run's",
+    )
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "SIZE", "SCENE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -564,7 +696,12 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, size in runs:
-        scene = make_scene(args.workdir / f"scene_{size}_{args.compress}.tif", size, compress=args.compress)
+        scene = make_scene(
+            scene_path(args.workdir, size, args.compress, args.cog),
+            size,
+            compress=args.compress,
+            cog=args.cog,
+        )
         cmd = [
             sys.executable,
             __file__,
@@ -588,6 +725,10 @@ def main(argv=None) -> int:
             str(args.forward_rounds),
             "--probe-every",
             str(args.probe_every),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
         ]
         print(f"running {name} on {size} x {size} px ...", flush=True)
         tries = [run_child(cmd) for _ in range(max(1, args.repeat))]
@@ -597,15 +738,24 @@ def main(argv=None) -> int:
         row["repeats"] = len(tries)
         row["ratios_of_repeats"] = [t["ratio"] for t in tries]
         row["scene_compression"] = args.compress
+        if args.cog:
+            row["scene_format"] = "cog"
         row["commit"] = _commit()
         # memory from a run of its own (the speed run's probes and pure forwards perturb it)
-        mem = run_child([*cmd, "--memory-only"])
-        if mem is None:
-            return 1
-        row["peak_mb_speed_run"] = row["peak_mb"]
-        row["peak_rss_streaming_mb_speed_run"] = row["peak_rss_streaming_mb"]
-        row.update(peak_mb=mem["peak_mb"], peak_rss_streaming_mb=mem["peak_rss_streaming_mb"])
-        row["rss_before_memory_run_mb"] = mem["rss_before_mb"]
+        row["memory_run"] = args.memory_run
+        if args.memory_run:
+            mem = run_child([*cmd, "--memory-only"])
+            if mem is None:
+                return 1
+            row["peak_mb_speed_run"] = row["peak_mb"]
+            row["peak_rss_streaming_mb_speed_run"] = row["peak_rss_streaming_mb"]
+            row.update(peak_mb=mem["peak_mb"], peak_rss_streaming_mb=mem["peak_rss_streaming_mb"])
+            row["rss_before_memory_run_mb"] = mem["rss_before_mb"]
+            if mem.get("peak_cuda_mb") is not None:
+                row["peak_cuda_mb_speed_run"] = row["peak_cuda_mb"]
+                row.update(
+                    peak_cuda_mb=mem["peak_cuda_mb"], peak_cuda_reserved_mb=mem["peak_cuda_reserved_mb"]
+                )
         rows.append(row)
         print(
             f"  {row['chips']} chips: end-to-end {row['end_to_end_chips_per_s']:.2f} chips/s, "
@@ -613,7 +763,8 @@ def main(argv=None) -> int:
             f"(CPU-time ratio {row['cpu_ratio']:.3f}, model share {row['model_share']:.3f}, "
             f"ceiling {row['ratio_ceiling']:.3f}: input decoded once in {row['input_decode_once_s']:.2f} s); "
             f"peak {row['peak_mb']:.0f} MB ({row['peak_rss_streaming_mb']:.0f} MB before the COG copy); "
-            f"load {row['loadavg_start']}-{row['loadavg_end']}",
+            f"load {row['loadavg_start']}-{row['loadavg_end']}"
+            + (f"; GPU peak {row['peak_cuda_mb']:.0f} MB" if row.get("peak_cuda_mb") is not None else ""),
             flush=True,
         )
 
@@ -626,7 +777,7 @@ def main(argv=None) -> int:
             old = []
 
     def key(r):
-        return (r["model"], r.get("scene_compression", "deflate"), r["size"])
+        return (r["model"], _input(r), r["size"])
 
     done = {key(r) for r in rows}
     allrows = [r for r in old if key(r) not in done] + rows
@@ -677,7 +828,7 @@ def main(argv=None) -> int:
     )
     for r in allrows:
         print(
-            f"{r['model']:<15}{r.get('scene_compression', 'deflate'):>8}{r['size']:>7}{r['chips']:>7}{r['end_to_end_chips_per_s']:>9.2f}"
+            f"{r['model']:<15}{_input(r):>8}{r['size']:>7}{r['chips']:>7}{r['end_to_end_chips_per_s']:>9.2f}"
             f"{r['forward_chips_per_s']:>9.2f}{r['ratio']:>8.3f}{r.get('ratio_ceiling', float('nan')):>7.3f}"
             f"{r['cpu_ratio']:>7.3f}{_peak(r):>9.0f}"
         )

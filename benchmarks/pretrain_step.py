@@ -11,12 +11,18 @@ For each recipe a fresh subprocess (so peak memory is its own):
    image = one sample with all its crops);
 3. times the data pipeline alone (read + multi-crop + augmentations, one thread, as one DataLoader
    worker) on the same data: samples/s per worker, i.e. how many workers one process needs;
-4. reports peak memory: resident set size of the process (CPU) or ``max_memory_allocated`` (CUDA).
+4. reports peak memory: resident set size of the process (CPU) or ``max_memory_allocated`` (CUDA);
+5. with ``--flops``: counts the model FLOPs of one step (forward of the student, the EMA teacher
+   and the optical teacher, backward of the student; :mod:`flops`) on a slice of the batch in
+   eager mode, scaled to the whole batch (every counted operation is per sample), and reports
+   achieved TFLOP/s and the model FLOP utilisation against the GPU's dense 16-bit peak.
 
 Results are printed and written to ``benchmarks/results/pretrain_step.json`` (other entries kept).
 
     python benchmarks/pretrain_step.py                                   # tiny_cpu and deo_swin_t_ablation
     python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda  # on a GPU node
+    python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda --steps 50 --flops \
+        --set precision=bf16 --set compile=true          # issue 17: bf16, batch 64, compile, MFU
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ def child(args) -> dict:
     if batch is not None:
         sets.append(f"batch_size={batch}")
     sets += ["data.windows_per_scene=16", "data.window_size=256"]  # enough OSCD samples for any batch
+    sets += args.sets or []
     recipe = build_recipe(PretrainRecipe, args.child, sets=sets, command="pretrain")
     with tempfile.TemporaryDirectory() as tmp:
         plan = plan_pretrain(recipe, Path(tmp) / "run")
@@ -113,6 +120,8 @@ def child(args) -> dict:
         cpu_times.append(time.process_time() - c0)
     step_s = sorted(times)[len(times) // 2]
     step_threads = torch.get_num_threads()
+    peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    flops = count_step_flops(args, student, ema, optical, loss, recipe, plan, crops) if args.flops else None
 
     # The data pipeline alone, one thread (what one DataLoader worker does).
     torch.set_num_threads(1)
@@ -146,12 +155,56 @@ def child(args) -> dict:
         "step_cpu_s": round(sorted(cpu_times)[len(cpu_times) // 2], 4),  # CPU time of this process
         "images_per_s": round(b / step_s, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "peak_cuda_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        if device.type == "cuda"
-        else None,
+        "peak_cuda_gib": round(peak_cuda / 2**30, 3) if peak_cuda is not None else None,
         "data_samples_per_s_per_worker": round(1.0 / data_s, 2),
         "data_cpu_s_per_sample": round(data_cpu_s, 4),
         "torch": torch.__version__,
+        **(flops_fields(flops, step_s, b, device, plan.precision) if flops is not None else {}),
+    }
+
+
+def count_step_flops(args, student, ema, optical, loss, recipe, plan, crops) -> tuple[int, int]:
+    """``(FLOPs of one step at the full batch, samples counted)``: forward and backward in eager
+    mode (DeoMetaArch on the unwrapped student) on the first ``--flops-batch`` samples, scaled."""
+    from flops import count_flops
+
+    from deo_cli.runtime import autocast
+    from deo_cli.train.meta_arch import DeoMetaArch
+
+    b = recipe.batch_size
+    n = min(b, args.flops_batch) if args.flops_batch > 0 else b
+    part = {k: (v[:, :n] if v is not None else None) for k, v in crops.items()}
+    eager = DeoMetaArch(
+        student, student, ema, optical, loss, ema_drop_path=recipe.model.ema_drop_path
+    ).train()
+
+    def step():
+        with autocast(plan.device, plan.precision):
+            terms = eager(part)
+        terms["total"].backward()
+
+    counted = count_flops(step)
+    student.zero_grad(set_to_none=True)
+    return counted * b // n, n
+
+
+def flops_fields(flops: tuple[int, int], step_s: float, batch: int, device, precision) -> dict:
+    """The FLOP and MFU fields of a result (MFU only for a 16-bit run on a GPU in the table)."""
+    import torch
+    from flops import mfu, peak_flops
+
+    per_step, counted = flops
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak, matched = peak_flops(name) if precision is not None else (None, None)
+    util = mfu(per_step, step_s, peak)
+    return {
+        "flops_per_step": per_step,
+        "flops_per_image": per_step // batch,
+        "flops_counted_on": counted,
+        "achieved_tflops": round(per_step / step_s / 1e12, 3),
+        "peak_tflops_16bit": round(peak / 1e12, 2) if peak else None,
+        "peak_table_entry": matched,
+        "mfu": round(util, 4) if util is not None else None,
     }
 
 
@@ -176,6 +229,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: as deo pretrain)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--data-samples", type=int, default=8)
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="recipe override KEY=VALUE (repeatable)"
+    )
+    parser.add_argument(
+        "--flops", action="store_true", help="count the model FLOPs of a step and report MFU (GPU)"
+    )
+    parser.add_argument(
+        "--flops-batch", type=int, default=8, help="samples the FLOPs are counted on (0: the whole batch)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -191,6 +253,10 @@ def main() -> None:
             cmd += ["--batch-size", str(args.batch_size)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        for kv in args.sets:
+            cmd += ["--set", kv]
+        if args.flops:
+            cmd += ["--flops", "--flops-batch", str(args.flops_batch)]
         t0, pressure = time.time(), cpu_pressure()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -207,6 +273,11 @@ def main() -> None:
             f"peak {r['peak_cuda_gib'] or r['peak_rss_gib']:.2f} GiB ({'CUDA' if r['peak_cuda_gib'] else 'RSS'})  "
             f"data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker  "
             f"(CPU pressure {r['cpu_pressure_avg60']})"
+            + (
+                f"  {r['flops_per_image'] / 1e9:.1f} GFLOP/image, {r['achieved_tflops']:.1f} TFLOP/s, MFU {r['mfu']}"
+                if "flops_per_step" in r
+                else ""
+            )
         )
 
     out = Path(args.out)
