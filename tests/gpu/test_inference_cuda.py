@@ -31,7 +31,7 @@ from tests.gpu.helpers import (
 pytestmark = pytest.mark.gpu
 
 TINY = ["model.name=deo_swin_test", "model.weights=random"]
-TILING = ["tiling.chip_size=64", "tiling.overlap=16", "runtime.batch_size=8"]
+TILING = ["tiling.chip_size=96", "tiling.overlap=32", "runtime.batch_size=8"]
 
 
 def _runtime(device: str, precision: str) -> list[str]:
@@ -163,7 +163,7 @@ def test_embed_gpus_n_equals_one_process(scenes, tmp_path):
 
     n = torch.cuda.device_count()
     common = ["embed", str(scenes[0]), "--model", "deo_swin_test", "--weights", "random"]
-    common += ["--device", "cuda", "--precision", "fp32", "--chip-size", "64", "--overlap", "16"]
+    common += ["--device", "cuda", "--precision", "fp32", "--chip-size", "96", "--overlap", "32"]
     runner = CliRunner()
     one, many = tmp_path / "one.tif", tmp_path / "many.tif"
     r1 = runner.invoke(app, [*common, "-o", str(one), "--gpus", "1"])
