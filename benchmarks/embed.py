@@ -79,7 +79,9 @@ def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate", 
     ``cog``: a Cloud-Optimized GeoTIFF as Sentinel-2 tiles are distributed (nodata 0, 512 px
     blocks, ``compress`` with a predictor, overviews): the rows are written block by block into
     an uncompressed tiled temporary file, which GDAL's COG driver then compresses with every
-    core; memory stays at one row of blocks whatever the size (10980 px: a 2.4 GB scene)."""
+    core; the arrays held are one row of blocks whatever the size (10980 px: a 2.4 GB scene)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import rasterio
     from affine import Affine
@@ -109,17 +111,23 @@ def make_scene(path: Path, size: int, seed: int = 0, compress: str = "deflate", 
     )
     freqs = rng.uniform(0.002, 0.02, (10, 3, 2))
     phases = rng.uniform(0, 2 * np.pi, (10, 3))
-    with rasterio.open(tmp, "w", **profile) as ds:
+    xs = np.arange(size, dtype=np.float32)
+
+    def band(b: int, ys, noise):
+        f = sum(np.sin(freqs[b, j, 0] * ys + freqs[b, j, 1] * xs + phases[b, j]) for j in range(3))
+        f = 1500 + 400 * b / 10 + 350 * f + noise
+        return np.clip(f, 1, 10000).astype(np.uint16)
+
+    # The bands of a row of blocks are computed in threads (NumPy releases the GIL); the noise is
+    # drawn in the same order as one band after the other, so the values do not depend on it.
+    with rasterio.open(tmp, "w", **profile) as ds, ThreadPoolExecutor(min(10, os.cpu_count() or 1)) as pool:
         ds.descriptions = tuple(BANDS)
-        xs = np.arange(size, dtype=np.float32)
         for r0 in range(0, size, 256):
             k = min(256, size - r0)
             ys = np.arange(r0, r0 + k, dtype=np.float32)[:, None]
-            block = np.empty((10, k, size), np.uint16)
-            for b in range(10):
-                f = sum(np.sin(freqs[b, j, 0] * ys + freqs[b, j, 1] * xs + phases[b, j]) for j in range(3))
-                f = 1500 + 400 * b / 10 + 350 * f + rng.normal(0, 60, (k, size))
-                block[b] = np.clip(f, 1, 10000).astype(np.uint16)
+            noise = [rng.normal(0, 60, (k, size)) for _ in range(10)]
+            block = np.stack(list(pool.map(band, range(10), [ys] * 10, noise)))
+            del noise
             ds.write(block, window=Window(0, r0, size, k))
     if cog:
         import rasterio.shutil
