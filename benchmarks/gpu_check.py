@@ -374,6 +374,23 @@ def _driver() -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _host_memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def describe_machine(gpu: bool) -> tuple[dict, dict]:
     """``(versions, device)`` of this machine."""
     import numpy
@@ -398,7 +415,7 @@ def describe_machine(gpu: bool) -> tuple[dict, dict]:
     }
     device = {
         "type": "cuda" if gpu else "cpu",
-        "name": platform.processor() or platform.machine(),
+        "name": _cpu_name(),
         "count": 0,
         "memory_gib": None,
         "capability": None,
@@ -406,6 +423,7 @@ def describe_machine(gpu: bool) -> tuple[dict, dict]:
         "peak_bf16_tflops": None,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
+        "host_memory_gib": _host_memory_gib(),
     }
     if gpu:
         props = torch.cuda.get_device_properties(0)
