@@ -34,8 +34,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer
 from torchvision.ops.misc import Permute
 
 from deo_cli.models.encoder import DeoEncoder, ceil_div
@@ -54,6 +56,97 @@ def _stem(in_chans: int, embed_dim: int) -> nn.Sequential:
         Permute([0, 2, 3, 1]),
         nn.LayerNorm(embed_dim, eps=1e-5),
     )
+
+
+#: Shifted-window attention masks by (padded height, padded width, window, shift, dtype, device).
+_MASKS: dict[tuple, Tensor] = {}
+
+
+def _shift_mask(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[int, int], like: Tensor) -> Tensor:
+    """torchvision's shifted-window mask ``(1, nW, 1, N, N)`` (0 inside a region, -100 across
+    regions), built once per shape instead of at every block call."""
+    key = (pad_h, pad_w, window, shift, like.dtype, like.device)
+    mask = _MASKS.get(key)
+    if mask is None:
+        wh, ww = window
+        m = torch.zeros((pad_h, pad_w), dtype=like.dtype, device=like.device)
+        count = 0
+        for h in ((0, -wh), (-wh, -shift[0]), (-shift[0], None)):
+            for w in ((0, -ww), (-ww, -shift[1]), (-shift[1], None)):
+                m[h[0] : h[1], w[0] : w[1]] = count
+                count += 1
+        m = m.view(pad_h // wh, wh, pad_w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+        m = m.unsqueeze(1) - m.unsqueeze(2)
+        m = m.masked_fill(m != 0, float(-100.0)).masked_fill(m == 0, float(0.0))
+        mask = _MASKS[key] = m.unsqueeze(1).unsqueeze(0)
+    return mask
+
+
+def shifted_window_attention(
+    x: Tensor,
+    qkv: nn.Linear,
+    proj: nn.Linear,
+    relative_position_bias: Tensor,
+    window_size: Sequence[int],
+    num_heads: int,
+    shift_size: Sequence[int],
+) -> Tensor:
+    """torchvision's ``shifted_window_attention`` (Swin v1, no dropout), the same operations on the
+    same values in the same order, less waste: query, key and value are taken with ``unbind``
+    (torchvision's ``qkv[0], qkv[1], qkv[2]`` each zero-fill a full-size gradient in the backward
+    pass, which then adds the three and copies the sum into qkv's layout), the shifted-window mask is built once per shape (:func:`_shift_mask`) and an input that
+    needs no padding is not copied by ``F.pad``."""
+    B, H, W, C = x.shape
+    wh, ww = window_size
+    pad_r, pad_b = (ww - W % ww) % ww, (wh - H % wh) % wh
+    if pad_r or pad_b:
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    # a window at least as large as the map needs no shift (torchvision's rule)
+    shift = (0 if wh >= pad_H else shift_size[0], 0 if ww >= pad_W else shift_size[1])
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    num_windows = (pad_H // wh) * (pad_W // ww)
+    x = x.view(B, pad_H // wh, wh, pad_W // ww, ww, C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, wh * ww, C)
+    n, t = x.size(0), x.size(1)
+    qkv_out = F.linear(x, qkv.weight, qkv.bias)
+    # the views torchvision takes (qkv[0], qkv[1], qkv[2] of permute(2, 0, 3, 1, 4)), taken by unbind
+    # along the 3: the backward pass stacks the three gradients straight into qkv's own layout
+    q, k, v = (y.transpose(1, 2) for y in qkv_out.reshape(n, t, 3, num_heads, C // num_heads).unbind(2))
+    q = q * (C // num_heads) ** -0.5
+    attn = q.matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift) > 0:
+        attn = attn.view(n // num_windows, num_windows, num_heads, t, t)
+        attn = attn + _shift_mask(pad_H, pad_W, (wh, ww), shift, x)
+        attn = attn.view(-1, num_heads, t, t)
+    attn = F.softmax(attn, dim=-1)
+    x = attn.matmul(v).transpose(1, 2).reshape(n, t, C)
+    x = F.linear(x, proj.weight, proj.bias)
+    x = x.view(B, pad_H // wh, pad_W // ww, wh, ww, C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+class WindowAttention(ShiftedWindowAttention):
+    """torchvision's ``ShiftedWindowAttention`` (same parameters and names) computed by
+    :func:`shifted_window_attention`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.attention_dropout or self.dropout:  # never in DEO's Swins; torchvision's own code
+            return super().forward(x)
+        return shifted_window_attention(
+            x,
+            self.qkv,
+            self.proj,
+            self.get_relative_position_bias(),
+            self.window_size,
+            self.num_heads,
+            self.shift_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -171,6 +264,9 @@ class DeoSwin(DeoEncoder):
             norm_layer=partial(nn.LayerNorm, eps=1e-5),
         )
         del trunk.features[0]  # the 3-band patch embedding; the stems replace it
+        for m in trunk.modules():
+            if type(m) is ShiftedWindowAttention:
+                m.__class__ = WindowAttention  # same numbers, less copying (shifted_window_attention)
         self.features = trunk.features
         self.norm = trunk.norm
         self.conv_ms = _stem(in_chans, embed_dim)

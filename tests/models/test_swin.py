@@ -102,3 +102,30 @@ def test_swin_b_and_t_configuration():
     assert t.features[6][-1].stochastic_depth.p == pytest.approx(0.2)
     assert b.feature_channels == (128, 256, 512, 1024) and t.feature_channels == (96, 192, 384, 768)
     assert isinstance(b, DeoSwin) and get_model_spec("deo_swin_b").pooled_dim == b.pooled_dim == 1024
+
+
+@pytest.mark.parametrize("side", [12, 16, 5])  # shifted; shifted and padded; window larger than the map
+def test_window_attention_is_torchvisions_bit_for_bit(swin, side):
+    from torchvision.models.swin_transformer import ShiftedWindowAttention, shifted_window_attention
+
+    from deo_cli.models.swin import WindowAttention
+
+    attn = swin.features[0][1].attn  # a shifted block (shift 3, window 6)
+    assert type(attn) is WindowAttention and isinstance(attn, ShiftedWindowAttention)
+    x = torch.randn(2, side, side, 16)
+    outs, grads = [], []
+    for reference in (False, True):
+        swin.zero_grad()
+        xi = x.clone().requires_grad_()
+        if reference:  # torchvision's own function on the same parameters
+            y = shifted_window_attention(
+                xi, attn.qkv.weight, attn.proj.weight, attn.get_relative_position_bias(), attn.window_size,
+                attn.num_heads, shift_size=attn.shift_size, qkv_bias=attn.qkv.bias, proj_bias=attn.proj.bias,
+            )  # fmt: skip
+        else:
+            y = attn(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad.clone() for p in attn.parameters()])
+    assert outs[0].shape == (2, side, side, 16) and torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
