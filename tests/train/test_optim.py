@@ -36,7 +36,8 @@ def test_no_weight_decay_on_biases_and_norms():
     ]
     assert no_decay["weight_decay"] == 0.0
     opt = build_optimizer(m, device=torch.device("cpu"))
-    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults.get("fused")
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused")  # the fused kernel on the CPU too
+    assert not build_optimizer(m, fused=False, device=torch.device("cpu")).defaults.get("fused")
 
 
 def test_clipping_is_per_parameter_not_global():
