@@ -963,7 +963,8 @@ class PretrainRecipe:
     gpus: int = 1
     device: Device = "auto"
     precision: Precision = "auto"
-    compile: bool = False
+    #: ``torch.compile`` the student: ``auto`` on CUDA only (inductor takes minutes on the CPU).
+    compile: bool | Literal["auto"] = "auto"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10

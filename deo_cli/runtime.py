@@ -3,14 +3,18 @@
 ``--device auto`` takes a CUDA GPU when there is one (then Apple's MPS), else the CPU.
 ``--precision auto`` is bf16 autocast on GPUs that support it, fp16 autocast (with a gradient
 scaler when training) on older GPUs, and fp32 on the CPU (docs/method.md §2.9 trains in fp16 AMP).
+``compile: auto`` (training) is ``torch.compile`` on CUDA and eager elsewhere: on the CPU, inductor
+takes minutes before the first step and gains little.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +99,36 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
             "fp16 autocast is not supported on the CPU", "use --precision bf16 or fp32 on the CPU"
         )
     return dtype
+
+
+def resolve_compile(spec: bool | str, device: torch.device) -> bool:
+    """Whether to ``torch.compile`` for ``spec`` (``auto``: on CUDA only; ``True``/``False`` as given)."""
+    if isinstance(spec, str):
+        if spec.strip().lower() != "auto":
+            raise UsageError(f"unknown compile setting {spec!r}", "use auto, true or false")
+        return device.type == "cuda"
+    return bool(spec)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep memory that torch frees for the next allocation instead of giving it
+    back to the kernel (``mallopt``: no ``mmap`` for large blocks, no trimming of the heap).
+
+    A CPU training step allocates and frees the same few GiB of activations every step; by default
+    each block above glibc's mmap threshold (at most 32 MiB) is unmapped when freed and faulted in
+    and zeroed by the kernel again on the next step. Measured on 2 cores (Swin-T, batch 8,
+    benchmarks/pretrain_step.py): 0.5-1.6 s of system time a step without, 0.1 s with, 11 % less
+    step time; peak memory the same. The setting holds for the rest of the process (its resident
+    size no longer shrinks). Returns whether it was applied (glibc on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    # -1: never trim (man mallopt); 0 mmap'ed blocks at a time: everything from the reused heap
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, -1) == 1
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from deo_cli.errors import UsageError
-from deo_cli.runtime import autocast, precision_name, resolve_device, resolve_precision, seed_everything
+from deo_cli.runtime import (
+    autocast,
+    precision_name,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 
 
 def test_auto_device_and_precision_on_this_machine():
@@ -113,3 +120,35 @@ def test_gpus_without_a_gpu_needs_device_cpu(command, make_raster, tmp_path):
     check_gpus(2, "cpu", torch.device("cpu"))  # asked for on purpose: fine
     with pytest.raises(UsageError, match="not a process count"):
         check_gpus(0, "cpu", torch.device("cpu"))
+
+
+def test_compile_auto_is_cuda_only_and_an_explicit_value_is_kept():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_compile("auto", cpu) is False and resolve_compile("auto", cuda) is True
+    assert resolve_compile(True, cpu) is True and resolve_compile(False, cuda) is False
+    with pytest.raises(UsageError, match="compile"):
+        resolve_compile("sometimes", cpu)
+
+
+def test_keep_freed_memory_keeps_a_freed_block_resident():
+    # in a child process: the setting holds for the rest of the process
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from deo_cli.runtime import keep_freed_memory\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "def churn():\n"
+        "    x = torch.ones(64 * 2**20 // 4); before = rss(); del x; return before - rss()\n"
+        "given_back = churn()\n"
+        "ok = keep_freed_memory()\n"
+        "churn()\n"
+        "print(ok, given_back, churn())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[0] != "True":
+        pytest.skip("not glibc")
+    assert int(out[1]) > 32 * 2**20  # by default a freed 64 MiB block goes back to the kernel
+    assert int(out[2]) < 4 * 2**20  # kept: reused by the next allocation, not faulted in again

@@ -45,7 +45,9 @@ from deo_cli.recipes import PretrainRecipe, recipe_hash, recipe_to_dict, save_re
 from deo_cli.runtime import (
     autocast,
     check_gpus,
+    keep_freed_memory,
     precision_name,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -426,6 +428,17 @@ def _prepare_run_folder(plan: RunPlan) -> None:
             (plan.out / f).unlink(missing_ok=True)
 
 
+def prepare_device(device: torch.device) -> None:
+    """Process settings for training on ``device``: on CUDA, cuDNN picks kernels for the fixed crop
+    shapes and fp32 matmuls may use TF32; on the CPU, freed activations are kept for the next step
+    (:func:`deo_cli.runtime.keep_freed_memory`)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    elif device.type == "cpu" and keep_freed_memory():
+        log.debug("CPU training: freed memory is kept for the next step (glibc mallopt)")
+
+
 def train_step(
     meta: DeoMetaArch,
     optimizer: torch.optim.Optimizer,
@@ -476,9 +489,7 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
     device = env.device
     progress = progress if (progress is not None and env.is_main) else NullProgress()
 
-    if device.type == "cuda":  # fixed crop shapes: let cuDNN pick kernels; TF32 for fp32 matmuls
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+    prepare_device(device)
 
     # -- models: identical on every rank (same seed), then moved to the device -----------------
     seed_everything(r.seed)
@@ -551,7 +562,8 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
             find_unused_parameters=not all(loss_fn.active(t) for t in loss_fn.weights),
             broadcast_buffers=False,
         )
-    if r.compile:
+    compiled = resolve_compile(r.compile, device)  # auto: CUDA only (inductor takes minutes on a CPU)
+    if compiled:
         model = torch.compile(model, dynamic=False)
     meta = DeoMetaArch(model, student, ema, optical, loss_fn, ema_drop_path=r.model.ema_drop_path).train()
 
@@ -583,12 +595,13 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
             "samples": len(dataset),
             "device": str(device),
             "precision": precision_name(plan.precision),
+            "compile": compiled,
             "recipe_hash": recipe_hash(r),
             "time": time.time(),
         }
     )
     log.info(
-        "%s %s: %d samples, %d steps/epoch x %d epochs, global batch %d, %s %s, %d process(es)",
+        "%s %s: %d samples, %d steps/epoch x %d epochs, global batch %d, %s %s%s, %d process(es)",
         f"resuming at step {step}:" if step else "training",
         r.model.name,
         len(dataset),
@@ -597,6 +610,7 @@ def train(env: ddp.DistEnv, progress, plan: RunPlan) -> None:
         global_batch,
         device,
         precision_name(plan.precision),
+        ", compiled" if compiled else "",
         env.world_size,
     )
 
@@ -709,6 +723,7 @@ __all__ = [
     "build_loss",
     "build_models",
     "plan_pretrain",
+    "prepare_device",
     "resolve_teacher_name",
     "run_pretrain",
     "summarize_run",

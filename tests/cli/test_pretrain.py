@@ -50,6 +50,8 @@ def test_tiny_recipe_trains_and_the_loss_falls(shared_data, tmp_path, dataset):
     losses = [r["loss"] for r in rows(run)]
     assert len(losses) == 10 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses  # the seeded run learns
+    start = rows(run, "start")[0]
+    assert start["precision"] == "fp32" and start["compile"] is False  # auto: eager fp32 on the CPU
     first = rows(run)[0]
     assert (
         first["lr"] == 0.0
