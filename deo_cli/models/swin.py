@@ -58,6 +58,10 @@ def _stem(in_chans: int, embed_dim: int) -> nn.Sequential:
     )
 
 
+#: Fewest real tokens for which the projections skip the padded ones (below, torchvision's order):
+#: MKL's matrix product gives each row the same bits whatever the number of rows from about this
+#: many rows on (fewer rows can take another kernel: e.g. 9 or 48-128 rows of width 1024).
+MIN_ROWS_TO_SKIP_PADDING = 160
 #: Shifted-window attention masks by (padded height, padded width, window, shift, dtype, device).
 _MASKS: dict[tuple, Tensor] = {}
 
@@ -91,26 +95,46 @@ def shifted_window_attention(
     num_heads: int,
     shift_size: Sequence[int],
 ) -> Tensor:
-    """torchvision's ``shifted_window_attention`` (Swin v1, no dropout), the same operations on the
-    same values in the same order, less waste: query, key and value are taken with ``unbind``
-    (torchvision's ``qkv[0], qkv[1], qkv[2]`` each zero-fill a full-size gradient in the backward
-    pass, which then adds the three and copies the sum into qkv's layout), the shifted-window mask is built once per shape (:func:`_shift_mask`) and an input that
-    needs no padding is not copied by ``F.pad``."""
+    """torchvision's ``shifted_window_attention`` (Swin v1, no dropout): the same forward values,
+    bit for bit, with less work.
+
+    - Query, key and value are taken with ``unbind`` (torchvision's ``qkv[0], qkv[1], qkv[2]``
+      each zero-fill a full-size gradient in the backward pass, which then adds the three and
+      copies the sum into qkv's layout).
+    - A map that is not a multiple of the window is zero-padded by torchvision, and the
+      projections run on the padded tokens too: ``qkv`` gives exactly its bias there, ``proj``'s
+      output there is cut away. Here both run on the real tokens only: ``qkv`` before the padding
+      (its bias fills the padded tokens), ``proj`` after the windows are put back and cut to the
+      map (a 96 px crop's stages: 576 of 784, 144 of 196, 36 of 49 and 9 of 49 tokens). Linear
+      layers compute every token on its own, so the values are the same (from
+      :data:`MIN_ROWS_TO_SKIP_PADDING` real tokens on; fewer keep torchvision's order); the weight
+      gradients of these two layers are summed in another order (the same to rounding).
+    - The shifted-window mask is built once per shape (:func:`_shift_mask`).
+    """
     B, H, W, C = x.shape
     wh, ww = window_size
     pad_r, pad_b = (ww - W % ww) % ww, (wh - H % wh) % wh
-    if pad_r or pad_b:
+    pad_H, pad_W = H + pad_b, W + pad_r
+    skip = bool(pad_r or pad_b) and B * H * W >= MIN_ROWS_TO_SKIP_PADDING
+    if skip:  # the projection on the real tokens; the padded ones get its bias (what 0 gives)
+        x = F.linear(x, qkv.weight, qkv.bias)
+        fill = qkv.bias if qkv.bias is not None else x.new_zeros(x.shape[-1])
+        if pad_r:
+            x = torch.cat([x, fill.expand(B, H, pad_r, x.shape[-1])], dim=2)
+        if pad_b:
+            x = torch.cat([x, fill.expand(B, pad_b, pad_W, x.shape[-1])], dim=1)
+    elif pad_r or pad_b:
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-    _, pad_H, pad_W, _ = x.shape
     # a window at least as large as the map needs no shift (torchvision's rule)
     shift = (0 if wh >= pad_H else shift_size[0], 0 if ww >= pad_W else shift_size[1])
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     num_windows = (pad_H // wh) * (pad_W // ww)
-    x = x.view(B, pad_H // wh, wh, pad_W // ww, ww, C)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, wh * ww, C)
+    width = x.shape[-1]
+    x = x.view(B, pad_H // wh, wh, pad_W // ww, ww, width)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, wh * ww, width)
     n, t = x.size(0), x.size(1)
-    qkv_out = F.linear(x, qkv.weight, qkv.bias)
+    qkv_out = x if skip else F.linear(x, qkv.weight, qkv.bias)
     # the views torchvision takes (qkv[0], qkv[1], qkv[2] of permute(2, 0, 3, 1, 4)), taken by unbind
     # along the 3: the backward pass stacks the three gradients straight into qkv's own layout
     q, k, v = (y.transpose(1, 2) for y in qkv_out.reshape(n, t, 3, num_heads, C // num_heads).unbind(2))
@@ -119,15 +143,18 @@ def shifted_window_attention(
     attn = attn + relative_position_bias
     if sum(shift) > 0:
         attn = attn.view(n // num_windows, num_windows, num_heads, t, t)
-        attn = attn + _shift_mask(pad_H, pad_W, (wh, ww), shift, x)
+        attn = attn + _shift_mask(pad_H, pad_W, (wh, ww), shift, attn)
         attn = attn.view(-1, num_heads, t, t)
     attn = F.softmax(attn, dim=-1)
     x = attn.matmul(v).transpose(1, 2).reshape(n, t, C)
-    x = F.linear(x, proj.weight, proj.bias)
+    if not skip:
+        x = F.linear(x, proj.weight, proj.bias)
     x = x.view(B, pad_H // wh, pad_W // ww, wh, ww, C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    if skip:  # the real tokens only through the output projection
+        return F.linear(x[:, :H, :W, :].contiguous(), proj.weight, proj.bias)  # contiguous: addmm as before
     return x[:, :H, :W, :].contiguous()
 
 

@@ -104,7 +104,7 @@ def test_swin_b_and_t_configuration():
     assert isinstance(b, DeoSwin) and get_model_spec("deo_swin_b").pooled_dim == b.pooled_dim == 1024
 
 
-@pytest.mark.parametrize("side", [12, 16, 5])  # shifted; shifted and padded; window larger than the map
+@pytest.mark.parametrize("side", [12, 16, 5, 3])  # shifted; shifted and padded; window > map (qkv first)
 def test_window_attention_is_torchvisions_bit_for_bit(swin, side):
     from torchvision.models.swin_transformer import ShiftedWindowAttention, shifted_window_attention
 
@@ -128,4 +128,9 @@ def test_window_attention_is_torchvisions_bit_for_bit(swin, side):
         outs.append(y.detach())
         grads.append([xi.grad] + [p.grad.clone() for p in attn.parameters()])
     assert outs[0].shape == (2, side, side, 16) and torch.equal(outs[0], outs[1])
-    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+    assert torch.equal(grads[0][0], grads[1][0])  # the input's gradient
+    for a, b in zip(grads[0][1:], grads[1][1:], strict=True):
+        if side % 6 == 0:  # nothing padded: torchvision's operations, the same sums
+            assert torch.equal(a, b)
+        else:  # the projections skip padded tokens: weight gradients summed in another order
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # sums of ~500 terms of size ~1
