@@ -1,102 +1,292 @@
-"""Benchmark ``deo pretrain``: step time, images/s and peak memory per recipe, and data throughput.
+"""Benchmark ``deo pretrain``'s training step, against the official DEO-FM step when it is at hand.
 
-For each recipe a fresh subprocess (so peak memory is its own):
+Default (no ``--recipes``): **the official work shape** on this machine's CPU cores: Swin-T student
+with both stems, random DINOv3 ViT-B/16 teacher, 2 x 224 + 10 x 96 crops, fp32, one process with
+as many threads as cores, batch 2 and 8. Every measurement is a fresh process:
 
-1. resolves the recipe on the OSCD subset (``../shared/data/oscd_subset``) with a random optical
-   teacher (the architecture is the recipe's, so the cost is real; no download), builds the student,
-   EMA teacher, optical teacher, loss and AdamW exactly as ``deo pretrain`` does;
+1. builds the student, EMA teacher, optical teacher, loss and optimiser exactly as ``deo pretrain``
+   does (:func:`deo_cli.train.loop.build_models`), with weights from one file written once per run
+   (so both sides below start from the same numbers), and identical random crops (seed 0);
 2. times :func:`deo_cli.train.loop.train_step` (forward of all crops, backward, per-parameter
-   clipping, AdamW, EMA update) on in-memory batches of the recipe's crop shapes: 1 warm-up step
-   (2 with ``compile``), then ``--steps`` timed steps; reports seconds per step and images/s (one
-   image = one sample with all its crops);
-3. times the data pipeline alone (read + multi-crop + augmentations, one thread, as one DataLoader
-   worker) on the same data: samples/s per worker, i.e. how many workers one process needs;
-4. reports peak memory: resident set size of the process (CPU) or ``max_memory_allocated`` (CUDA);
-5. with ``--flops``: counts the model FLOPs of one step (forward of the student, the EMA teacher
-   and the optical teacher, backward of the student; :mod:`flops`) on a slice of the batch in
-   eager mode, scaled to the whole batch (every counted operation is per sample), and reports
-   achieved TFLOP/s and the model FLOP utilisation against the GPU's dense 16-bit peak.
+   clipping, AdamW, EMA update): 1 warm-up step (2 with ``compile``) excluded, then ``--steps``
+   timed steps; the median step, images/s (one image = one sample with all its crops), CPU time;
+3. peak memory: the resident set's high-water mark over the steps (reset by
+   ``/proc/self/clear_refs`` before the warm-up step; ``step_peak_rss_gib``), the whole process's
+   (``peak_rss_gib``), and ``max_memory_allocated`` on CUDA.
 
-Results are printed and written to ``benchmarks/results/pretrain_step.json`` (other entries kept).
+With ``DEO_FM_ROOT`` set to a checkout of https://github.com/wolfilip/DEO-FM (its ``DEO/`` folder is
+imported from there; nothing of it is in this repository, :mod:`official_step`), the official
+``train_one_epoch`` runs the same work in its own fresh processes, alternating with deo's
+(deo, official, deo, official, ... ``--rounds`` pairs per batch size) so that other load on the
+machine hits both alike; the ratio deo / official of the pooled median step times, both step peaks
+and the load average before and after every process are written to ``comparison`` in
+``benchmarks/results/pretrain_step.json``.
 
-    python benchmarks/pretrain_step.py                                   # tiny_cpu and deo_swin_t_ablation
+``--profile``: after the timed steps, one step with the time split by phase (student
+multispectral pass, RGB pass, EMA teacher, optical teacher, heads, loss, backward, clipping,
+optimiser, EMA update) for deo and, in the comparison, the official step, and the operators that
+took the most time with their call counts (``torch.profiler``).
+
+With ``--recipes`` (as ``benchmarks/gpu_check.py`` runs it): each recipe at its own model size,
+also times the data pipeline (read + multi-crop + augmentations, one thread, as one DataLoader
+worker), and with ``--flops`` counts the model FLOPs of one step (:mod:`flops`) and reports
+achieved TFLOP/s and the model FLOP utilisation against the GPU's dense 16-bit peak.
+
+    python benchmarks/pretrain_step.py                                  # batch 2 and 8 on the CPU
+    DEO_FM_ROOT=/path/to/DEO-FM python benchmarks/pretrain_step.py      # ... and the official step
     python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda  # on a GPU node
     python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda --steps 50 --flops \
-        --set precision=bf16 --set compile=true          # issue 17: bf16, batch 64, compile, MFU
+        --set precision=bf16 --set compile=true          # bf16, batch 64, compile, MFU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain_step.json"
 DATA = ROOT.parent / "shared" / "data" / "oscd_subset"
-#: Per-process batch on the CPU (a full-size batch of 64 would take minutes per step there).
+#: Per-process batch on the CPU in ``--recipes`` mode (a full batch of 64 takes minutes per step there).
 CPU_BATCH = {"tiny_cpu": None, "deo_swin_t_ablation": 4, "deo_swin_b": 2}
+#: The official work shape (issue 17): the recipe and the batch sizes compared.
+WORK_RECIPE, WORK_BATCHES = "deo_swin_t_ablation", (2, 8)
+PHASES = (
+    "student_ms",
+    "student_rgb",
+    "ema_teacher",
+    "optical_teacher",
+    "heads",
+    "loss",
+    "backward",
+    "clip",
+    "optimizer",
+    "ema_update",
+    "other",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory and phases
+# ---------------------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset the resident set's high-water mark to the current size (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib(since_reset: bool) -> float:
+    """``VmHWM`` (the high-water mark since the last reset) or the process's ``ru_maxrss``."""
+    if since_reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+class Phases:
+    """Wall time between marks, by phase name; each phase also a ``torch.profiler`` range."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.current: str | None = None
+        self.t0 = 0.0
+        self.range = None
+
+    def mark(self, name: str | None) -> None:
+        import torch
+
+        now = time.perf_counter()
+        if self.current is not None:
+            self.totals[self.current] += now - self.t0
+        if self.range is not None:
+            self.range.__exit__(None, None, None)
+            self.range = None
+        self.current, self.t0 = name, now
+        if name is not None:
+            self.range = torch.autograd.profiler.record_function(f"phase::{name}")
+            self.range.__enter__()
+
+    def hook(self, module, name: str, post: str | None = None) -> None:
+        module.register_forward_pre_hook(lambda *_: self.mark(name))
+        if post is not None:
+            module.register_forward_hook(lambda *_: self.mark(post))
+
+    def wrap(self, owner, attr: str, name: str, after: str | None = None) -> None:
+        """``owner.attr`` (a function or method) marks ``name`` when called (``after`` on return)."""
+        original = getattr(owner, attr)
+
+        def wrapped(*args, **kwargs):
+            self.mark(name)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if after is not None:
+                    self.mark(after)
+
+        setattr(owner, attr, wrapped)
+
+    def rounded(self, steps: int) -> dict[str, float]:
+        return {k: round(self.totals.get(k, 0.0) / steps, 3) for k in PHASES if k in self.totals}
+
+
+def top_ops(prof, n: int = 25) -> list[dict]:
+    """The operators with the most self CPU time (with call counts), and every phase range."""
+    rows = []
+    for e in prof.key_averages():
+        rows.append(
+            {
+                "name": e.key,
+                "calls": int(e.count),
+                "self_s": round(e.self_cpu_time_total / 1e6, 3),
+                "total_s": round(e.cpu_time_total / 1e6, 3),
+            }
+        )
+    ops = sorted((r for r in rows if not r["name"].startswith("phase::")), key=lambda r: -r["self_s"])
+    return ops[:n]
+
+
+def op_counts(prof, names=("aten::copy_", "aten::fill_", "aten::cat", "aten::contiguous", "aten::clone")) -> dict:
+    counts = {e.key: int(e.count) for e in prof.key_averages()}
+    return {k: counts.get(k, 0) for k in names}
+
+
+def _profiled(step, phases: Phases, steps: int = 1) -> dict:
+    """Run ``step`` once under the phase marks and once more under ``torch.profiler``."""
+    import torch
+
+    for _ in range(steps):
+        step()
+    phases.mark(None)
+    split = phases.rounded(steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+        phases.mark(None)
+    return {"phases_s": split, "top_ops": top_ops(prof), "op_counts": op_counts(prof)}
+
+
+# ---------------------------------------------------------------------------------------------
+# deo's step (a child process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _recipe(args, name: str):
+    import torch
+
+    from deo_cli.recipes import PretrainRecipe, build_recipe
+
+    sets = [f"data.path={args.data}", "teacher.weights=random", f"device={args.device}", "gpus=1"]
+    batch = args.batch_size[0] if args.batch_size else None
+    if batch is None and args.device in ("cpu", "auto") and not torch.cuda.is_available():
+        batch = CPU_BATCH.get(name)
+    if batch is not None:
+        sets.append(f"batch_size={batch}")
+    sets += ["data.windows_per_scene=16", "data.window_size=256"]  # enough OSCD samples for any batch
+    sets += args.sets or []
+    return build_recipe(PretrainRecipe, name, sets=sets, command="pretrain")
+
+
+def _plan(recipe):
+    from deo_cli.train.loop import plan_pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return plan_pretrain(recipe, Path(tmp) / "run")
+
+
+def _crops(recipe, device, b: int):
+    """Identical random crops for both sides: ``(global (G, B, 10, S, S), local (L, B, 10, s, s))``."""
+    import torch
+
+    c = recipe.crops
+    g = torch.Generator().manual_seed(0)
+    glob = torch.randn(c.global_number, b, 10, c.global_size, c.global_size, generator=g).to(device)
+    loc = torch.randn(c.local_number, b, 10, c.local_size, c.local_size, generator=g).to(device) if c.local_number else None
+    return glob, loc
+
+
+def make_weights(args) -> dict:
+    """Write the student's and the optical teacher's initial weights (``--child-weights PATH``)."""
+    import torch
+
+    from deo_cli.train.loop import build_models
+
+    recipe = _recipe(args, args.child)
+    plan = _plan(recipe)
+    torch.manual_seed(0)
+    student, _, optical, _ = build_models(plan, 1)
+    torch.save({"student": student.state_dict(), "optical": optical.state_dict()}, args.child_weights)
+    return {"weights": args.child_weights}
+
+
+def _set_threads(args, recipe, device) -> None:
+    import torch
+
+    from deo_cli.train import distributed as ddp
+
+    if device.type == "cpu":  # as deo pretrain: the cores its DataLoader workers leave
+        threads = args.threads or ddp.cpu_threads(1, recipe.data.num_workers)
+        if threads:
+            torch.set_num_threads(threads)
 
 
 def child(args) -> dict:
     import torch
 
-    from deo_cli.recipes import PretrainRecipe, build_recipe
-    from deo_cli.runtime import precision_name
+    from deo_cli.runtime import precision_name, resolve_compile
     from deo_cli.train import distributed as ddp
-    from deo_cli.train.loop import build_data, build_models, plan_pretrain, train_step
-    from deo_cli.train.meta_arch import DeoMetaArch
+    from deo_cli.train import loop
+    from deo_cli.train.meta_arch import DeoMetaArch, build_teacher_from_student
     from deo_cli.train.optim import build_optimizer
 
-    sets = [f"data.path={args.data}", "teacher.weights=random", f"device={args.device}", "gpus=1"]
-    batch = args.batch_size
-    if batch is None and args.device in ("cpu", "auto") and not torch.cuda.is_available():
-        batch = CPU_BATCH.get(args.child)
-    if batch is not None:
-        sets.append(f"batch_size={batch}")
-    sets += ["data.windows_per_scene=16", "data.window_size=256"]  # enough OSCD samples for any batch
-    sets += args.sets or []
-    recipe = build_recipe(PretrainRecipe, args.child, sets=sets, command="pretrain")
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = plan_pretrain(recipe, Path(tmp) / "run")
+    recipe = _recipe(args, args.child)
+    plan = _plan(recipe)
     device = plan.device
-    if device.type == "cpu":  # as deo pretrain: the cores its DataLoader workers leave
-        threads = args.threads or ddp.cpu_threads(1, recipe.data.num_workers)
-        if threads:
-            torch.set_num_threads(threads)
+    _set_threads(args, recipe, device)
+    loop.prepare_device(device)  # as deo pretrain's train()
     torch.manual_seed(0)
-    student, ema, optical, loss = build_models(plan, 1)
+    student, ema, optical, loss = loop.build_models(plan, 1)
+    if args.weights:
+        state = torch.load(args.weights, mmap=True, weights_only=True)
+        student.load_state_dict(state["student"])
+        optical.load_state_dict(state["optical"])
+        ema = build_teacher_from_student(student)
+        del state
     student.to(device), ema.to(device)
     if optical is not None:
         optical.to(device)
-    model = torch.compile(student, dynamic=False) if recipe.compile and device.type == "cuda" else student
+    compiled = resolve_compile(recipe.compile, device)
+    model = torch.compile(student, dynamic=False) if compiled else student
     meta = DeoMetaArch(model, student, ema, optical, loss, ema_drop_path=recipe.model.ema_drop_path).train()
     optimizer = build_optimizer(student, betas=recipe.optim.betas, fused=recipe.optim.fused, device=device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-5
     scaler = torch.amp.GradScaler(device.type) if plan.precision is torch.float16 else None
 
-    c, b = recipe.crops, recipe.batch_size
-    g = torch.Generator().manual_seed(0)
-    crops = {
-        "global": torch.randn(c.global_number, b, 10, c.global_size, c.global_size, generator=g).to(device),
-        "local": torch.randn(c.local_number, b, 10, c.local_size, c.local_size, generator=g).to(device)
-        if c.local_number
-        else None,
-    }
+    b = recipe.batch_size
+    glob, loc = _crops(recipe, device, b)
+    crops = {"global": glob, "local": loc}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     def step():
-        train_step(
+        return loop.train_step(
             meta,
             optimizer,
             scaler,
@@ -106,8 +296,12 @@ def child(args) -> dict:
             precision=plan.precision,
         )
 
-    for _ in range(2 if model is not student else 1):
-        step()
+    torch.manual_seed(0)
+    reset = reset_peak_rss()
+    first_loss = None
+    for _ in range(2 if compiled else 1):
+        terms = step()
+        first_loss = float(terms["total"]) if first_loss is None else first_loss
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,23 +312,49 @@ def child(args) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    step_s = sorted(times)[len(times) // 2]
+    step_peak = peak_rss_gib(reset) if reset else None
+    step_s = statistics.median(times)
     step_threads = torch.get_num_threads()
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    profile = None
+    if args.profile:
+        phases = Phases()
+        phases.hook(student, "student_ms")
+        phases.hook(student.encoder.conv_ms, "student_ms")
+        if student.encoder.conv_rgb is not None:
+            phases.hook(student.encoder.conv_rgb, "student_rgb")
+        for head in (student.head_ms, student.cls_head, student.patch_head_mid, student.patch_head_late):
+            phases.hook(head, "heads")
+        phases.hook(ema, "ema_teacher")
+        if optical is not None:
+            phases.hook(optical, "optical_teacher")
+        phases.hook(loss, "loss")
+        phases.wrap(torch.Tensor, "backward", "backward")
+        phases.wrap(loop, "clip_gradients", "clip")
+        phases.wrap(optimizer, "step", "optimizer")
+        phases.wrap(loop, "ema_update", "ema_update", after="other")
+        profile = _profiled(lambda: (phases.mark("other"), step()), phases)
+
     flops = count_step_flops(args, student, ema, optical, loss, recipe, plan, crops) if args.flops else None
 
-    # The data pipeline alone, one thread (what one DataLoader worker does).
-    torch.set_num_threads(1)
-    dataset, _, _ = build_data(plan, ddp.DistEnv(device=torch.device("cpu")))
-    dataset[(0, 0)]
-    n = args.data_samples
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(1, n + 1):
-        dataset[(0, i % len(dataset))]
-    data_s = (time.perf_counter() - t0) / n
-    data_cpu_s = (time.process_time() - c0) / n
+    data = {}
+    if args.data_samples:  # the data pipeline alone, one thread (what one DataLoader worker does)
+        torch.set_num_threads(1)
+        dataset, _, _ = loop.build_data(plan, ddp.DistEnv(device=torch.device("cpu")))
+        dataset[(0, 0)]
+        n = args.data_samples
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(1, n + 1):
+            dataset[(0, i % len(dataset))]
+        data = {
+            "data_samples_per_s_per_worker": round(n / (time.perf_counter() - t0), 2),
+            "data_cpu_s_per_sample": round((time.process_time() - c0) / n, 4),
+        }
 
+    c = recipe.crops
     return {
+        "side": "deo",
         "recipe": args.child,
         "model": recipe.model.name,
         "teacher": plan.teacher_name,
@@ -145,22 +365,189 @@ def child(args) -> dict:
         "threads": step_threads if device.type != "cuda" else None,
         "data_workers": recipe.data.num_workers,
         "precision": precision_name(plan.precision),
-        "compile": model is not student,
+        "compile": compiled,
         "batch_size": b,
         "crops": f"{c.global_number}x{c.global_size} + {c.local_number}x{c.local_size}",
         "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
         "steps_timed": args.steps,
         "step_s": round(step_s, 4),
         "step_s_all": [round(t, 4) for t in times],
-        "step_cpu_s": round(sorted(cpu_times)[len(cpu_times) // 2], 4),  # CPU time of this process
+        "step_cpu_s": round(statistics.median(cpu_times), 4),  # CPU time of this process
         "images_per_s": round(b / step_s, 3),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "first_loss": first_loss,
+        "step_peak_rss_gib": step_peak,
+        "peak_rss_gib": peak_rss_gib(False),
         "peak_cuda_gib": round(peak_cuda / 2**30, 3) if peak_cuda is not None else None,
-        "data_samples_per_s_per_worker": round(1.0 / data_s, 2),
-        "data_cpu_s_per_sample": round(data_cpu_s, 4),
+        **data,
         "torch": torch.__version__,
+        **({"profile": profile} if profile else {}),
         **(flops_fields(flops, step_s, b, device, plan.precision) if flops is not None else {}),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The official step (a child process; DEO_FM_ROOT)
+# ---------------------------------------------------------------------------------------------
+
+
+class TimedBatches:
+    """The step's data loader: the same batch ``n`` times, the time stamped at every request."""
+
+    def __init__(self, batch, n: int):
+        self.batch, self.n = batch, n
+        self.stamps: list[float] = []
+        self.cpu: list[float] = []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            self.stamps.append(time.perf_counter())
+            self.cpu.append(time.process_time())
+            yield self.batch
+        self.stamps.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def times(self) -> tuple[list[float], list[float]]:
+        d = lambda xs: [b - a for a, b in zip(xs, xs[1:])]  # noqa: E731
+        return d(self.stamps), d(self.cpu)
+
+
+def official_child(args) -> dict:
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch
+
+    import official_step
+    from deo_cli.models.teachers import build_teacher
+
+    recipe = _recipe(args, args.child)
+    plan = _plan(recipe)
+    device = plan.device
+    if device.type != "cpu" or plan.precision is not None:
+        raise SystemExit("the official step is compared on the CPU in fp32 only")
+    _set_threads(args, recipe, device)
+    main_dino = official_step.import_official()
+    torch.manual_seed(0)
+    optical = build_teacher(plan.teacher_name, weights=None)
+    c, b = recipe.crops, recipe.batch_size
+    student, teacher, distiller, dino_loss, dist_loss, optimizer, oargs = official_step.build_official(
+        main_dino, optical.model, c.local_number, recipe.optim.clip_grad
+    )
+    state = torch.load(args.weights, mmap=True, weights_only=True)
+    official_step.load_deo_weights(student, teacher, state["student"])
+    optical.load_state_dict(state["optical"])
+    del state
+    student.train(), teacher.train()  # the official teacher is never put in eval mode
+
+    glob, loc = _crops(recipe, device, b)
+    images = list(glob.unbind(0)) + (list(loc.unbind(0)) if loc is not None else [])
+    batch = (images, None)
+    n = 1 + args.steps + (2 if args.profile else 0)
+    lr = np.full(n, 1e-5)
+    wd = np.full(n, 0.04)
+    momentum = np.full(n, 0.996)
+    losses = []
+    main_dino.MetricLogger = _logger(main_dino.MetricLogger, losses)
+
+    def run(loader):
+        with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch log lines
+            main_dino.train_one_epoch(
+                student,
+                teacher,
+                teacher,
+                dino_loss,
+                loader,
+                optimizer,
+                lr,
+                wd,
+                momentum,
+                0,
+                None,
+                oargs,
+                distiller=distiller,
+                distiller_loss_cos=dist_loss,
+            )
+
+    torch.manual_seed(0)
+    reset = reset_peak_rss()
+    loader = TimedBatches(batch, 1 + args.steps)
+    run(loader)
+    times, cpu_times = loader.times()
+    times, cpu_times = times[1:], cpu_times[1:]  # the warm-up step
+    step_peak = peak_rss_gib(reset) if reset else None
+    step_s = statistics.median(times)
+
+    profile = None
+    if args.profile:
+        phases = Phases()
+        m = student.module
+        phases.hook(m, "student_ms")
+        phases.hook(m.conv_ms, "student_ms")
+        phases.hook(m.conv_rgb, "student_rgb")
+        for head in (m.head_ms, m.cls_head, m.patch_head_mid, m.patch_head_late):
+            phases.hook(head, "heads")
+        phases.hook(teacher, "ema_teacher")
+        phases.hook(distiller, "optical_teacher")
+        phases.hook(dino_loss, "loss")
+        phases.hook(dist_loss, "loss")
+        phases.wrap(main_dino, "cosine_patch_loss", "loss")
+        phases.wrap(torch.Tensor, "backward", "backward")
+        phases.wrap(main_dino, "clip_gradients", "clip")
+        phases.wrap(optimizer, "step", "optimizer", after="ema_update")  # the EMA loop follows the step
+
+        class Marked(TimedBatches):
+            def __iter__(self):
+                for item in super().__iter__():
+                    phases.mark("other")
+                    yield item
+
+        profile = _profiled(lambda: run(Marked(batch, 1)), phases)
+
+    return {
+        "side": "official",
+        "recipe": args.child,
+        "model": "torchvision swin_t (official MultiCropWrapper)",
+        "teacher": plan.teacher_name,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": "fp32",
+        "compile": False,
+        "batch_size": b,
+        "crops": f"{c.global_number}x{c.global_size} + {c.local_number}x{c.local_size}",
+        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
+        "steps_timed": args.steps,
+        "step_s": round(step_s, 4),
+        "step_s_all": [round(t, 4) for t in times],
+        "step_cpu_s": round(statistics.median(cpu_times), 4),
+        "images_per_s": round(b / step_s, 3),
+        "first_loss": losses[0] if losses else None,
+        "step_peak_rss_gib": step_peak,
+        "peak_rss_gib": peak_rss_gib(False),
+        "official_root": str(official_step.official_dir()),
+        "torch": torch.__version__,
+        **({"profile": profile} if profile else {}),
+    }
+
+
+def _logger(cls, losses: list):
+    """The official MetricLogger, also keeping every ``total_loss`` it is given (for the record)."""
+
+    class Logger(cls):
+        def update(self, **kwargs):
+            if "total_loss" in kwargs:
+                losses.append(float(kwargs["total_loss"]))
+            return super().update(**kwargs)
+
+    return Logger
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (--flops, as gpu_check.py runs it)
+# ---------------------------------------------------------------------------------------------
 
 
 def count_step_flops(args, student, ema, optical, loss, recipe, plan, crops) -> tuple[int, int]:
@@ -208,6 +595,11 @@ def flops_fields(flops: tuple[int, int], step_s: float, batch: int, device, prec
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# The parent: fresh processes, alternating sides
+# ---------------------------------------------------------------------------------------------
+
+
 def cpu_pressure() -> float | None:
     """Linux PSI: % of the last 60 s some task waited for a CPU (other jobs on a shared machine)."""
     try:
@@ -218,17 +610,152 @@ def cpu_pressure() -> float | None:
     return float(fields["avg60"])
 
 
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _run_child(args, recipe: str, batch: int | None, *, side: str = "deo", weights: str | None = None) -> dict:
+    flag = {"deo": "--child", "official": "--child-official", "weights": "--child"}[side]
+    cmd = [sys.executable, __file__, flag, recipe, "--device", args.device, "--steps", str(args.steps)]
+    cmd += ["--data", args.data, "--data-samples", str(args.data_samples if side == "deo" else 0)]
+    if batch:
+        cmd += ["--batch-size", str(batch)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    for kv in args.sets:
+        cmd += ["--set", kv]
+    if args.flops and side == "deo":
+        cmd += ["--flops", "--flops-batch", str(args.flops_batch)]
+    if args.profile and side != "weights":
+        cmd += ["--profile"]
+    if side == "weights":
+        cmd += ["--child-weights", weights]
+    elif weights:
+        cmd += ["--weights", weights]
+    t0, pressure, load = time.time(), cpu_pressure(), _load()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"benchmark of {recipe} ({side}) failed")
+    r = json.loads(line[len("RESULT ") :])
+    r["wall_s"] = round(time.time() - t0, 1)
+    r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]  # before, after (0 = machine to itself)
+    r["loadavg"] = [load, _load()]  # 1, 5, 15 min before and after
+    return r
+
+
+def _line(r: dict) -> str:
+    peak = r.get("peak_cuda_gib") or r.get("step_peak_rss_gib") or r["peak_rss_gib"]
+    text = (
+        f"{r.get('side', 'deo'):<8} {r['recipe']:<20} {r['device']:<5} {r['precision']:<4} batch {r['batch_size']:>3}  "
+        f"{r['crops']:<14} step {r['step_s']:.3f} s ({r['step_cpu_s']:.2f} CPU s)  {r['images_per_s']:.2f} img/s  "
+        f"peak {peak:.2f} GiB  load {r['loadavg'][0][0]}"
+    )
+    if r.get("data_samples_per_s_per_worker"):
+        text += f"  data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker"
+    if "flops_per_step" in r:
+        text += f"  {r['flops_per_image'] / 1e9:.1f} GFLOP/image, {r['achieved_tflops']:.1f} TFLOP/s, MFU {r['mfu']}"
+    return text
+
+
+def _print_profile(r: dict) -> None:
+    p = r.get("profile")
+    if not p:
+        return
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in p["phases_s"].items())
+    print(f"  {r['side']} phases (s): {phases}  (sum {sum(p['phases_s'].values()):.2f})")
+    print(f"  {r['side']} op calls: {p['op_counts']}")
+    ops = ", ".join(f"{o['name']} {o['self_s']:.2f}s/{o['calls']}" for o in p["top_ops"][:8])
+    print(f"  {r['side']} top ops: {ops}")
+
+
+def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
+    """deo (and the official step) at every batch size, ``--rounds`` alternating pairs each."""
+    results, comparison = [], []
+    recipe = args.recipes[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = str(Path(tmp) / "weights.pt")
+        _run_child(args, recipe, None, side="weights", weights=weights)
+        for batch in args.batch_size:
+            runs = {"deo": [], "official": []}
+            for _ in range(args.rounds):
+                for side in ("deo", "official") if official else ("deo",):
+                    r = _run_child(args, recipe, batch, side=side, weights=weights)
+                    runs[side].append(r)
+                    print(_line(r), flush=True)
+                    _print_profile(r)
+            deo = _pooled(runs["deo"])
+            results.append(deo)
+            if official:
+                off = _pooled(runs["official"])
+                ratio = deo["step_s"] / off["step_s"]
+                row = {
+                    "batch_size": batch,
+                    "crops": deo["crops"],
+                    "threads": deo["threads"],
+                    "rounds": args.rounds,
+                    "deo_step_s": deo["step_s"],
+                    "official_step_s": off["step_s"],
+                    "ratio_deo_over_official": round(ratio, 4),
+                    "speedup": round(1 / ratio, 3),
+                    "deo_step_cpu_s": deo["step_cpu_s"],
+                    "official_step_cpu_s": off["step_cpu_s"],
+                    "deo_step_peak_rss_gib": deo["step_peak_rss_gib"],
+                    "official_step_peak_rss_gib": off["step_peak_rss_gib"],
+                    "deo_peak_rss_gib": deo["peak_rss_gib"],
+                    "official_peak_rss_gib": off["peak_rss_gib"],
+                    "deo_step_s_all": deo["step_s_all"],
+                    "official_step_s_all": off["step_s_all"],
+                    "first_loss": {"deo": deo["first_loss"], "official": off["first_loss"]},
+                    "loadavg": [x for r in runs["deo"] + runs["official"] for x in r["loadavg"]],
+                    "loadavg_max_1min": max(x[0] for r in runs["deo"] + runs["official"] for x in r["loadavg"]),
+                    "order": "alternating fresh processes: " + ", ".join(["deo, official"] * args.rounds),
+                    "official": off,
+                }
+                comparison.append(row)
+                print(
+                    f"batch {batch}: deo {deo['step_s']:.3f} s / official {off['step_s']:.3f} s = {ratio:.3f} "
+                    f"({1 / ratio:.2f}x faster); step peak RSS deo {deo['step_peak_rss_gib']} GiB, official "
+                    f"{off['step_peak_rss_gib']} GiB; load average (1 min) up to {row['loadavg_max_1min']}",
+                    flush=True,
+                )
+    return results, comparison
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """One row from several processes of one side: every timed step pooled, medians, the largest peaks."""
+    r = dict(runs[-1])
+    times = [t for x in runs for t in x["step_s_all"]]
+    r["step_s_all"] = times
+    r["step_s"] = round(statistics.median(times), 4)
+    r["steps_timed"] = len(times)
+    r["processes"] = len(runs)
+    r["step_cpu_s"] = round(statistics.median(x["step_cpu_s"] for x in runs), 4)
+    r["images_per_s"] = round(r["batch_size"] / r["step_s"], 3)
+    for key in ("step_peak_rss_gib", "peak_rss_gib"):
+        values = [x[key] for x in runs if x.get(key) is not None]
+        r[key] = max(values) if values else None
+    r["loadavg"] = [x["loadavg"] for x in runs]
+    r["loadavg"] = [lv for lvs in r["loadavg"] for lv in lvs]
+    r["cpu_pressure_avg60"] = [x["cpu_pressure_avg60"] for x in runs]
+    r["first_loss"] = runs[0].get("first_loss")
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", nargs="+", default=["tiny_cpu", "deo_swin_t_ablation"])
+    parser.add_argument("--recipes", nargs="+", default=None, help="recipes at their own size (gpu_check.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="per process (default: the recipe's; small on CPU)"
+        "--batch-size", type=int, nargs="+", default=None, help="per process (default: 2 8 for the work shape)"
     )
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per process (5; 3 with --recipes)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating deo/official process pairs per batch")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: as deo pretrain)")
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--data-samples", type=int, default=8)
+    parser.add_argument("--data-samples", type=int, default=None, help="data pipeline samples (0: skip)")
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], help="recipe override KEY=VALUE (repeatable)"
     )
@@ -238,65 +765,76 @@ def main() -> None:
     parser.add_argument(
         "--flops-batch", type=int, default=8, help="samples the FLOPs are counted on (0: the whole batch)"
     )
+    parser.add_argument("--profile", action="store_true", help="split one step by phase and list the top operators")
+    parser.add_argument("--no-official", action="store_true", help="deo only, even with DEO_FM_ROOT set")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-official", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-weights", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    work_shape = args.recipes is None
+    if args.steps is None:
+        args.steps = 5 if work_shape else 3
+    if args.data_samples is None:
+        args.data_samples = 0 if work_shape else 8
+    if args.child_official:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        args.child = args.child_official
+        print("RESULT " + json.dumps(official_child(args)))
+        return
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        result = make_weights(args) if args.child_weights else child(args)
+        print("RESULT " + json.dumps(result))
         return
 
-    results = []
-    for name in args.recipes:
-        cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--steps", str(args.steps)]
-        cmd += ["--data", args.data, "--data-samples", str(args.data_samples)]
-        if args.batch_size:
-            cmd += ["--batch-size", str(args.batch_size)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        for kv in args.sets:
-            cmd += ["--set", kv]
-        if args.flops:
-            cmd += ["--flops", "--flops-batch", str(args.flops_batch)]
-        t0, pressure = time.time(), cpu_pressure()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"benchmark of {name} failed")
-        r = json.loads(line[len("RESULT ") :])
-        r["wall_s"] = round(time.time() - t0, 1)
-        r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]  # before, after (0 = machine to itself)
-        results.append(r)
-        print(
-            f"{r['recipe']:<22} {r['model']:<14} {r['device']:<6} {r['precision']:<5} batch {r['batch_size']:>3}  "
-            f"{r['crops']:<16} step {r['step_s']:.3f} s ({r['step_cpu_s']:.2f} CPU s)  {r['images_per_s']:.2f} img/s  "
-            f"peak {r['peak_cuda_gib'] or r['peak_rss_gib']:.2f} GiB ({'CUDA' if r['peak_cuda_gib'] else 'RSS'})  "
-            f"data {r['data_samples_per_s_per_worker']:.1f} samples/s/worker  "
-            f"(CPU pressure {r['cpu_pressure_avg60']})"
-            + (
-                f"  {r['flops_per_image'] / 1e9:.1f} GFLOP/image, {r['achieved_tflops']:.1f} TFLOP/s, MFU {r['mfu']}"
-                if "flops_per_step" in r
-                else ""
-            )
-        )
+    comparison = []
+    if work_shape:
+        args.recipes = [WORK_RECIPE]
+        args.batch_size = args.batch_size or list(WORK_BATCHES)
+        if args.threads is None and args.device in ("auto", "cpu"):
+            args.threads = _cpus()  # one process with every core, as the official step runs
+        official = bool(os.environ.get("DEO_FM_ROOT")) and not args.no_official
+        if not official:
+            print("DEO_FM_ROOT not set: deo only (set it to a checkout of wolfilip/DEO-FM to compare)")
+        results, comparison = compare(args, official)
+    else:
+        results = []
+        batches = args.batch_size or [None]
+        for name in args.recipes:
+            for batch in batches:
+                r = _run_child(args, name, batch)
+                results.append(r)
+                print(_line(r), flush=True)
+                _print_profile(r)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(out.read_text()).get("results", []) if out.exists() else []
-    keys = {(r["recipe"], r["device"]) for r in results}
-    merged = [r for r in previous if (r.get("recipe"), r.get("device")) not in keys] + results
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    keys = {(r["recipe"], r["device"], r["batch_size"]) for r in results}
+    merged = [
+        r
+        for r in previous.get("results", [])
+        if (r.get("recipe"), r.get("device"), r.get("batch_size")) not in keys
+    ] + results
     body = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
-        "note": "synthetic in-memory crops for the step; data throughput on the OSCD subset; random optical teacher",
+        "note": "synthetic in-memory crops (seed 0) for the step; data throughput on the OSCD subset; random "
+        "optical teacher; step_peak_rss_gib: resident high-water mark over the steps",
         "results": merged,
     }
-    out.write_text(json.dumps(body, indent=2) + "\n")
+    if comparison or previous.get("comparison"):
+        batches = {c["batch_size"] for c in comparison}
+        body["comparison"] = [
+            c for c in previous.get("comparison", []) if c.get("batch_size") not in batches
+        ] + comparison
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(out)
     print(f"wrote {out}")
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
