@@ -46,6 +46,11 @@ class ResolvedSource:
     stacked: bool  # True: several single-band files that together form the scene
 
 
+def _some_names(files, n: int = 5) -> str:
+    """The first ``n`` file names, comma-separated, ``...`` when there are more."""
+    return ", ".join(f.name for f in files[:n]) + (" ..." if len(files) > n else "")
+
+
 def sample_path(name: str) -> Path:
     """Path of a packaged sample scene (``paris``, ``paris-2016``, ``paris-2017``)."""
     key = name.strip().lower()
@@ -88,7 +93,7 @@ def _band_files(files: list[Path], where: str) -> list[Path]:
             "%s: ignoring %d raster(s) whose names carry no band: %s",
             where,
             len(unnamed),
-            ", ".join(f.name for f in unnamed[:5]) + (" ..." if len(unnamed) > 5 else ""),
+            _some_names(unnamed),
         )
 
     def res_rank(p: Path) -> int:
@@ -184,14 +189,15 @@ def resolve_source(source: str | os.PathLike | list | tuple) -> ResolvedSource:
                     "leave the pattern unquoted so the shell expands it",
                 )
             raise InputNotFoundError(
-                f"no {'raster ' if others else ''}files match {text!r}", "check the pattern (quote it so the shell leaves it alone)"
+                f"no {'raster ' if others else ''}files match {text!r}",
+                "check the pattern (quote it so the shell leaves it alone)",
             )
         if others:
             log.warning(
                 "pattern %r: ignoring %d file(s) that are not rasters: %s",
                 text,
                 len(others),
-                ", ".join(f.name for f in others[:5]) + (" ..." if len(others) > 5 else ""),
+                _some_names(others),
             )
         if len(files) == 1:
             return ResolvedSource(files[0].name, (str(files[0]),), False)

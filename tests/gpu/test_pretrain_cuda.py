@@ -24,6 +24,7 @@ from deo_cli.train.meta_arch import DeoMetaArch
 from deo_cli.train.optim import build_optimizer
 from tests.conftest import write_raster
 from tests.infer.helpers import S2_BANDS, smooth_scene
+from tests.train.test_distributed import Recorder
 
 pytestmark = pytest.mark.gpu
 
@@ -220,23 +221,9 @@ def _rank(env, progress, expected_backend):
     progress.finish()
 
 
-class _Progress:
-    def __init__(self):
-        self.calls = []
-
-    def start(self, total, description=""):
-        self.calls.append(("start", total, description))
-
-    def advance(self, n=1, **metrics):
-        self.calls.append(("advance", n, metrics))
-
-    def finish(self):
-        self.calls.append(("finish",))
-
-
 def check_spawned_rank(device: torch.device) -> None:
     """``--gpus N``'s launcher (:func:`ddp.spawn`) with one process on the device's backend."""
-    progress = _Progress()
+    progress = Recorder()
     expected = "nccl" if device.type == "cuda" else "gloo"
     ddp.spawn(_rank, (expected,), 1, device, progress)
     assert progress.calls == [("start", 1, "nccl"), ("advance", 1, {"backend_ok": 1.0}), ("finish",)]
