@@ -177,6 +177,32 @@ def exit_code_for(errors: int) -> None:
         raise typer.Exit(1)
 
 
+def stac_scenes(scenes, url, collections, bbox, datetime, query, max_items) -> list:
+    """The scene arguments, plus the items of a STAC search when ``--stac`` is given (search
+    options without ``--stac`` are a usage error; no scene at all too)."""
+    from deo_cli.errors import UsageError
+
+    scenes = list(scenes or [])
+    given = [n for n, v in (("--collection", collections), ("--bbox", bbox), ("--datetime", datetime),
+                            ("--query", query), ("--max-items", max_items)) if v]  # fmt: skip
+    if url is None:
+        if given:
+            raise UsageError(f"{given[0]} filters a STAC search", "add --stac URL (the STAC API to search)")
+        if not scenes:
+            raise UsageError("no scene given", "pass scenes, a STAC item/collection JSON, or --stac URL")
+        return scenes
+    from deo_cli.io.stac import search_items
+
+    return scenes + search_items(
+        url,
+        collections=collections or (),
+        bbox=bbox,
+        datetime=datetime,
+        query=query or (),
+        max_items=max_items,
+    )
+
+
 def input_flags(band_names, nodata, allow_no_crs, unit, bounds=None, bounds_crs=None) -> dict:
     """The recipe keys of the shared Input options (``None`` leaves the recipe's value)."""
     return {
@@ -214,8 +240,9 @@ def runtime_flags(device, precision, batch_size, num_workers, seed=None) -> dict
     }
 
 
-def report_scenes(results, summary_line) -> None:
-    """One summary line per written scene, one error line per failed one; exit 1 if any failed."""
+def report_scenes(results, summary_line, last_line: str | None = None) -> None:
+    """One summary line per written scene, one error line per failed one, then ``last_line``
+    (e.g. where the catalog is); exit 1 if any failed."""
     console = stdout_console()
     failed = 0
     for r in results:
@@ -224,6 +251,15 @@ def report_scenes(results, summary_line) -> None:
             typer.echo(f"error: {r.source}: {r.error.one_line()}", err=True)
         else:
             console.print(summary_line(r))
+    if last_line:
+        console.print(last_line)
     if failed and len(results) > 1:
         stderr_console().print(f"{len(results) - failed} of {len(results)} scenes written, {failed} failed")
     exit_code_for(failed)
+
+
+def launcher_rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise)."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0

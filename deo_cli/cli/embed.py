@@ -15,20 +15,32 @@ import typer
 from deo_cli.cli import options as opt
 from deo_cli.cli.common import (
     input_flags,
+    launcher_rank,
     load_recipe,
     report_scenes,
     runtime_flags,
+    stac_scenes,
 )
 
 
+def catalog_line(results) -> str | None:
+    """``catalog: out/index.parquet (48 scenes: 47 written, 1 failed), out/collection.json``."""
+    cat = getattr(results, "catalog", None)
+    if cat is None:
+        return None
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(cat.index, columns=["status"]).column("status").to_pylist()
+    parts = [f"{status.count('written')} written"] + (
+        [f"{status.count('failed')} failed"] if "failed" in status else []
+    )
+    extra = [str(p) for p in ([cat.collection] if cat.collection else []) + list(cat.mosaics)]
+    return f"catalog: {cat.index} ({len(status)} scenes: {', '.join(parts)})" + (
+        f", {', '.join(extra)}" if extra else ""
+    )
+
+
 def embed_cmd(
-    scenes: Annotated[
-        list[str],
-        typer.Argument(
-            help="Scenes: raster files, band folders, globs, @list.txt, URLs or sample:paris.",
-            show_default=False,
-        ),
-    ],
     output: Annotated[
         Path,
         typer.Option(
@@ -38,6 +50,20 @@ def embed_cmd(
             rich_help_panel=opt.OUTPUT,
         ),
     ],
+    scenes: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Scenes: raster files, band folders, globs, @list.txt, URLs, sample:paris, or STAC "
+            "Item / ItemCollection JSON (every item a scene).",
+            show_default=False,
+        ),
+    ] = None,
+    stac: opt.StacUrl = None,
+    collection: opt.StacCollection = None,
+    bbox: opt.StacBbox = None,
+    datetime: opt.StacDatetime = None,
+    query: opt.StacQuery = None,
+    max_items: opt.StacMaxItems = None,
     band_names: opt.BandNames = None,
     nodata: opt.Nodata = None,
     allow_no_crs: opt.AllowNoCrs = False,
@@ -73,17 +99,39 @@ def embed_cmd(
     batch_size: opt.BatchSize = None,
     num_workers: opt.NumWorkers = None,
     gpus: opt.Gpus = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="K/N",
+            help="Embed only the K-th of N disjoint parts of the scene list (a job array's task: "
+            "--shard $SLURM_ARRAY_TASK_ID/N); every part adds its rows to the same index.parquet.",
+            rich_help_panel=opt.RUNTIME,
+        ),
+    ] = None,
+    mosaic: Annotated[
+        bool,
+        typer.Option(
+            "--mosaic",
+            help="Also write one VRT per CRS over the outputs (mosaic_EPSG_*.vrt).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = False,
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
     """Write a dense embedding raster (COG or Zarr) or per-chip vectors (GeoParquet) for each scene.
 
     The default level is the model's stage 3 for DEO Swin (stride 16): the map DEO distils into
-    DINOv3's patch tokens. Tags name the model, weights, bands, normalisation and tiling.
+    DINOv3's patch tokens. Tags name the model, weights, bands, normalisation and tiling. Into a
+    folder, index.parquet (one row per scene) and a STAC collection of the outputs go beside them.
     """
     from deo_cli.cli.progress import RichProgress
     from deo_cli.infer.embed import run_embed, summary_line
+    from deo_cli.infer.schedule import parse_shard
     from deo_cli.recipes import EmbedRecipe
+
+    parse_shard(shard)  # a malformed --shard before any search
 
     cfg = load_recipe(
         EmbedRecipe,
@@ -103,13 +151,18 @@ def embed_cmd(
         },
         "embed",
     )
+    sources = stac_scenes(scenes, stac, collection, bbox, datetime, query, max_items)
     results = run_embed(
-        scenes,
+        sources,
         output,
         cfg,
         overwrite=overwrite,
         resume=resume,
         preview=preview,
         progress=RichProgress("chips"),
+        shard=shard,
+        mosaic=mosaic,
     )
-    report_scenes(results, summary_line)
+    if launcher_rank() != 0:
+        return  # under torchrun, rank 0 reports every rank's scenes
+    report_scenes(results, summary_line, catalog_line(results))

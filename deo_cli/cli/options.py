@@ -63,6 +63,54 @@ Unit = Annotated[
     ),
 ]
 
+# -- STAC search ------------------------------------------------------------------------------
+STAC = "STAC search"
+StacUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--stac",
+        metavar="URL",
+        help="Search this STAC API for the scenes (with --collection, --bbox, --datetime, --query); "
+        "every item found is a scene.",
+        rich_help_panel=STAC,
+    ),
+]
+StacCollection = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--collection", help="Collection to search, e.g. sentinel-2-l2a (repeatable).", rich_help_panel=STAC
+    ),
+]
+StacBbox = Annotated[
+    str | None,
+    typer.Option(
+        "--bbox",
+        metavar="W,S,E,N",
+        help="Search area in longitude/latitude (EPSG:4326).",
+        rich_help_panel=STAC,
+    ),
+]
+StacDatetime = Annotated[
+    str | None,
+    typer.Option(
+        "--datetime",
+        help="Search period: 2024-06/2024-08, 2024-06-01/.., or one date.",
+        rich_help_panel=STAC,
+    ),
+]
+StacQuery = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--query",
+        help="Property filter PROPERTY<op>VALUE, e.g. 'eo:cloud_cover<20' (repeatable; <, <=, >, >=, =, !=).",
+        rich_help_panel=STAC,
+    ),
+]
+StacMaxItems = Annotated[
+    int | None,
+    typer.Option("--max-items", help="Stop the search after this many items.", rich_help_panel=STAC),
+]
+
 # -- model ------------------------------------------------------------------------------------
 Model = Annotated[
     str | None,

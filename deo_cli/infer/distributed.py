@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deo_cli.errors import DeoError
+
 log = logging.getLogger(__name__)
 
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -61,6 +63,14 @@ class RankInfo:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order, on every rank (a collective)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -94,16 +104,27 @@ def _child(rank: int, world: int, port: int, fn: Callable, args: tuple, kwargs: 
     info = init_rank(rank, world, port)
     try:
         fn(*args, ranks=info, **kwargs)
+    except DeoError as e:  # rank 0 reports the same error in one line; no traceback from here
+        logging.getLogger(__name__).debug("rank %d: %s", rank, e, exc_info=True)
+        raise SystemExit(1) from None
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable, *args, main_kwargs: dict | None = None, **kwargs):
+def run_ranks(
+    world: int,
+    fn: Callable,
+    *args,
+    main_kwargs: dict | None = None,
+    tolerate_failed_ranks: bool = False,
+    **kwargs,
+):
     """Run ``fn(*args, ranks=RankInfo, **kwargs)`` on ``world`` ranks; returns rank 0's result.
 
     ``fn`` and its arguments must pickle (children are spawned); ``main_kwargs`` (e.g. a
     progress bar) go to this process's call only. Under ``torchrun`` the current process is one
-    of the launcher's ranks.
+    of the launcher's ranks. ``tolerate_failed_ranks``: a child rank that died (killed, out of
+    memory) is logged, not raised, when rank 0 still returned (its result says what is missing).
     """
     kwargs_main = {**kwargs, **(main_kwargs or {})}
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -134,6 +155,8 @@ def run_ranks(world: int, fn: Callable, *args, main_kwargs: dict | None = None, 
         for p in children:
             p.join()
     bad = [p.exitcode for p in children if p.exitcode != 0]
-    if bad:
+    if bad and tolerate_failed_ranks:
+        log.error("%d inference rank(s) stopped (exit codes %s)", len(bad), bad)
+    elif bad:
         raise RuntimeError(f"{len(bad)} inference rank(s) failed (exit codes {bad})")
     return result

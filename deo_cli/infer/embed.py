@@ -62,8 +62,10 @@ from deo_cli.infer.runner import (
     run_pooled,
     split_rows,
 )
+from deo_cli.infer.schedule import balance, parse_shard, peak_rss_mb, scene_mode, shard_of
 from deo_cli.infer.tiling import TilePlan, check_chip_memory, resolve_overlap, round_up
 from deo_cli.io.atomic import check_output, outputs_locked
+from deo_cli.io.catalog import SceneRecord, update_catalog
 from deo_cli.io.grid import Grid
 from deo_cli.io.sources import resolve_source
 from deo_cli.io.writers import (
@@ -113,6 +115,7 @@ class EmbedResult:
     preview: Path | None = None
     recipe: Path | None = None
     extra: dict = field(default_factory=dict)
+    stac: dict | None = None  # the source STAC item's identity (io/stac.py), when it is one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +318,8 @@ def embedding_metadata(model, inp: InputPlan, plan: TilePlan, recipe: EmbedRecip
         "deo_source": {"scene": scene.name, "paths": list(scene.paths)},
         "deo_datetime": scene.datetime,
     }
+    if getattr(scene, "stac", None):  # id, collection, datetime, platform, cloud cover, href
+        meta["deo_stac_item"] = dict(scene.stac)
     meta.update(extra or {})
     return meta
 
@@ -806,7 +811,7 @@ def _preview_for(preview: Path | None, out: Path, many: bool) -> Path | None:
 
 
 def _run(
-    sources: list[str],
+    sources: list,
     output: Path,
     recipe: EmbedRecipe,
     *,
@@ -817,6 +822,7 @@ def _run(
     model=None,
     ranks: RankInfo | None = None,
     outs: list[Path | None] | None = None,
+    many: bool | None = None,
 ) -> list[EmbedResult]:
     with _capped_gdal_cache():
         return _run_capped(
@@ -830,6 +836,7 @@ def _run(
             model=model,
             ranks=ranks,
             outs=outs,
+            many=len(sources) > 1 if many is None else many,
         )
 
 
@@ -842,8 +849,42 @@ def _capped_gdal_cache():
     return rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
 
 
+def _stac_of(source) -> dict | None:
+    meta = getattr(source, "metadata", None)
+    return meta() if callable(meta) else None
+
+
+def _failed(source, out, error: DeoError, fmt: str) -> EmbedResult:
+    return EmbedResult(source=str(source), output=out, error=error, format=fmt, stac=_stac_of(source))
+
+
+def _check_scene(source, out, recipe, manifests, *, overwrite, resume, preview, is_main, fmt, many):
+    """``("job", Prepared)``, ``("done", EmbedResult)`` (skipped or failed) for one scene."""
+    try:
+        if out is None:
+            resolve_source(source)  # raises the scene's error
+            raise UsageError(f"cannot name an output for {source}", "give one scene per run")
+        prep = preflight(
+            source,
+            out,
+            recipe,
+            *manifests,
+            overwrite=overwrite,
+            resume=resume,
+            preview=preview,
+            is_main=is_main,
+        )
+    except DeoError as e:
+        return "done", _failed(source, out, e, fmt)
+    if prep is None:
+        return "done", EmbedResult(
+            source=str(source), output=out, status="skipped", format=fmt, stac=_stac_of(source)
+        )
+    return "job", prep
+
+
 def _run_capped(
-    sources: list[str],
+    sources: list,
     output: Path,
     recipe: EmbedRecipe,
     *,
@@ -854,6 +895,7 @@ def _run_capped(
     model,
     ranks: RankInfo | None,
     outs: list[Path | None] | None = None,
+    many: bool = False,
 ) -> list[EmbedResult]:
     ranks = ranks or RankInfo()
     fmt = output_format(output, recipe.output.pool, recipe.output.format)
@@ -863,7 +905,6 @@ def _run_capped(
         raise UsageError("--preview needs a dense output", "drop --preview, or embed without --pool")
     if outs is None:
         outs = plan_outputs(sources, output, fmt, format_reason(recipe))
-    many = len(sources) > 1
     if model is not None:
         manifests = (model.manifest, getattr(model, "rgb_manifest", None))
     else:
@@ -871,36 +912,48 @@ def _run_capped(
 
         spec = get_model_spec(recipe.model.name)
         manifests = (spec.manifest, spec.rgb_manifest)
-    # check every scene before loading the model (and downloading its weights)
-    results: list[EmbedResult | None] = []
-    jobs: list[tuple[int, Prepared]] = []
-    for source, out in zip(sources, outs):
-        try:
-            if out is None:
-                resolve_source(source)  # raises the scene's error
-                raise UsageError(f"cannot name an output for {source}", "give one scene per run")
-            prep = preflight(
+    # check every scene before loading the model (and downloading its weights); several ranks
+    # share the checks (scene i on rank i mod N: remote scenes are opened once, not N times)
+    world = ranks.world
+    checked: dict[int, tuple[str, object]] = {}
+    for i, (source, out) in enumerate(zip(sources, outs)):
+        if i % world == ranks.rank:
+            checked[i] = _check_scene(
                 source,
                 out,
                 recipe,
-                *manifests,
+                manifests,
                 overwrite=overwrite,
                 resume=resume,
-                preview=_preview_for(preview, out, many),
-                is_main=ranks.is_main,
+                preview=_preview_for(preview, out, many) if out is not None else None,
+                is_main=True,
+                fmt=fmt,
+                many=many,
             )
-        except DeoError as e:
-            if not many:
-                raise
-            results.append(EmbedResult(source=str(source), output=out, error=e, format=fmt))
-            continue
-        if prep is None:
-            results.append(EmbedResult(source=str(source), output=out, status="skipped", format=fmt))
-            continue
-        results.append(None)
-        jobs.append((len(results) - 1, prep))
+    if world > 1:
+        for part in ranks.gather(checked):
+            checked.update(part)
+    if not many:
+        kind, what = checked[0]
+        if kind == "done" and what.error is not None:
+            raise what.error
+    results: list[EmbedResult | None] = [None] * len(sources)
+    jobs: list[tuple[int, Prepared]] = []
+    for i in range(len(sources)):
+        kind, what = checked[i]
+        if kind == "done":
+            results[i] = what
+        else:
+            jobs.append((i, what))
     if not jobs:
-        return [r for r in results if r is not None]
+        return results
+    whole = scene_mode(len(jobs), world)
+    if whole:  # each rank takes whole scenes, balanced by pixels; the others are not its own
+        split = balance([p.scene.width * p.scene.height for _, p in jobs], world)
+        mine = [jobs[j] for j in split[ranks.rank]]
+        scene_ranks = RankInfo()
+    else:
+        mine, scene_ranks = jobs, ranks
     if model is None:
         model = build_model(recipe)
     rt = resolve_runtime(recipe.runtime)
@@ -909,15 +962,17 @@ def _run_capped(
     if ranks.is_main:
         d = _describe_model(model)
         log.info(
-            "%s (level %s: stride %d, %d channels) on %s, %s",
+            "%s (level %s: stride %d, %d channels) on %s, %s%s",
             d["model"],
             d["layer"],
             d["stride"],
             d["channels"],
             rt.device,
             rt.precision_name,
+            f"; {len(jobs)} scenes over {world} ranks" if whole else "",
         )
-    for k, prep in jobs:
+    done: dict[int, EmbedResult] = {}
+    for k, prep in mine:
         try:
             r = embed_scene(
                 prep.source,
@@ -929,20 +984,58 @@ def _run_capped(
                 overwrite=overwrite,
                 resume=resume,
                 preview=_preview_for(preview, prep.out, many),
-                progress=progress,
-                ranks=ranks,
+                progress=progress if ranks.is_main else None,
+                ranks=scene_ranks,
                 prepared=prep,
             )
         except DeoError as e:
             if not many:
                 raise
             log.debug("scene %s failed", prep.source, exc_info=True)
-            r = EmbedResult(source=prep.source, output=prep.out, error=e, format=fmt)
+            r = _failed(sources[k], prep.out, e, fmt)
+        except Exception as e:  # noqa: BLE001 - one scene's failure must not stop the others
+            if not many:
+                raise
+            log.error("scene %s failed", prep.source, exc_info=True)
+            r = _failed(sources[k], prep.out, DeoError(f"{type(e).__name__}: {e}"), fmt)
+        r.stac = _stac_of(sources[k])
+        r.extra["rank"] = ranks.rank
+        r.extra["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        done[k] = r
+    if whole:
+        done = _gather_results(done, ranks, [[jobs[j] for j in part] for part in split], sources, fmt)
+    for k, r in done.items():
         results[k] = r
     return results
 
 
-def _run_rank(sources, output, recipe, *, overwrite, resume, preview, ranks, outs=None, progress=None):
+def _gather_results(done: dict, ranks: RankInfo, split, sources, fmt) -> dict:
+    """Every rank's results on every rank. A rank that died (killed, out of memory) cannot send
+    its own: its scenes whose outputs exist count as written, the others as failed, so rank 0
+    still writes the catalog and ``--resume`` reruns only those."""
+    try:
+        parts = ranks.gather(done)
+    except Exception as e:  # noqa: BLE001 - gloo/NCCL report a dead peer as a RuntimeError subclass
+        log.error("a rank stopped before reporting its scenes (%s)", str(e).splitlines()[0][:200])
+        parts = [done if r == ranks.rank else {} for r in range(ranks.world)]
+    out: dict[int, EmbedResult] = {}
+    for r, part in enumerate(parts):
+        out.update(part)
+        for k, prep in split[r]:
+            if k in out:
+                continue
+            if prep.out.exists():
+                out[k] = EmbedResult(source=str(sources[k]), output=prep.out, status="written", format=fmt,
+                                     stac=_stac_of(sources[k]), extra={"rank": r})  # fmt: skip
+            else:
+                err = DeoError(f"rank {r} stopped before finishing it", "rerun with --resume to embed it")
+                out[k] = _failed(sources[k], prep.out, err, fmt)
+    return out
+
+
+def _run_rank(
+    sources, output, recipe, *, overwrite, resume, preview, ranks, outs=None, progress=None, many=None
+):
     return _run(
         sources,
         output,
@@ -953,6 +1046,7 @@ def _run_rank(sources, output, recipe, *, overwrite, resume, preview, ranks, out
         progress=progress,
         ranks=ranks,
         outs=outs,
+        many=many,
     )
 
 
@@ -973,8 +1067,18 @@ def _outputs_locked(outs: list[Path | None], previews: list[Path | None]):
         yield
 
 
+class EmbedResults(list):
+    """The :class:`EmbedResult` of each scene (in input order), and the catalog written beside
+    them (``catalog``: a :class:`~deo_cli.io.catalog.CatalogResult`, or ``None`` for one output
+    file, a shard's other scenes being left out)."""
+
+    catalog = None
+    shard: tuple[int, int] | None = None
+    total: int = 0
+
+
 def run_embed(
-    sources: list[str],
+    sources: list,
     output: str | Path,
     recipe: EmbedRecipe,
     *,
@@ -983,36 +1087,92 @@ def run_embed(
     preview: str | Path | None = None,
     progress: Progress | None = None,
     model=None,
-) -> list[EmbedResult]:
+    shard: str | tuple[int, int] | None = None,
+    mosaic: bool = False,
+    catalog: bool = True,
+) -> EmbedResults:
     """Embed every scene of ``sources`` into ``output`` (a file for one scene, else a folder).
 
+    ``sources``: scene arguments (files, folders, globs, URLs, STAC Item/ItemCollection JSON,
+    whose items each become a scene) or :class:`~deo_cli.io.stac.StacScene` objects (a search).
     ``model``: a ready :class:`~deo_cli.infer.model.FeatureModel` (default: built from
     ``recipe.model`` and ``recipe.layer``). With one scene a :class:`DeoError` is raised; with
     several, each failure is recorded in its result and the other scenes are still written.
     Each output is locked for the run (:func:`~deo_cli.io.atomic.output_lock`): a second run
     on it stops with one line naming the first.
+
+    ``shard`` (``"K/N"``): only the K-th of N disjoint parts of the scene list
+    (:func:`~deo_cli.infer.schedule.shard_of`), for the tasks of a job array. Into a folder,
+    ``catalog`` adds each scene to ``index.parquet`` and the STAC collection beside the outputs
+    (:mod:`deo_cli.io.catalog`); ``mosaic`` also writes one VRT per CRS over them.
     """
+    from deo_cli.io.stac import expand_scenes
+
     output = Path(output)
     preview = Path(preview) if preview is not None else None
+    sources = expand_scenes(list(sources))
     if not sources:
         raise UsageError("no scene given", "pass one or more scenes")
+    shard = parse_shard(shard)
     fmt = output_format(output, recipe.output.pool, recipe.output.format)
     if recipe.gpus > 1 and fmt == "zarr":
         raise UsageError(
             "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
         )
     outs = plan_outputs(list(sources), output, fmt, format_reason(recipe))
+    folder = _output_folder(sources, output, outs)
+    if mosaic and folder is None:
+        raise UsageError("--mosaic needs an output folder", f"use -o {output.with_suffix('')}/")
+    if mosaic and fmt != "cog":
+        raise UsageError("--mosaic builds VRTs over COG outputs", "drop --mosaic, or write COGs")
     recipe = resolve_tiling(recipe, model)
     many = len(sources) > 1
-    previews = [_preview_for(preview, o, many) if o is not None else None for o in outs]
-    with _outputs_locked(outs, previews):
-        return _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progress, model)
+    picks = shard_of(len(sources), shard)
+    if shard is not None:
+        log.info("shard %d/%d: %d of %d scenes", shard[0], shard[1], len(picks), len(sources))
+    mine = [sources[i] for i in picks]
+    mine_outs = [outs[i] for i in picks]
+    previews = [_preview_for(preview, o, many) if o is not None else None for o in mine_outs]
+    results = EmbedResults()
+    results.shard, results.total = shard, len(sources)
+    if not mine:
+        log.warning("shard %d/%d of %d scenes holds none", shard[0], shard[1], len(sources))
+    else:
+        with _outputs_locked(mine_outs, previews):
+            results.extend(
+                _dispatch(mine, output, recipe, mine_outs, overwrite, resume, preview, progress, model, many)
+            )
+    if folder is not None and catalog and _launcher_rank() == 0 and mine:
+        results.catalog = update_catalog(folder, [_record(r) for r in results], mosaic=mosaic)
+    return results
 
 
-def _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progress, model):
-    if recipe.gpus > 1 and model is None:
-        rt = resolve_runtime(recipe.runtime)
-        check_gpus(recipe.gpus, rt.device_spec, rt.device)
+def _output_folder(sources, output: Path, outs) -> Path | None:
+    """The folder the outputs go to (their catalog's), or ``None`` for one output file."""
+    if len(sources) == 1 and outs[0] == output:
+        return None
+    return output
+
+
+def _record(r: EmbedResult) -> SceneRecord:
+    return SceneRecord(
+        output=r.output,
+        source=r.source,
+        status=r.status,
+        error=r.error.one_line() if r.error is not None else None,
+        seconds=round(r.seconds, 3) if r.status == "written" else None,
+        chips=r.chips,
+        format=r.format,
+        stac=r.stac,
+    )
+
+
+def _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progress, model, many=None):
+    torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # the launcher's ranks
+    if (recipe.gpus > 1 or torchrun) and model is None:
+        if recipe.gpus > 1:
+            rt = resolve_runtime(recipe.runtime)
+            check_gpus(recipe.gpus, rt.device_spec, rt.device)
         return run_ranks(
             recipe.gpus,
             _run_rank,
@@ -1023,7 +1183,9 @@ def _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progres
             resume=resume,
             preview=preview,
             outs=outs,
+            many=many,
             main_kwargs={"progress": progress},
+            tolerate_failed_ranks=bool(many),
         )
     if recipe.gpus > 1:
         log.warning("--gpus %d ignored: a model object was passed (ranks build their own)", recipe.gpus)
@@ -1037,6 +1199,7 @@ def _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progres
         progress=progress,
         model=model,
         outs=outs,
+        many=many,
     )
 
 
@@ -1061,6 +1224,7 @@ def summary_line(r: EmbedResult) -> str:
 
 __all__ = [
     "EmbedResult",
+    "EmbedResults",
     "build_model",
     "embed_scene",
     "embedding_metadata",

@@ -132,8 +132,10 @@ class Scene:
         resampling: str = "bilinear",
         datetime: str | None = None,
         tags: dict | None = None,
+        stac: dict | None = None,
     ):
         self.name = name
+        self.stac = stac  # the STAC item's identity when the scene is one (io/stac.py)
         self.sources = tuple(sources)
         self.grid = grid
         self.nodata = nodata  # user override, applied on top of each file's own nodata/mask
@@ -256,7 +258,9 @@ class Scene:
             )
         window = Window(c0, r0, c1 - c0, r1 - r0)
         grid = Grid(self.crs, self.grid.window_transform(window), c1 - c0, r1 - r0)
-        return Scene(self.name, self.sources, grid, self.nodata, self.resampling, self.datetime, self.tags)
+        return Scene(
+            self.name, self.sources, grid, self.nodata, self.resampling, self.datetime, self.tags, self.stac
+        )
 
     def __enter__(self):
         return self
@@ -491,17 +495,30 @@ def open_scene(
     configure_gdal()
     sources: list[BandSource] = []
     tags: dict = {}
-    for path in resolved.paths:
+    for k, path in enumerate(resolved.paths):
         with _open(path) as ds:
             if not tags:
                 tags = ds.tags()
+            given = resolved.band_names[k] if resolved.band_names else None
+            if given is not None and len(given) != ds.count:
+                raise BandError(
+                    f"STAC asset {Path(path).name} of {resolved.name} lists {len(given)} band(s) but the "
+                    f"file has {ds.count}",
+                    "fix the item's bands / eo:bands, or give the file itself as the scene",
+                )
             fname_band = band_name_from_filename(path) if ds.count == 1 else None
             for i in range(1, ds.count + 1):
                 desc = ds.descriptions[i - 1] or ""
                 name, label, by = "", "", "none"
-                if desc:
+                if given is not None:  # the STAC item names it (unknown names stay unnamed)
+                    name, label, by = given[i - 1], resolved.band_labels[k][i - 1], "stac"
+                    if not name:
+                        by = "none"
+                elif desc:
                     name, label, by = canonical_band_name(desc) or desc, desc, "description"
-                if (not name or by == "description" and canonical_band_name(desc) is None) and fname_band:
+                if given is None and (
+                    (not name or by == "description" and canonical_band_name(desc) is None) and fname_band
+                ):
                     name, label, by = fname_band, Path(path).name, "filename"
                 sources.append(
                     BandSource(
@@ -573,6 +590,7 @@ def open_scene(
         grid,
         nodata=nodata,
         resampling=resampling,
-        datetime=_datetime(resolved.paths, tags),
+        datetime=(resolved.stac or {}).get("datetime") or _datetime(resolved.paths, tags),
         tags=tags,
+        stac=resolved.stac,
     )

@@ -9,7 +9,9 @@ A scene is one of:
   searched below for band files;
 - a glob (``'scenes/T31UDQ_*_B??.tif'``), or ``@list.txt`` (one path per line);
 - ``sample:NAME``: a real Sentinel-2 scene that ships with deo (``sample:list`` in
-  ``deo inspect`` lists them).
+  ``deo inspect`` lists them);
+- a STAC item (:class:`~deo_cli.io.stac.StacScene`, or the JSON file or URL of one): its
+  assets, each band named from the item (:mod:`deo_cli.io.stac`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ class ResolvedSource:
     name: str
     paths: tuple[str, ...]
     stacked: bool  # True: several single-band files that together form the scene
+    #: Per path, the name of each of its bands given by a STAC item (None: the usual rules).
+    band_names: tuple[tuple[str, ...], ...] | None = None
+    #: Per path, where each of those names came from (``asset B04: bands B04/red``).
+    band_labels: tuple[tuple[str, ...], ...] | None = None
+    #: The STAC item's identity (:meth:`~deo_cli.io.stac.StacScene.metadata`), for outputs.
+    stac: dict | None = None
 
 
 def _some_names(files, n: int = 5) -> str:
@@ -126,6 +134,19 @@ def _band_files(files: list[Path], where: str) -> list[Path]:
 
 def resolve_source(source: str | os.PathLike | list | tuple) -> ResolvedSource:
     """Files making up one scene (see the module docstring for the accepted forms)."""
+    from deo_cli.io.stac import StacScene, looks_like_stac, read_stac, scene_paths
+
+    if isinstance(source, StacScene):
+        paths, names, labels = scene_paths(source)
+        return ResolvedSource(source.id, paths, len(paths) > 1, names, labels, source.metadata())
+    if isinstance(source, str) and looks_like_stac(source):
+        scenes = read_stac(source)
+        if len(scenes) != 1:
+            raise InputNotFoundError(
+                f"{source} holds {len(scenes)} STAC items, not one scene",
+                "pass it where several scenes are accepted (deo embed ITEMS.json -o folder/)",
+            )
+        return resolve_source(scenes[0])
     if isinstance(source, (list, tuple)):
         if not source:
             raise InputNotFoundError("an empty list of files was given as a scene", "pass at least one file")

@@ -159,14 +159,29 @@ def test_several_scenes_partial_failure(make_raster, tmp_path):
     result, lines = run(["embed", str(good), str(bad), str(other), "-o", str(outdir), *FAST])
     assert result.exit_code == 1
     assert sorted(p.name for p in outdir.iterdir()) == [
+        "collection.json",
+        "good.item.json",
         "good.recipe.yaml",
         "good.tif",
+        "index.parquet",
+        "other.item.json",
         "other.recipe.yaml",
         "other.tif",
     ]
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and "bad.tif" in errors[0] and "lacks band(s)" in errors[0]
     assert_valid_cog(outdir / "other.tif")
+    # the index records the failure too, with its one-line error and no footprint
+    import geopandas as gpd
+
+    index = gpd.read_parquet(outdir / "index.parquet").set_index("output")
+    assert list(index.status) == ["failed", "written", "written"] and list(index.index) == [
+        "bad.tif",
+        "good.tif",
+        "other.tif",
+    ]
+    assert "lacks band(s)" in index.loc["bad.tif", "error"] and index.loc["bad.tif", "geometry"] is None
+    assert "catalog: " in result.stdout and "(3 scenes: 2 written, 1 failed)" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["emb.tif", "vectors.parquet", "emb.zarr"])
