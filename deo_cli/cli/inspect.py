@@ -8,18 +8,25 @@ from typing import Annotated
 import typer
 
 from deo_cli.cli import options as opt
-from deo_cli.cli.common import print_json, stdout_console
+from deo_cli.cli.common import print_json, stac_scenes, stdout_console
 
 
 def inspect_cmd(
     scenes: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
-            help="Scenes: a raster file, a folder of band files, a glob, @list.txt, a URL, or sample:paris. "
-            "Of several, those that are not rasters (a SOURCE.md matched by data/*) are skipped with a warning.",
+            help="Scenes: a raster file, a folder of band files, a glob, @list.txt, a URL, sample:paris, "
+            "or STAC Item / ItemCollection JSON. Of several, those that are not rasters (a SOURCE.md "
+            "matched by data/*) are skipped with a warning.",
             show_default=False,
         ),
-    ],
+    ] = None,
+    stac: opt.StacUrl = None,
+    collection: opt.StacCollection = None,
+    bbox: opt.StacBbox = None,
+    datetime: opt.StacDatetime = None,
+    query: opt.StacQuery = None,
+    max_items: opt.StacMaxItems = None,
     band_names: opt.BandNames = None,
     nodata: opt.Nodata = None,
     as_json: Annotated[
@@ -38,14 +45,16 @@ def inspect_cmd(
         ),
     ] = None,
 ) -> None:
-    """Show CRS, grid, bands (with the names deo gives them), value ranges, unit and band-set fit."""
+    """Show CRS, grid, bands (with the names deo gives them), value ranges, unit and band-set fit;
+    for a STAC item, which asset gives each band."""
     from deo_cli.io.inspect import inspect_scenes, write_report
 
     if output is not None:
         from deo_cli.io.atomic import check_output
 
         check_output(output, overwrite)
-    reports = inspect_scenes(scenes, band_names=band_names, nodata=nodata, require=bands)
+    sources = stac_scenes(scenes, stac, collection, bbox, datetime, query, max_items)
+    reports = inspect_scenes(sources, band_names=band_names, nodata=nodata, require=bands)
     if output is not None:
         write_report(reports, output, overwrite=overwrite)
     if as_json:
@@ -105,6 +114,8 @@ def _print_report(console, r: dict) -> None:
             b["unit"],
         )
     console.print(t)
+    if r.get("stac"):
+        _print_stac(console, r["stac"])
     for title, rows in (("band sets", r["band_sets"]), ("model inputs", r["manifests"])):
         parts = []
         for name, fit in rows.items():
@@ -115,3 +126,25 @@ def _print_report(console, r: dict) -> None:
             )
         console.print(f"  {title:<12}" + "; ".join(parts))
     console.print()
+
+
+def _print_stac(console, st: dict) -> None:
+    """The STAC item and which asset gives which band (or why it is left out)."""
+    from rich.table import Table
+
+    cloud = st.get("eo:cloud_cover")
+    console.print(
+        f"  STAC item   {st['id']}  collection {st.get('collection') or '-'}, {st.get('platform') or '-'}, "
+        f"cloud cover {_fmt(cloud) if cloud is not None else '-'}"
+    )
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for col in ("asset", "band(s)", "from", "used"):
+        t.add_column(col)
+    for a in st["assets"]:
+        t.add_row(
+            a["key"],
+            ",".join(b or "?" for b in a["bands"]) or "-",
+            "; ".join(a["labels"]) or "-",
+            "yes" if a["used"] else f"no: {a['why']}",
+        )
+    console.print(t)

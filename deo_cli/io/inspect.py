@@ -4,7 +4,9 @@ For each scene: CRS, size, resolution, bounds (also in WGS84), data type, nodata
 known, every band with the name deo gives it (and where that name came from), its native
 resolution, a sampled value range, the unit deo infers, and which band sets and model
 manifests the scene satisfies (or which bands are missing). Several inputs (a shell glob)
-skip what is not a raster with a warning each (:func:`inspect_scenes`).
+skip what is not a raster with a warning each (:func:`inspect_scenes`). A STAC item (its JSON, an
+ItemCollection, a search) is inspected as the scene its assets make, with the asset that gives
+each band and why the others are left out (``stac`` in the report).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def inspect_scene(
 
     ``require`` (a band set or band names) raises :class:`BandError` when the scene lacks any.
     """
+    from deo_cli.io.stac import StacScene
+
+    stac = source.describe() if isinstance(source, StacScene) else None
     scene = open_scene(source, band_names=band_names, allow_no_crs=True, nodata=nodata)
     if require is not None:
         scene.select(resolve_bands(require))
@@ -130,6 +135,8 @@ def inspect_scene(
             "band_sets": sets,
             "manifests": manifests,
             "value_sample_pixels": int(ov.valid.sum()),
+            # a STAC item: its identity and which asset gives which band (or why none)
+            "stac": stac,
         }
 
 
@@ -147,6 +154,9 @@ def inspect_scenes(
     inspected; a missing path, a scene that lacks ``require``'s bands, or inputs of which none
     is a raster, are errors. A single input that is not a raster is an error too.
     """
+    from deo_cli.io.stac import expand_scenes
+
+    sources = expand_scenes(list(sources))  # a STAC ItemCollection: one scene per item
     if len(sources) <= 1:
         return [inspect_scene(s, band_names=band_names, nodata=nodata, require=require) for s in sources]
     reports, skipped = [], []

@@ -139,7 +139,7 @@ def _entry_name(entry: dict) -> tuple[str, str]:
     for text in (name, common):
         hit = canonical_band_name(text) if isinstance(text, str) else None
         if hit:
-            what = "/".join(str(t) for t in (name, common) if t)
+            what = "/".join(dict.fromkeys(str(t) for t in (name, common) if t))
             return hit, f"bands {what}"
     return "", f"bands {name or common or '?'} (unknown to deo)"
 
@@ -158,6 +158,7 @@ def asset_bands(key: str, asset: dict) -> tuple[tuple[str, ...], tuple[str, ...]
         return (hit,), (f"asset key {key}",)
     href = str(asset.get("href", ""))
     hit = band_name_from_filename(urllib.parse.urlparse(href).path.rsplit("/", 1)[-1])
+    hit = canonical_band_name(hit) if hit else None
     if hit:
         return (hit,), (f"file name {href.rsplit('/', 1)[-1]}",)
     return ("",), (f"asset key {key} (no band deo knows)",)
@@ -427,6 +428,10 @@ def search_items(
         )
         items = list(search.items())
     except APIError as e:
+        if getattr(e, "status_code", None) is None:  # no answer at all: pystac-client wraps requests' error
+            raise InputNotFoundError(
+                f"cannot reach the STAC API at {url}", "check the URL and the network"
+            ) from e
         raise InputNotFoundError(f"the STAC API at {url} refused the search ({str(e).splitlines()[0][:200]})",
                                  "check --collection, --bbox, --datetime and --query") from e  # fmt: skip
     except (requests.RequestException, OSError) as e:

@@ -43,7 +43,7 @@ def make_cogs(folder: Path, out: Path) -> dict[str, Path]:
         band = f.stem.rsplit("_", 1)[-1]
         dst = out / f"{band}.tif"
         if not dst.exists():
-            rasterio.shutil.copy(f, dst, driver="COG", blocksize=64, overviews="NONE")
+            rasterio.shutil.copy(f, dst, driver="COG", blocksize=128, overviews="NONE")
         files[band] = dst
     return files
 
