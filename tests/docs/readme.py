@@ -122,12 +122,14 @@ SUBSTITUTIONS: list[Substitution] = [
     ),
     Substitution(
         r"^torchrun ",
-        lambda cmd, ctx: re.sub(
-            r"--nproc-per-node \d+",
-            "--nproc-per-node 2",
-            re.sub(r"--nnodes \d+", "--nnodes 1", cmd).replace(":29500", f":{ctx['port']}"),
-        )
-        + " --device cpu",
+        lambda cmd, ctx: (
+            re.sub(
+                r"--nproc-per-node \d+",
+                "--nproc-per-node 2",
+                re.sub(r"--nnodes \d+", "--nnodes 1", cmd).replace(":29500", f":{ctx['port']}"),
+            )
+            + " --device cpu"
+        ),
         "several nodes of GPUs -> one node, 2 CPU processes (gloo); $RANK=0, $MASTER=127.0.0.1",
     ),
     Substitution(
@@ -147,7 +149,9 @@ SUBSTITUTIONS: list[Substitution] = [
     ),
     Substitution(
         r"^deo bench --suite throughput",
-        lambda cmd, ctx: re.sub(r"--batch-size \d+", "--batch-size 2", cmd) + " --set throughput.iterations=2",
+        lambda cmd, ctx: (
+            re.sub(r"--batch-size \d+", "--batch-size 2", cmd) + " --set throughput.iterations=2"
+        ),
         "a batch of 64 Swin-B images -> 2, 2 timed iterations",
     ),
     Substitution(
@@ -162,7 +166,9 @@ SUBSTITUTIONS: list[Substitution] = [
     ),
     Substitution(
         r"^deo pretrain export .*checkpoint-\d+\.pt",
-        lambda cmd, ctx: re.sub(r"(\S+)/checkpoint-\d+\.pt", lambda m: ctx["last_checkpoint"](m.group(1)), cmd),
+        lambda cmd, ctx: re.sub(
+            r"(\S+)/checkpoint-\d+\.pt", lambda m: ctx["last_checkpoint"](m.group(1)), cmd
+        ),
         "checkpoint-00100000.pt -> the last checkpoint of the short run above",
     ),
     Substitution(

@@ -28,8 +28,7 @@ def test_readme_command_runs(cmd: Command, workspace):
     if text is None:
         assert reason  # listed in NOT_HERE / NEEDS_GPU with its reason
         return
-    folder = workspace.folder(f"L{cmd.line:04d}")
-    proc = workspace.run(text, folder, TIMEOUT)
+    folder, proc = workspace.run_once(text, f"L{cmd.line:04d}", TIMEOUT)
     log = f"README line {cmd.line}: {cmd.text}\nran: {text}\nsubstitutions: {used}\n{proc.stdout}\n{proc.stderr}"
     assert proc.returncode == 0, log
     assert "Traceback" not in proc.stderr, log

@@ -51,6 +51,7 @@ class Workspace:
     env: dict
     ctx: dict = field(default_factory=dict)
     servers: list = field(default_factory=list)
+    done: dict = field(default_factory=dict)
 
     def folder(self, name: str) -> Path:
         """A fresh folder for one command, with the placeholders, ``runs/``, ``recipes/`` and
@@ -74,6 +75,14 @@ class Workspace:
             text=True,
             timeout=timeout,
         )
+
+    def run_once(self, text: str, name: str, timeout: float) -> tuple[Path, subprocess.CompletedProcess]:
+        """``text`` in the folder ``name``, run once per session: a README command and a test of
+        the same line (tests/docs/test_design_lines.py) share one run and its outputs."""
+        if text not in self.done:
+            folder = self.folder(name)
+            self.done[text] = (folder, self.run(text, folder, timeout))
+        return self.done[text]
 
     def close(self) -> None:
         for s in self.servers:
@@ -304,4 +313,3 @@ def _mirror(root: Path):
     server = FileServer(www)
     server.thread.start()
     return server
-
