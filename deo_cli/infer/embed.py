@@ -1155,13 +1155,14 @@ def _output_folder(sources, output: Path, outs) -> Path | None:
 
 
 def _record(r: EmbedResult) -> SceneRecord:
+    reported = r.status == "written" and r.grid is not None  # not by a rank that then stopped
     return SceneRecord(
         output=r.output,
         source=r.source,
         status=r.status,
         error=r.error.one_line() if r.error is not None else None,
-        seconds=round(r.seconds, 3) if r.status == "written" else None,
-        chips=r.chips,
+        seconds=round(r.seconds, 3) if reported else None,
+        chips=r.chips if reported else None,
         format=r.format,
         stac=r.stac,
     )
@@ -1207,6 +1208,8 @@ def summary_line(r: EmbedResult) -> str:
     """``emb.tif  12.3 MB  EPSG:32631  27x26 px @ 160 m  512 bands  4.2 s``-style text."""
     if r.status == "skipped":
         return f"{r.output}  skipped (exists, --resume)"
+    if r.grid is None:  # finished by a rank that stopped before reporting (its file is complete)
+        return f"{r.output}  written by rank {r.extra.get('rank', '?')}, which then stopped"
     size = r.size_bytes
     unit = "B"
     for u in ("kB", "MB", "GB", "TB"):

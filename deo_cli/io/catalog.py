@@ -5,7 +5,7 @@
 - ``index.parquet``: GeoParquet, one row per scene (:data:`COLUMNS`): the output's path
   (relative to the folder), its footprint in EPSG:4326 (the output's bounds, edges densified,
   transformed), the source (STAC item id or scene name, its href, datetime, platform, cloud
-  cover), the model, the weights' SHA-256, layer, stride, format, CRS, status (``written`` or
+  cover), the model, the weights' SHA-256, layer, stride, format, the output's CRS, status (``written`` or
   ``failed`` with its one-line ``error``), seconds and chips. Rows are rebuilt from each output's
   own metadata, so a row never disagrees with its file;
 - ``<output stem>.item.json``: a STAC Item per output (projection and raster extensions, the
@@ -56,7 +56,7 @@ LOCK_WAIT_S = 600.0
 
 COLUMNS = (
     "output", "status", "error", "source", "source_href", "source_datetime", "source_collection",
-    "platform", "cloud_cover", "model", "weights_sha256", "layer", "stride", "format", "crs",
+    "platform", "cloud_cover", "model", "weights_sha256", "layer", "stride", "format", "output_crs",
     "width", "height", "seconds", "chips", "deo_version",
 )  # fmt: skip
 MEDIA = {
@@ -80,7 +80,7 @@ class SceneRecord:
     status: str  # written | skipped | failed
     error: str | None = None
     seconds: float | None = None
-    chips: int = 0
+    chips: int | None = 0  # None: not known (its rank stopped before reporting)
     format: str = "cog"
     stac: dict | None = None  # the source item's identity (io/stac.py), failed scenes included
 
@@ -181,7 +181,7 @@ def row_for(folder: Path, rec: SceneRecord) -> dict:
                source=rec.source, source_href=stac.get("href"), source_datetime=stac.get("datetime"),
                source_collection=stac.get("collection"), platform=stac.get("platform"),
                cloud_cover=stac.get("eo:cloud_cover"), format=rec.format, seconds=rec.seconds,
-               chips=int(rec.chips or 0), deo_version=__version__, geometry=None)  # fmt: skip
+               chips=None if rec.chips is None else int(rec.chips), deo_version=__version__, geometry=None)  # fmt: skip
     if row["status"] == "failed":
         return row
     info = output_info(folder / rel, rec.format)
@@ -199,7 +199,7 @@ def row_for(folder: Path, rec: SceneRecord) -> dict:
         weights_sha256=meta.get("deo_weights_sha256"),
         layer=_int(meta.get("deo_layer")),
         stride=_int(meta.get("deo_stride")),
-        crs=_crs_text(info["crs"]),
+        output_crs=_crs_text(info["crs"]),
         width=info["width"],
         height=info["height"],
         deo_version=meta.get("deo_version") or __version__,

@@ -21,7 +21,9 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 
-from deo_cli.sensors import S2_BANDS
+from deo_cli.sensors import DEO_S2_MANIFEST, S2_BANDS
+
+DEO_BANDS = tuple(DEO_S2_MANIFEST.bands)
 
 BIGEARTHNET = "bigearthnet_s2_example"
 #: Earth Search's asset keys (common names) for the Sentinel-2 bands.
@@ -332,3 +334,46 @@ def serve_items(shared_data: Path, root: Path, n: int | None = None) -> StacApi:
 
 
 __all__ = ["S2_BANDS", "StacApi", "make_items", "serve_items", "write_item_collection"]
+
+
+def synthetic_items(
+    root: Path, n: int, size: int, crss=("EPSG:32631", "EPSG:32632", "EPSG:32633"), seed=0
+) -> list[dict]:
+    """``n`` items, each one 10-band uint16 COG of ``size`` px (DEO's bands, named by the item's
+    ``bands``, not by the file), in the CRSs of ``crss`` in turn."""
+    from affine import Affine
+
+    from tests.infer.helpers import smooth_scene
+
+    root.mkdir(parents=True, exist_ok=True)
+    bands = list(DEO_BANDS)
+    items = []
+    for i in range(n):
+        crs = crss[i % len(crss)]
+        x0, y0 = 300000.0 + 20000 * i, 5000000.0 - 10000 * (i % 3)
+        path = root / f"scene_{i:03d}.tif"
+        if not path.exists():
+            tmp = root / f".scene_{i:03d}.tif"
+            data = smooth_scene(size, size, bands=10, seed=seed + i)
+            profile = {"driver": "GTiff", "width": size, "height": size, "count": 10, "dtype": "uint16",
+                       "crs": crs, "transform": Affine(10, 0, x0, 0, -10, y0)}  # fmt: skip
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(data)
+            rasterio.shutil.copy(tmp, path, driver="COG", blocksize=256, compress="deflate")
+            tmp.unlink()
+        from rasterio.warp import transform_bounds
+
+        with rasterio.open(path) as ds:
+            bbox = list(transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21))
+        w, s, e, nn = bbox
+        items.append({
+            "type": "Feature", "stac_version": "1.1.0", "stac_extensions": [], "id": f"scene_{i:03d}",
+            "collection": "synthetic", "bbox": bbox,
+            "geometry": {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, nn], [w, nn], [w, s]]]},
+            "properties": {"datetime": f"2024-06-{1 + i % 28:02d}T10:00:00Z", "platform": "sentinel-2b",
+                           "eo:cloud_cover": float(i % 50)},
+            "links": [],
+            "assets": {"data": {"href": str(path), "type": COG, "roles": ["data"],
+                                "bands": [{"name": b} for b in bands]}},
+        })  # fmt: skip
+    return items
