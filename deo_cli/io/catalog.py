@@ -195,17 +195,22 @@ def row_for(folder: Path, rec: SceneRecord) -> dict:
         source_collection=item.get("collection"),
         platform=item.get("platform"),
         cloud_cover=item.get("eo:cloud_cover"),
-        model=meta.get("deo_model"),
-        weights_sha256=meta.get("deo_weights_sha256"),
+        model=_text(meta.get("deo_model")),
+        weights_sha256=_text(meta.get("deo_weights_sha256")),
         layer=_int(meta.get("deo_layer")),
         stride=_int(meta.get("deo_stride")),
         output_crs=_crs_text(info["crs"]),
         width=info["width"],
         height=info["height"],
-        deo_version=meta.get("deo_version") or __version__,
+        deo_version=_text(meta.get("deo_version")) or __version__,
         geometry=footprint(info["bounds"], info["crs"]),
     )
     return row
+
+
+def _text(v) -> str | None:
+    """A tag's text (tags are JSON-decoded: a version "1.0" must not become a number)."""
+    return None if v is None else str(v)
 
 
 def _int(v):
