@@ -35,8 +35,9 @@ def catalog_line(results) -> str | None:
         [f"{status.count('failed')} failed"] if "failed" in status else []
     )
     extra = [str(p) for p in ([cat.collection] if cat.collection else []) + list(cat.mosaics)]
-    return f"catalog: {cat.index} ({len(status)} scenes: {', '.join(parts)})" + (
-        f", {', '.join(extra)}" if extra else ""
+    return (
+        f"catalog: {cat.index} ({len(status)} scene{'s' if len(status) != 1 else ''}: {', '.join(parts)})"
+        + (f", {', '.join(extra)}" if extra else "")
     )
 
 

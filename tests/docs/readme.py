@@ -133,6 +133,17 @@ SUBSTITUTIONS: list[Substitution] = [
         "several nodes of GPUs -> one node, 2 CPU processes (gloo); $RANK=0, $MASTER=127.0.0.1",
     ),
     Substitution(
+        r"--stac https?://\S+",
+        _sub(r"--stac https?://\S+", "--stac {stac}"),
+        "a STAC API on the web -> the one served on 127.0.0.1, whose sentinel-2-l2a items are the two "
+        "OSCD Paris dates (band files as COGs) dated June and July 2024",
+    ),
+    Substitution(
+        r"^sbatch --array=\S+ --wrap ",
+        _sub(r"^sbatch --array=\S+ --wrap ", "SLURM_ARRAY_TASK_ID=0 bash -c "),
+        "a Slurm job array -> its task 0, run here (no Slurm on this machine)",
+    ),
+    Substitution(
         r"^deo bench download ",
         lambda cmd, ctx: f"{cmd} --source {ctx['mirror']}",
         "from the local GEO-Bench mirror the download tests serve on 127.0.0.1, not Hugging Face",

@@ -5,7 +5,8 @@ README commands name files a user would have (``scene.tif``, ``imgs/``, ``classe
 Hugging Face cache where ``--weights default`` and the default optical teacher find their files
 (a tiny checkpoint in the official DEO layout under the pinned revision; a random DINOv3 ViT-B/16
 in timm's layout), a ``$GEO_BENCH_DIR`` with the brick-kiln fixture, and serves a GEO-Bench
-mirror on 127.0.0.1 for ``deo bench download``. Each command runs in its own folder
+mirror on 127.0.0.1 for ``deo bench download`` and a STAC API on 127.0.0.1 for ``deo embed --stac``
+(the OSCD Paris dates as items, also saved as ``items.json``). Each command runs in its own folder
 (:meth:`Workspace.folder`) that links to these, so commands that write the same output name
 (``change.tif``) do not collide, while ``runs/`` is shared so one command can use another's run.
 """
@@ -38,6 +39,7 @@ PLACEHOLDERS = (
     "classes.yaml",
     "pairs.csv",
     "fmow_sentinel.csv",
+    "items.json",
 )
 
 #: eo-learn's land-cover classes present in the patch (eolearn_testeopatch/SOURCE.md).
@@ -129,11 +131,14 @@ def build_workspace(root: Path, shared_data: Path) -> Workspace:
     ws = Workspace(root, env)
     mirror = _mirror(root / "mirror")
     ws.servers.append(mirror)
+    stac = _stac(inputs, root / "stac-api", shared_data)
+    ws.servers.append(stac)
     import torch
 
     ws.ctx = {
         "port": free_port(),
         "mirror": mirror.url,
+        "stac": stac.url,
         "cuda": torch.cuda.is_available(),
         # runs/ of every command folder is root/runs
         "last_checkpoint": lambda run: f"{run}/{max((root / run).glob('checkpoint-*.pt')).name}",
@@ -222,6 +227,17 @@ def _user_model(path: Path) -> None:
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_encoder(build_encoder("deo_swin_t", weights=None), path)
+
+
+def _stac(inputs: Path, www: Path, shared: Path):
+    """``items.json``: an ItemCollection of the two OSCD Paris dates as Sentinel-2 items of summer
+    2024 (COGs made from the band files); and a STAC API on 127.0.0.1 serving the same items, for
+    ``deo embed --stac URL --collection sentinel-2-l2a --bbox ... --datetime 2024-06/2024-08``."""
+    from tests.io.stac_fixtures import paris_items, serve_items, write_item_collection
+
+    if not (inputs / "items.json").exists():
+        write_item_collection(paris_items(shared, inputs / ".stac"), inputs / "items.json")
+    return serve_items(shared, www, make=paris_items)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,8 +50,11 @@ def make_cogs(folder: Path, out: Path) -> dict[str, Path]:
     return files
 
 
-def item_dict(folder: Path, files: dict[str, Path], style: str, href_of, cloud: float) -> dict:
-    """A STAC 1.1 item for one patch; ``href_of(path)`` gives each asset's href."""
+def item_dict(
+    folder: Path, files: dict[str, Path], style: str, href_of, cloud: float, item_id=None, when=None
+) -> dict:
+    """A STAC 1.1 item for one patch; ``href_of(path)`` gives each asset's href (``item_id`` and
+    ``when``: else from the BigEarthNet folder name)."""
     from rasterio.warp import transform_bounds, transform_geom
 
     ref = files["B02"]
@@ -61,10 +64,14 @@ def item_dict(folder: Path, files: dict[str, Path], style: str, href_of, cloud: 
     geom = transform_geom(crs, "EPSG:4326", {"type": "Polygon", "coordinates": [[
         (bounds.left, bounds.bottom), (bounds.right, bounds.bottom), (bounds.right, bounds.top),
         (bounds.left, bounds.top), (bounds.left, bounds.bottom)]]})  # fmt: skip
-    name = folder.name  # S2A_MSIL2A_20170613T101031_87_48
-    d = re.search(r"_(\d{8})T(\d{5,6})_", name)
-    t = d.group(2).rjust(6, "0")  # BigEarthNet names drop a leading 0 (T93020); seconds may read 61
-    dt = f"{d.group(1)[:4]}-{d.group(1)[4:6]}-{d.group(1)[6:]}T{t[:2]}:{t[2:4]}:{min(int(t[4:]), 59):02d}Z"
+    name = item_id or folder.name  # S2A_MSIL2A_20170613T101031_87_48
+    if when is None:
+        d = re.search(r"_(\d{8})T(\d{5,6})_", name)
+        t = d.group(2).rjust(6, "0")  # BigEarthNet names drop a leading 0 (T93020); seconds may read 61
+        when = (
+            f"{d.group(1)[:4]}-{d.group(1)[4:6]}-{d.group(1)[6:]}T{t[:2]}:{t[2:4]}:{min(int(t[4:]), 59):02d}Z"
+        )
+    dt = when
     assets = {}
     for band, path in files.items():
         if style == "earth-search":
@@ -108,6 +115,26 @@ def make_items(shared_data: Path, root: Path, href_of=None, n: int | None = None
         style = "earth-search" if i % 2 == 0 else "planetary-computer"
         item = item_dict(folder, files, style, href_of, cloud=10.0 * i)
         path = root / "cogs" / folder.name / f"{folder.name}.json"  # the item's own file, its self link
+        item["links"] = [{"rel": "self", "href": href_of(path), "type": "application/geo+json"}]
+        path.write_text(json.dumps(item, indent=1))
+        items.append(item)
+    return items
+
+
+def paris_items(shared_data: Path, root: Path, href_of=None) -> list[dict]:
+    """The two OSCD Paris dates (13 band files each, EPSG:4326) as Sentinel-2 items dated in
+    summer 2024 (cloud cover 5 and 12), the scenes of the README's STAC search."""
+    href_of = href_of or (lambda p: str(p))
+    items = []
+    for i, (sub, when, cloud) in enumerate(
+        (("imgs_1", "2024-06-15T10:56:21Z", 5.0), ("imgs_2", "2024-07-20T10:56:19Z", 12.0))
+    ):
+        item_id = f"S2{'AB'[i]}_31UDQ_{when[:10].replace('-', '')}_0_L2A"
+        files = make_cogs(shared_data / "oscd_subset" / "images" / "paris" / sub, root / "cogs" / item_id)
+        item = item_dict(
+            root / item_id, files, "planetary-computer", href_of, cloud, item_id=item_id, when=when
+        )
+        path = root / "cogs" / item_id / f"{item_id}.json"
         item["links"] = [{"rel": "self", "href": href_of(path), "type": "application/geo+json"}]
         path.write_text(json.dumps(item, indent=1))
         items.append(item)
@@ -325,15 +352,27 @@ class StacApi:
         self.httpd.server_close()
 
 
-def serve_items(shared_data: Path, root: Path, n: int | None = None) -> StacApi:
-    """A STAC API on 127.0.0.1 whose items' assets are COGs it serves itself (``http://`` hrefs)."""
+def serve_items(shared_data: Path, root: Path, n: int | None = None, make=None) -> StacApi:
+    """A STAC API on 127.0.0.1 whose items' assets are COGs it serves itself (``http://`` hrefs);
+    ``make(shared_data, root, href_of)`` makes the items (default: the BigEarthNet patches)."""
     api = StacApi(root)
     rel = lambda p: api.url + "/" + Path(p).relative_to(root).as_posix()  # noqa: E731
-    api.httpd.items = make_items(shared_data, root, href_of=rel, n=n)
+    if make is None:
+        api.httpd.items = make_items(shared_data, root, href_of=rel, n=n)
+    else:
+        api.httpd.items = make(shared_data, root, rel)
     return api.start()
 
 
-__all__ = ["S2_BANDS", "StacApi", "make_items", "serve_items", "write_item_collection"]
+__all__ = [
+    "S2_BANDS",
+    "StacApi",
+    "make_items",
+    "paris_items",
+    "serve_items",
+    "synthetic_items",
+    "write_item_collection",
+]
 
 
 def synthetic_items(
