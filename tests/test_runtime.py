@@ -147,7 +147,9 @@ def test_keep_freed_memory_keeps_a_freed_block_resident():
         "churn()\n"
         "print(ok, given_back, churn())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     if out[0] != "True":
         pytest.skip("not glibc")
     assert int(out[1]) > 32 * 2**20  # by default a freed 64 MiB block goes back to the kernel

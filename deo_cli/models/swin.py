@@ -66,7 +66,9 @@ MIN_ROWS_TO_SKIP_PADDING = 160
 _MASKS: dict[tuple, Tensor] = {}
 
 
-def _shift_mask(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[int, int], like: Tensor) -> Tensor:
+def _shift_mask(
+    pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[int, int], like: Tensor
+) -> Tensor:
     """torchvision's shifted-window mask ``(1, nW, 1, N, N)`` (0 inside a region, -100 across
     regions), built once per shape instead of at every block call."""
     key = (pad_h, pad_w, window, shift, like.dtype, like.device)
@@ -81,7 +83,7 @@ def _shift_mask(pad_h: int, pad_w: int, window: tuple[int, int], shift: tuple[in
                 count += 1
         m = m.view(pad_h // wh, wh, pad_w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
         m = m.unsqueeze(1) - m.unsqueeze(2)
-        m = m.masked_fill(m != 0, float(-100.0)).masked_fill(m == 0, float(0.0))
+        m = m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
         mask = _MASKS[key] = m.unsqueeze(1).unsqueeze(0)
     return mask
 
