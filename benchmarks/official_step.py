@@ -92,7 +92,12 @@ class MetaApi(nn.Module):
         if reshape or not return_class_token or isinstance(n, int):
             raise NotImplementedError("only what DINOvX calls")
         out = self.model.forward_intermediates(
-            x, indices=list(n), norm=norm, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+            x,
+            indices=list(n),
+            norm=norm,
+            output_fmt="NLC",
+            return_prefix_tokens=True,
+            intermediates_only=True,
         )
         return tuple((patch, prefix[:, 0]) for patch, prefix in out)
 

@@ -18,8 +18,10 @@ With ``DEO_FM_ROOT`` set to a checkout of https://github.com/wolfilip/DEO-FM (it
 imported from there; nothing of it is in this repository, :mod:`official_step`), the official
 ``train_one_epoch`` runs the same work in its own fresh processes, alternating with deo's
 (deo, official, deo, official, ... ``--rounds`` pairs per batch size) so that other load on the
-machine hits both alike; the ratio deo / official of the pooled median step times, both step peaks
-and the load average before and after every process are written to ``comparison`` in
+machine hits both alike; the ratio deo / official of the fastest process's median step on each side
+(and of the pooled medians), both step peaks, each process's CPU share (CPU time / wall time /
+threads: near 1 when it had its cores to itself) and the load average before the run and around
+every process (which counts the measured process's own threads) are written to ``comparison`` in
 ``benchmarks/results/pretrain_step.json``.
 
 ``--profile``: after the timed steps, one step with the time split by phase (student
@@ -161,7 +163,9 @@ def top_ops(prof, n: int = 25) -> list[dict]:
     return ops[:n]
 
 
-def op_counts(prof, names=("aten::copy_", "aten::fill_", "aten::cat", "aten::contiguous", "aten::clone")) -> dict:
+def op_counts(
+    prof, names=("aten::copy_", "aten::fill_", "aten::cat", "aten::contiguous", "aten::clone")
+) -> dict:
     counts = {e.key: int(e.count) for e in prof.key_averages()}
     return {k: counts.get(k, 0) for k in names}
 
@@ -215,7 +219,11 @@ def _crops(recipe, device, b: int):
     c = recipe.crops
     g = torch.Generator().manual_seed(0)
     glob = torch.randn(c.global_number, b, 10, c.global_size, c.global_size, generator=g).to(device)
-    loc = torch.randn(c.local_number, b, 10, c.local_size, c.local_size, generator=g).to(device) if c.local_number else None
+    loc = (
+        torch.randn(c.local_number, b, 10, c.local_size, c.local_size, generator=g).to(device)
+        if c.local_number
+        else None
+    )
     return glob, loc
 
 
@@ -419,9 +427,9 @@ def official_child(args) -> dict:
     import io
 
     import numpy as np
+    import official_step
     import torch
 
-    import official_step
     from deo_cli.models.teachers import build_teacher
 
     recipe = _recipe(args, args.child)
@@ -614,7 +622,9 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _run_child(args, recipe: str, batch: int | None, *, side: str = "deo", weights: str | None = None) -> dict:
+def _run_child(
+    args, recipe: str, batch: int | None, *, side: str = "deo", weights: str | None = None
+) -> dict:
     flag = {"deo": "--child", "official": "--child-official", "weights": "--child"}[side]
     cmd = [sys.executable, __file__, flag, recipe, "--device", args.device, "--steps", str(args.steps)]
     cmd += ["--data", args.data, "--data-samples", str(args.data_samples if side == "deo" else 0)]
@@ -633,7 +643,10 @@ def _run_child(args, recipe: str, batch: int | None, *, side: str = "deo", weigh
     elif weights:
         cmd += ["--weights", weights]
     t0, pressure, load = time.time(), cpu_pressure(), _load()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -675,6 +688,7 @@ def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
     """deo (and the official step) at every batch size, ``--rounds`` alternating pairs each."""
     results, comparison = [], []
     recipe = args.recipes[0]
+    load_before = _load()  # each measured process adds its own threads to the load average after this
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "weights.pt")
         _run_child(args, recipe, None, side="weights", weights=weights)
@@ -706,11 +720,21 @@ def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
                     "official_step_peak_rss_gib": off["step_peak_rss_gib"],
                     "deo_peak_rss_gib": deo["peak_rss_gib"],
                     "official_peak_rss_gib": off["peak_rss_gib"],
+                    "deo_step_s_per_process": deo["step_s_per_process"],
+                    "official_step_s_per_process": off["step_s_per_process"],
+                    "ratio_pooled_medians": round(
+                        deo["step_s_pooled_median"] / off["step_s_pooled_median"], 4
+                    ),
+                    "deo_cpu_share_per_process": deo["cpu_share_per_process"],
+                    "official_cpu_share_per_process": off["cpu_share_per_process"],
                     "deo_step_s_all": deo["step_s_all"],
                     "official_step_s_all": off["step_s_all"],
                     "first_loss": {"deo": deo["first_loss"], "official": off["first_loss"]},
+                    "loadavg_before_run": load_before,
                     "loadavg": [x for r in runs["deo"] + runs["official"] for x in r["loadavg"]],
-                    "loadavg_max_1min": max(x[0] for r in runs["deo"] + runs["official"] for x in r["loadavg"]),
+                    "loadavg_max_1min": max(
+                        x[0] for r in runs["deo"] + runs["official"] for x in r["loadavg"]
+                    ),
                     "order": "alternating fresh processes: " + ", ".join(["deo, official"] * args.rounds),
                     "official": off,
                 }
@@ -718,18 +742,28 @@ def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
                 print(
                     f"batch {batch}: deo {deo['step_s']:.3f} s / official {off['step_s']:.3f} s = {ratio:.3f} "
                     f"({1 / ratio:.2f}x faster); step peak RSS deo {deo['step_peak_rss_gib']} GiB, official "
-                    f"{off['step_peak_rss_gib']} GiB; load average (1 min) up to {row['loadavg_max_1min']}",
+                    f"{off['step_peak_rss_gib']} GiB; load average (1 min) {load_before[0]} before, up to "
+                    f"{row['loadavg_max_1min']} with the measured processes; CPU share deo "
+                    f"{deo['cpu_share_per_process']}, official {off['cpu_share_per_process']}",
                     flush=True,
                 )
     return results, comparison
 
 
 def _pooled(runs: list[dict]) -> dict:
-    """One row from several processes of one side: every timed step pooled, medians, the largest peaks."""
+    """One row from several processes of one side: ``step_s`` is the fastest process's median step
+    (other work on a shared machine only ever slows a process down: the least disturbed process is
+    the best estimate, taken alike for both sides); every timed step and the pooled median kept."""
     r = dict(runs[-1])
     times = [t for x in runs for t in x["step_s_all"]]
     r["step_s_all"] = times
-    r["step_s"] = round(statistics.median(times), 4)
+    r["step_s_per_process"] = [x["step_s"] for x in runs]
+    r["step_s_pooled_median"] = round(statistics.median(times), 4)
+    # CPU time / (wall time x threads): near 1 when the process had its cores to itself
+    r["cpu_share_per_process"] = [
+        round(x["step_cpu_s"] / (x["step_s"] * (x.get("threads") or 1)), 3) for x in runs
+    ]
+    r["step_s"] = round(min(x["step_s"] for x in runs), 4)
     r["steps_timed"] = len(times)
     r["processes"] = len(runs)
     r["step_cpu_s"] = round(statistics.median(x["step_cpu_s"] for x in runs), 4)
@@ -749,10 +783,18 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=None, help="recipes at their own size (gpu_check.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--batch-size", type=int, nargs="+", default=None, help="per process (default: 2 8 for the work shape)"
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="per process (default: 2 8 for the work shape)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per process (5; 3 with --recipes)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating deo/official process pairs per batch")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per process (5; 3 with --recipes)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating deo/official process pairs per batch"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: as deo pretrain)")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--data-samples", type=int, default=None, help="data pipeline samples (0: skip)")
@@ -765,7 +807,9 @@ def main() -> None:
     parser.add_argument(
         "--flops-batch", type=int, default=8, help="samples the FLOPs are counted on (0: the whole batch)"
     )
-    parser.add_argument("--profile", action="store_true", help="split one step by phase and list the top operators")
+    parser.add_argument(
+        "--profile", action="store_true", help="split one step by phase and list the top operators"
+    )
     parser.add_argument("--no-official", action="store_true", help="deo only, even with DEO_FM_ROOT set")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-official", default=None, help=argparse.SUPPRESS)
