@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -713,6 +714,12 @@ def preflight(
     exists and ``resume`` skips it. Raises :class:`DeoError`."""
     if out.exists() and resume:
         log.info("%s exists: skipped (--resume)", out)
+        if is_main:  # a run killed between renaming the output and removing its resume state
+            for stale in partial_paths(out):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
         return None
     if is_main:
         check_output(out, overwrite)

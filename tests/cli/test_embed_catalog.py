@@ -205,7 +205,10 @@ def test_a_scene_whose_asset_is_missing_or_unreadable_fails_alone(shared_data, t
     missing.write_bytes((root / "cogs" / IDS[1] / "B04.tif").read_bytes())
     broken.write_bytes((root / "cogs" / IDS[2] / "B8A.tif").read_bytes())
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")}
+    stale = out / f".{IDS[0]}.partial.json"  # a run killed between renaming an output and cleaning up
+    stale.write_text("{}")
     result, _ = run(["embed", str(items), "-o", str(out), "--resume", *FAST])
+    assert not stale.exists()
     assert result.exit_code == 0, result.output
     assert result.stdout.count("skipped (exists, --resume)") == 2
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif") if p.name in before} == before
