@@ -865,7 +865,7 @@ def _failed(source, out, error: DeoError, fmt: str) -> EmbedResult:
     return EmbedResult(source=str(source), output=out, error=error, format=fmt, stac=_stac_of(source))
 
 
-def _check_scene(source, out, recipe, manifests, *, overwrite, resume, preview, is_main, fmt, many):
+def _check_scene(source, out, recipe, manifests, *, overwrite, resume, preview, is_main, fmt):
     """``("job", Prepared)``, ``("done", EmbedResult)`` (skipped or failed) for one scene."""
     try:
         if out is None:
@@ -935,7 +935,6 @@ def _run_capped(
                 preview=_preview_for(preview, out, many) if out is not None else None,
                 is_main=True,
                 fmt=fmt,
-                many=many,
             )
     if world > 1:
         for part in ranks.gather(checked):

@@ -132,7 +132,7 @@ def output_info(path: Path, fmt: str) -> dict:
     meta = json.loads(md.get(b"deo", b"{}"))
     bbox = col.get("bbox") or [math.nan] * 4
     return {"crs": CRS.from_user_input(json.dumps(crs)) if crs else None, "bounds": tuple(bbox),
-            "transform": None, "width": None, "height": pq.ParquetFile(path).metadata.num_rows, "meta": meta}  # fmt: skip
+            "transform": None, "width": None, "height": None, "meta": meta}  # fmt: skip
 
 
 def footprint(bounds: Sequence[float], crs, densify: int = 21):
@@ -270,7 +270,10 @@ def _write_index(folder: Path, rows: list[dict]) -> Path:
     path = folder / INDEX
     tmp = folder / f".{INDEX}.tmp-{os.getpid()}"
     try:
-        gdf.to_parquet(tmp, index=False, compression="zstd", write_covering_bbox=True)
+        try:  # GeoParquet 1.1's bbox column (geopandas >= 1.0) lets readers filter by area
+            gdf.to_parquet(tmp, index=False, compression="zstd", write_covering_bbox=True)
+        except TypeError:
+            gdf.to_parquet(tmp, index=False, compression="zstd")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
