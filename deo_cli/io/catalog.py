@@ -130,7 +130,11 @@ def output_info(path: Path, fmt: str) -> dict:
     col = geo.get("columns", {}).get(geo.get("primary_column", "geometry"), {})
     crs = col.get("crs")
     meta = json.loads(md.get(b"deo", b"{}"))
-    bbox = col.get("bbox") or [math.nan] * 4
+    bbox = col.get("bbox")
+    if not bbox:  # not in the metadata: the union of the chips' footprints
+        import geopandas as gpd
+
+        bbox = list(gpd.read_parquet(path, columns=["geometry"]).total_bounds)
     return {"crs": CRS.from_user_input(json.dumps(crs)) if crs else None, "bounds": tuple(bbox),
             "transform": None, "width": None, "height": None, "meta": meta}  # fmt: skip
 
@@ -141,9 +145,9 @@ def footprint(bounds: Sequence[float], crs, densify: int = 21):
     from pyproj import Transformer
     from shapely.geometry import Polygon, box
 
-    poly = box(*bounds)
     if crs is None or not all(math.isfinite(v) for v in bounds):
         return None
+    poly = box(*bounds)
     epsg = crs.to_epsg()
     if epsg == 4326:
         return poly
