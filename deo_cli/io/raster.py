@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 #: without overviews is decimated block by block (:meth:`Scene.overview`).
 DECIMATE_CHUNK_BYTES = 16 * 1024 * 1024
 
-_DATETIME = re.compile(r"(20\d{6})T?(\d{6})?")
-
 
 @dataclass(frozen=True)
 class BandSource:
@@ -108,16 +106,11 @@ def _explicit_names(band_names: Sequence[str] | str, total: int) -> list[str]:
 
 
 def _datetime(paths: Sequence[str], tags: dict) -> str | None:
-    """Acquisition time: the TIFF DATETIME tag, else a date in the file names (S2 naming)."""
-    dt = tags.get("TIFFTAG_DATETIME")
-    if dt and re.match(r"\d{4}:\d\d:\d\d \d\d:\d\d:\d\d", dt):
-        return dt[:10].replace(":", "-") + "T" + dt[11:] + "Z"
-    for p in paths:
-        m = _DATETIME.search(Path(p).name)
-        if m:
-            d, t = m.group(1), m.group(2) or "000000"
-            return f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:]}Z"
-    return None
+    """Acquisition time, or None when unknown (:func:`deo_cli.io.scenedate.acquisition_time`:
+    metadata, names that carry the sensing time; never an old-style S2 tile's processing time)."""
+    from deo_cli.io.scenedate import acquisition_time
+
+    return acquisition_time(paths, tags)[0]
 
 
 class Scene:
