@@ -628,6 +628,10 @@ class ChangeRecipe:
     """``deo detect-change``: change score, mask and polygons from two dates."""
 
     model: ModelSection = field(default_factory=ModelSection)
+    #: Score without a head: ``zero-shot`` (cosine distance of DEO features) or ``cva`` (change
+    #: vector analysis, the spectral baseline: ``deo_cli.infer.cva``; only the model's band
+    #: manifest is used, no weights). With ``--head`` the score is the head's P(change).
+    method: Literal["zero-shot", "cva"] = "zero-shot"
     #: Zero-shot feature level(s): ``default`` (Swin: levels 0-2 averaged on the stride-4 grid;
     #: ViT: deo embed's level; ``deo_cli.infer.change.default_change_layers``), ``last``, an
     #: index, or a comma-separated list of indices whose distances are averaged.
@@ -635,11 +639,21 @@ class ChangeRecipe:
     input: InputSection = field(default_factory=InputSection)
     tiling: TilingSection = field(default_factory=TilingSection)
     #: ``auto``: ``fixed`` when a threshold is given, ``percentile`` when a percentile is, else
-    #: the head's validated threshold (supervised) or Otsu (zero-shot).
-    threshold_method: Literal["auto", "otsu", "fixed", "percentile"] = "auto"
+    #: the head's threshold (supervised) or ``deo_cli.infer.threshold.DEFAULT_METHOD``
+    #: (zero-shot, cva); the rules are described in ``deo_cli.infer.threshold``.
+    threshold_method: Literal[
+        "auto", "otsu", "otsu-log", "kittler", "triangle", "mad", "percentile", "fixed"
+    ] = "auto"
     threshold: float | None = None
     percentile: float | None = None
+    #: k of the ``mad`` rule (median + k * 1.4826 * MAD); null: ``DEFAULT_MAD_K``.
+    mad_k: float | None = None
+    #: Polygons smaller than this (CRS units squared) are dropped.
     min_area: float = 0.0
+    #: Polygons covering fewer input-grid pixels than this are dropped (a mask pixel on the
+    #: stride-4 embedding grid covers 16): 2 drops single input pixels, which were speckle in
+    #: the OSCD comparison (``deo_cli.infer.change.write_polygons``); 0 or 1 keeps every one.
+    min_pixels: int = 2
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     #: Zero-shot score grid: ``embedding`` (the level's grid, transform scaled by its stride,
     #: like deo embed) or ``input`` (bilinearly upsampled to the first date's grid).
@@ -652,8 +666,10 @@ class ChangeRecipe:
     def __post_init__(self):
         if self.percentile is not None and not 0.0 <= self.percentile <= 100.0:
             raise ValueError("percentile must be within 0-100")
-        if self.min_area < 0 or self.simplify < 0:
-            raise ValueError("min_area and simplify must be >= 0")
+        if self.min_area < 0 or self.simplify < 0 or self.min_pixels < 0:
+            raise ValueError("min_area, min_pixels and simplify must be >= 0")
+        if self.mad_k is not None and self.mad_k < 0:
+            raise ValueError("mad_k must be >= 0")
 
 
 @dataclass
@@ -768,14 +784,21 @@ class BenchKnnSection:
 
 @dataclass
 class BenchOscdSection:
-    """Zero-shot change detection on OSCD with ``deo detect-change``'s own scorer: cosine
-    distance of the two dates' features on the input grid, Otsu threshold per city."""
+    """Change detection on OSCD per city with ``deo detect-change``'s own scorers (zero-shot
+    cosine distance on the input grid, the CVA baseline, a trained head when ``head`` is set)
+    and threshold rule per city (``deo_cli.bench.oscd``)."""
 
     #: Feature levels whose distances are averaged; empty: ``deo detect-change``'s default level.
     layers: list[int] = field(default_factory=list)
     #: Chip size and overlap in pixels; null: the model's input size and a quarter of it.
     chip_size: int | None = None
     overlap: int | None = None
+    #: A change head from ``deo detect-change train``: adds the supervised rows.
+    head: str | None = None
+    #: Threshold rule of the zero-shot and CVA scores (``auto``: detect-change's default).
+    threshold_method: Literal["auto", "otsu", "otsu-log", "kittler", "triangle", "mad", "percentile"] = "auto"
+    mad_k: float | None = None
+    percentile: float | None = None
 
 
 @dataclass

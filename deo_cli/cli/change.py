@@ -47,16 +47,35 @@ def run_cmd(
             rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="Score without --head: zero-shot (cosine distance of DEO features, default) or cva "
+            "(change vector analysis: the spectral-difference baseline, no weights).",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
+    threshold_method: Annotated[
+        str | None,
+        typer.Option(
+            "--threshold-method",
+            help="percentile (default: the top 0.75 %, --percentile 99.25; change is rare), otsu, "
+            "otsu-log, kittler, triangle, mad (median + 4 x 1.4826 MAD; --set mad_k=K) or fixed "
+            "(--threshold); with --head: the head's threshold.",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = None,
     threshold: Annotated[
         float | None,
-        typer.Option(
-            "--threshold", help="Fixed score threshold (default: Otsu).", rich_help_panel=opt.OUTPUT
-        ),
+        typer.Option("--threshold", help="Fixed score threshold.", rich_help_panel=opt.OUTPUT),
     ] = None,
     percentile: Annotated[
         float | None,
         typer.Option(
-            "--percentile", help="Threshold at this percentile of the scores.", rich_help_panel=opt.OUTPUT
+            "--percentile",
+            help="Threshold at this percentile of the scores (default 99.25).",
+            rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
     min_area: Annotated[
@@ -64,6 +83,14 @@ def run_cmd(
         typer.Option(
             "--min-area",
             help="Drop polygons smaller than this (CRS units squared).",
+            rich_help_panel=opt.OUTPUT,
+        ),
+    ] = None,
+    min_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--min-pixels",
+            help="Drop polygons covering fewer input pixels (default 2: single 10 m pixels, speckle; 0 keeps all).",
             rich_help_panel=opt.OUTPUT,
         ),
     ] = None,
@@ -129,10 +156,13 @@ def run_cmd(
     recipe: opt.Recipe = None,
     set_: opt.Set = None,
 ) -> None:
-    """Score change per location (cosine distance of DEO embeddings, or a trained head) and threshold it.
+    """Score change per location (cosine distance of DEO embeddings, a trained head, or the CVA
+    baseline) and threshold it.
 
     Writes the score COG (-o), the mask COG (--mask), optionally polygons and a preview; the
-    second date is reprojected onto the first date's grid when they differ.
+    second date is reprojected onto the first date's grid when they differ. The summary states
+    the threshold rule, the threshold and the flagged share, and warns when that share is
+    implausible for the rule.
     """
     from deo_cli.cli.progress import RichProgress
     from deo_cli.infer.change import run_detect_change, summary_line
@@ -151,9 +181,12 @@ def run_cmd(
             "simplify": simplify,
             "tiling.chip_size": chip_size,
             "tiling.overlap": overlap,
+            "method": method,
+            "threshold_method": threshold_method,
             "threshold": threshold,
             "percentile": percentile,
             "min_area": min_area,
+            "min_pixels": min_pixels,
             **runtime_flags(device, precision, batch_size, num_workers),
         },
         "detect-change",

@@ -41,12 +41,14 @@ def polygonize(
     min_area: float = 0.0,
     simplify: float = 0.0,
     valid: np.ndarray | None = None,
+    min_pixels: int = 0,
 ) -> gpd.GeoDataFrame:
     """Polygons of the ``True`` pixels of ``mask`` on ``grid`` (CRS and transform of the raster).
 
-    ``min_area`` drops polygons smaller than that (CRS units squared); ``simplify`` applies a
-    topology-preserving simplification with that tolerance (CRS units); ``valid`` excludes
-    pixels (e.g. nodata) from the mask first.
+    ``min_area`` drops polygons smaller than that (CRS units squared), ``min_pixels`` those of
+    fewer pixels (8-connected regions); ``simplify`` applies a topology-preserving
+    simplification with that tolerance (CRS units); ``valid`` excludes pixels (e.g. nodata)
+    from the mask first.
     """
     m = np.asarray(mask, dtype=bool)
     if m.shape != grid.shape:
@@ -94,8 +96,8 @@ def polygonize(
     if simplify > 0:
         gdf["geometry"] = gdf.geometry.simplify(simplify, preserve_topology=True)
     gdf["area"] = shapely.area(np.asarray(gdf.geometry.values))  # CRS units (no geographic warning)
-    if min_area > 0:
-        gdf = gdf[gdf["area"] >= min_area].reset_index(drop=True)
+    if min_area > 0 or min_pixels > 1:
+        gdf = gdf[(gdf["area"] >= min_area) & (gdf["pixels"] >= min_pixels)].reset_index(drop=True)
         gdf["id"] = np.arange(1, len(gdf) + 1, dtype=np.int64)
     gdf["area_m2"] = area_m2(gdf.geometry, grid.crs)
     return gdf[[*columns, "geometry"]]

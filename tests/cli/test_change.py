@@ -5,11 +5,13 @@ import shutil
 
 import geopandas as gpd
 import numpy as np
+import pytest
 import rasterio
 import torch
 from affine import Affine
 from typer.testing import CliRunner
 
+from deo_cli.data.normalize import Normalizer
 from tests.cli.helpers import assert_one_line_error, run
 from tests.infer.helpers import S2_BANDS, assert_valid_cog, smooth_scene
 
@@ -43,6 +45,9 @@ def test_zero_shot_run_writes_score_mask_polygons_preview_and_recipe(make_raster
     assert result.exit_code == 0, result.output
     mask = tmp_path / "out" / "change_mask.tif"
     assert "change.tif + " in result.stdout and "zero-shot" in result.stdout
+    # the summary states the rule, the threshold and the flagged share (a prior for a percentile)
+    assert "(percentile: 99.25th percentile of the scores)" in result.stdout
+    assert "% flagged (by construction)" in result.stdout
     for p in (out, mask):
         assert_valid_cog(p)
     with rasterio.open(out) as s, rasterio.open(mask) as m, rasterio.open(pa) as src:
@@ -50,9 +55,11 @@ def test_zero_shot_run_writes_score_mask_polygons_preview_and_recipe(make_raster
         assert s.shape == m.shape == src.shape
         assert s.dtypes[0] == "float32" and m.dtypes[0] == "uint8" and m.nodata == 255
         thr = json.loads(m.tags()["DEO_THRESHOLD"])
-        assert thr["method"] == "otsu"
+        assert thr["method"] == "percentile" and thr["parameter"] == 99.25 and thr["warning"] is None
         score, mk = s.read(1), m.read(1)
         np.testing.assert_array_equal(mk, (score > thr["value"]).astype(np.uint8))
+        assert thr["flagged_pixels"] == int((mk == 1).sum()) and thr["valid_pixels"] == mk.size
+        assert thr["flagged_fraction"] == pytest.approx(0.0075, abs=1e-3)
         assert json.loads(s.tags()["DEO_CHANGE_SCORE"])["layers"] == [0]
         # the changed block scores higher than the untouched rest
         assert score[45:65, 25:45].mean() > score[:30].mean()
@@ -167,3 +174,59 @@ def test_train_then_run_with_the_head(tmp_path):
         ]
     )
     assert_one_line_error(result, lines, 1, "is a change head, not a segment head")
+
+
+def test_an_implausible_flagged_share_is_warned_in_one_line(make_raster, tmp_path):
+    """Otsu on the synthetic pair finds the changed block (11.7 % of the scene): no warning;
+    a fixed threshold below every score flags everything: one warning line, in the tag too."""
+    pa, pb = _pair(make_raster)
+    out = tmp_path / "otsu.tif"
+    result, _ = run(["detect-change", str(pa), str(pb), "-o", str(out), "--threshold-method", "otsu", *FAST])
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "otsu_mask.tif") as m:
+        thr = json.loads(m.tags()["DEO_THRESHOLD"])
+    assert thr["method"] == "otsu" and thr["warning"] is None and 0.05 < thr["flagged_fraction"] < 0.2
+    assert "(otsu: Otsu (between-class variance))" in result.stdout and "(implausible" not in result.stdout
+    out = tmp_path / "all.tif"
+    result, lines = run(["detect-change", str(pa), str(pb), "-o", str(out), "--threshold", "-1", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "100.00% flagged (implausible, see the warning)" in result.stdout
+    warnings = [ln for ln in lines if ln.startswith("WARNING") and "flagged" in ln]
+    assert len(warnings) == 1 and "fixed flagged 100.0% of the scene" in " ".join(" ".join(lines).split())
+    with rasterio.open(tmp_path / "all_mask.tif") as m:
+        thr = json.loads(m.tags()["DEO_THRESHOLD"])
+    assert thr["flagged_fraction"] == 1.0 and thr["warning"].startswith("fixed flagged 100.0%")
+
+
+def test_cva_baseline_is_the_rms_normalised_difference_on_the_input_grid(make_raster, tmp_path):
+    pa, pb = _pair(make_raster)
+    out = tmp_path / "cva.tif"
+    result, _ = run(
+        ["detect-change", str(pa), str(pb), "-o", str(out), "--method", "cva", "--polygons",
+         str(tmp_path / "cva.parquet"), "--model", "deo_swin_test", "--num-workers", "0", "--device", "cpu"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert " cva " in result.stdout
+    with rasterio.open(out) as s, rasterio.open(pa) as a, rasterio.open(pb) as b:
+        assert s.transform == a.transform and s.shape == a.shape  # per pixel, on the input grid
+        tags = s.tags()
+        assert tags["DEO_WEIGHTS"] == "none" and tags["DEO_MODEL"] == "cva (bands of deo_swin_test)"
+        assert "change vector analysis" in json.loads(tags["DEO_CHANGE_SCORE"])["score"]
+        # both dates on the first date's RGB scale (DEO's manifest scales RGB per scene)
+        norms = json.loads(tags["DEO_NORMALIZATION"])
+        n1, n2 = (Normalizer(*(tuple(norms[d][k]) for k in ("bands", "scale", "clamp01", "mean", "std")))
+                  for d in ("before", "after"))  # fmt: skip
+        assert n1.scale == n2.scale and any(n1.clamp01)
+        order = [list(a.descriptions).index(bd) for bd in n1.bands]
+        x1, x2 = n1(a.read().astype(np.float64)[order]), n2(b.read().astype(np.float64)[order])
+        expected = np.sqrt(((x2 - x1) ** 2).mean(axis=0))
+        np.testing.assert_allclose(s.read(1), expected, rtol=1e-4, atol=1e-4)
+        assert expected[45:65, 25:45].min() > 0 and expected[:30].max() == 0  # only the block changed
+    gdf = gpd.read_parquet(tmp_path / "cva.parquet")
+    assert len(gdf) >= 1 and (gdf["pixels"] >= 2).all()  # single-pixel speckle is dropped by default
+    # a head is a supervised score: --method cva takes none
+    result, lines = run(
+        ["detect-change", str(pa), str(pb), "-o", str(tmp_path / "x.tif"), "--method", "cva",
+         "--head", str(pa), *FAST]
+    )  # fmt: skip
+    assert_one_line_error(result, lines, 2, "--method cva takes no --head")
