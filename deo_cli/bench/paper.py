@@ -34,7 +34,9 @@ _SEG = "docs/method.md §3.2 Semantic segmentation (frozen encoder + UPerNet)"
 _CD = "docs/method.md §3.2 Change detection"
 _CLS = "docs/method.md §3.2 Classification (frozen encoder + linear head)"
 _LOW = "docs/method.md §3.2 Low-data (10 % of train labels)"
-_CD_NOTE = "the paper fine-tunes the encoder for change detection; its head is not public (docs/method.md §3.1)"
+_CD_NOTE = (
+    "the paper fine-tunes the encoder for change detection; its head is not public (docs/method.md §3.1)"
+)
 
 _ROWS = (
     PaperResult("spacenet-v1", "default", "miou", 80.83, _SEG),

@@ -74,6 +74,14 @@ def run_cmd(
     ] = None,
     model: opt.Model = None,
     weights: opt.Weights = None,
+    head: Annotated[
+        Path | None,
+        typer.Option(
+            "--head",
+            help="oscd: a change head from deo detect-change train; adds its supervised rows.",
+            rich_help_panel=opt.MODEL,
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -126,6 +134,7 @@ def run_cmd(
             "limit": limit,
             "model.name": model,
             "model.weights": weights,
+            "oscd.head": str(head) if head is not None else None,
             **runtime_flags(device, precision, batch_size, num_workers),
         },
         "bench",
@@ -134,7 +143,10 @@ def run_cmd(
     from deo_cli.cli.progress import RichProgress
 
     result = run_bench(r, out, resume=resume, overwrite=overwrite, progress=RichProgress("it"))
-    _print_summary(result)
+    if r.suite == "oscd":
+        _print_oscd(result)
+    else:
+        _print_summary(result)
 
 
 _PERCENT = {"overall_accuracy", "micro_f1", "miou", "f1", "iou"}
@@ -188,6 +200,53 @@ def _print_summary(result) -> None:
     console.print(table)
     for note in sorted(notes):
         console.print(note)
+    console.print(
+        f"{result.written} row(s) written, {result.skipped} unit(s) skipped; {result.csv}, {result.json}"
+    )
+
+
+#: Columns of the OSCD table: (heading, metric).
+_OSCD_COLUMNS = (
+    ("F1", "f1"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("AUC", "auc"),
+    ("best-thr. F1", "best_f1"),
+    ("flagged %", "flagged_fraction"),
+    ("change %", "change_fraction"),
+)
+
+
+def _print_oscd(result) -> None:
+    """One row per city (then pooled) and method: F1, precision, recall, the threshold-free AUC
+    and best-threshold F1, the flagged and the true change share (percent, AUC as is)."""
+    from rich.table import Table
+
+    console = stdout_console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)
+    cells: dict[tuple, dict] = {}
+    for row in result.rows:
+        if row.get("dataset") == "oscd":
+            cells.setdefault((row["partition"], row["protocol"]), {})[row["metric"]] = row["value"]
+    table = Table(title=f"deo bench oscd: {result.out}", title_justify="left")
+    for name in ("city", "method", *(h for h, _ in _OSCD_COLUMNS)):
+        table.add_column(name, justify="left" if name in ("city", "method") else "right")
+    for (city, method), m in cells.items():
+        values = []
+        for _, metric in _OSCD_COLUMNS:
+            v = m.get(metric)
+            if v is None:
+                values.append("-")
+            else:
+                values.append(f"{v:.3f}" if metric == "auc" else f"{100 * v:.2f}")
+        pooled = city in ("labelled", "official-test", "selected")
+        table.add_row(f"all ({city})" if pooled else city, method, *values)
+    console.print(table)
+    console.print(
+        "AUC and best-thr. F1 judge the score without a threshold (best-thr. F1: the best over every "
+        "threshold, an oracle); F1 - best-thr. F1 is what the threshold costs. everything: every pixel flagged."
+    )
     console.print(
         f"{result.written} row(s) written, {result.skipped} unit(s) skipped; {result.csv}, {result.json}"
     )

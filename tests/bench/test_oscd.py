@@ -1,26 +1,10 @@
-"""Zero-shot OSCD scoring: counts of ``score > Otsu`` against the label, nodata left out; the plan."""
+"""The OSCD suite's plan (cities, partition, levels, head) and its errors."""
 
-import numpy as np
 import pytest
 
-from deo_cli.bench.oscd import change_counts, plan_oscd
-from deo_cli.errors import DataError, UsageError
+from deo_cli.bench.oscd import plan_oscd
+from deo_cli.errors import DataError, UsageError, WeightsError
 from deo_cli.recipes import BenchRecipe, build_recipe
-
-
-def test_change_counts_with_otsu_and_nodata():
-    rng = np.random.default_rng(0)
-    score = rng.normal(0.1, 0.01, (40, 50))
-    label = np.zeros((40, 50), np.uint8)
-    label[10:20, 10:20] = 1
-    score[10:20, 10:20] = 0.8  # the changed block scores high
-    score[30:35, 0:5] = 0.8  # a false alarm
-    label[0:2, 0:2] = 1  # a missed change
-    score[39, :] = np.nan  # nodata: neither counted nor thresholded
-    label[39, :] = 1
-    (tp, fp, fn), thr = change_counts(score, label)
-    assert 0.15 < thr < 0.75
-    assert (tp, fp, fn) == (100, 25, 4)
 
 
 def test_plan_cities_and_errors(shared_data):
@@ -46,3 +30,5 @@ def test_plan_cities_and_errors(shared_data):
         plan_oscd(build_recipe(BenchRecipe, sets=["oscd.layers=[7]"], flags=flags))
     with pytest.raises(DataError, match="rome not found"):
         plan_oscd(build_recipe(BenchRecipe, flags={**flags, "tasks": "rome"}))
+    with pytest.raises(WeightsError, match="missing.pt not found"):
+        plan_oscd(build_recipe(BenchRecipe, sets=["oscd.head=missing.pt"], flags=flags))

@@ -135,22 +135,73 @@ def test_oscd_subset_f1_rows(shared_data, tmp_path):
               "--set", "oscd.chip_size=192", "-b", "4", "-o", str(out))  # fmt: skip
     assert r.exit_code == 0, r.output
     rows = read_csv(out / "results.csv")
-    assert [x["metric"] for x in rows] == ["f1", "iou"]
-    f1 = rows[0]
+    cities = ["aguasclaras", "bercy", "bordeaux", "paris"]
+    methods = ["zero-shot", "cva", "everything"]  # no --head: no supervised rows
+    assert {x["partition"] for x in rows} == {*cities, "labelled"}  # the subset has no test labels
+    assert [x["protocol"] for x in rows if x["partition"] == "labelled" and x["metric"] == "f1"] == methods
+    pooled = {x["protocol"]: x for x in rows if x["partition"] == "labelled" and x["metric"] == "f1"}
+    f1 = pooled["zero-shot"]
     assert f1["weights"] == "random" and f1["dataset"] == "oscd" and f1["task"] == "change_detection"
-    assert f1["protocol"] == "zero-shot" and f1["partition"] == "labelled"  # the subset has no test labels
-    assert f1["n_test"] == "4" and f1["paper_value"] == "0.604" and rows[1]["paper_value"] == ""
+    assert f1["n_test"] == "4" and f1["paper_value"] == "0.604" and pooled["cva"]["paper_value"] == ""
     # deo_swin_test stages 1-3 (detect-change's default levels): 16 + 32 + 64 channels
     assert f1["image_size"] == "192" and f1["feature_dim"] == "112"
-    assert 0.0 <= float(f1["value"]) <= 1.0 and float(f1["ci_low"]) <= float(f1["value"]) <= float(
-        f1["ci_high"]
+    assert float(f1["ci_low"]) <= float(f1["value"]) <= float(f1["ci_high"])
+    # the trivial mask: recall 1, precision the change fraction, AUC 0.5
+    every = {(x["partition"], x["metric"]): float(x["value"]) for x in rows if x["protocol"] == "everything"}
+    for c in cities:
+        assert every[(c, "recall")] == 1.0 and every[(c, "auc")] == 0.5
+        assert every[(c, "precision")] == pytest.approx(every[(c, "change_fraction")])
+    # deo's default threshold flags 0.75 % of each city (a percentile) and beats the trivial F1 pooled
+    flagged = [
+        float(x["value"]) for x in rows if x["metric"] == "flagged_fraction" and x["protocol"] == "cva"
+    ]
+    assert (
+        all(0.006 < v < 0.009 for v in flagged) and float(pooled["cva"]["value"]) > every[("labelled", "f1")]
     )
-    assert float(rows[1]["value"]) <= float(f1["value"])  # IoU <= F1 always
     log = (out / "run.log").read_text()
-    assert all(f"oscd {c}:" in log for c in ("aguasclaras", "bercy", "bordeaux", "paris"))
-    assert "60.40*" in r.stdout and "zero-shot" in r.stdout
+    assert all(f"oscd {c}:" in log for c in cities)
+    assert all(k in r.stdout for k in ("best-thr. F1", "AUC", "cva", "everything", "all (labelled)"))
     lb = assert_leaderboard_matches(out)
-    assert [x["Metric"] for x in lb] == ["f1", "iou"] and lb[0]["experiment_name"].endswith("-oscd")
+    assert lb[0]["experiment_name"].endswith("-oscd")
+
+
+def test_oscd_table_per_city_and_method_with_a_head(tmp_path):
+    """A synthetic OSCD folder with a planted change: every method's row per city, the
+    supervised rows of a head (and a warning for the city it was trained on); CVA's AUC ~ 1."""
+    from deo_cli.infer.change import run_change_train
+    from tests.infer.test_change_train import train_recipe, write_oscd
+
+    data = write_oscd(tmp_path / "data")
+    head = run_change_train(train_recipe(data, "train_cities=alpha", "epochs=1"), tmp_path / "run").head
+    out = tmp_path / "bench"
+    r = bench("--suite", "oscd", "--data", str(data), "--tasks", "alpha,beta", "--head", str(head), *TINY,
+              "--set", "oscd.chip_size=32", "-o", str(out))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = read_csv(out / "results.csv")
+    cells = {(x["partition"], x["protocol"], x["metric"]): float(x["value"] or "nan") for x in rows}
+    methods = ["zero-shot", "supervised", "cva", "everything"]
+    for city in ("alpha", "beta", "selected"):
+        for m in methods:
+            for metric in (
+                "f1",
+                "precision",
+                "recall",
+                "iou",
+                "auc",
+                "best_f1",
+                "flagged_fraction",
+                "change_fraction",
+            ):
+                assert (city, m, metric) in cells, (city, m, metric)
+        assert cells[(city, "cva", "auc")] > 0.99  # a bright new block in every band
+        assert cells[(city, "cva", "best_f1")] > 0.95
+        assert cells[(city, "everything", "auc")] == 0.5
+    assert cells[("alpha", "supervised", "threshold")] == 0.5  # the head's threshold
+    squeezed = " ".join(r.stderr.split())
+    assert "was trained on alpha: its rows there are no test" in squeezed
+    table = [ln for ln in r.stdout.splitlines() if "│" in ln]
+    assert len(table) == 3 * len(methods)  # 2 cities and the pooled rows, one per method
+    assert sum(" cva " in ln for ln in table) == 3 and sum("all (selected)" in ln for ln in table) == 4
 
 
 def test_resume_skips_finished_rows(gb_root, tmp_path):
