@@ -203,16 +203,23 @@ def check_overlap(
     return float(w * h / ((a[2] - a[0]) * (a[3] - a[1])))
 
 
-def open_dates(before: str, after: str, inp) -> tuple[Scene, Scene, dict]:
-    """Both dates, the second on the first's grid (after the overlap check)."""
-    first = open_input(before, inp)  # cut to --bounds: the output grid
-    native = open_input(after, inp, crop=False)  # how much of it AFTER covers
+def open_dates(before, after, inp) -> tuple[Scene, Scene, dict]:
+    """Both dates, the second on the first's grid (after the overlap check). A date may be an
+    open :class:`~deo_cli.io.raster.Scene` (an array's, :mod:`deo_cli.io.arrays`); a second
+    date given so must already be on the first's grid."""
+    first = before if isinstance(before, Scene) else open_input(before, inp)  # the output grid
+    native = after if isinstance(after, Scene) else open_input(after, inp, crop=False)
     share = check_overlap(first.grid, native.grid, f"BEFORE {first.name}", f"AFTER {native.name}")
     native.close()
     same = native.grid.same_as(first.grid)
     if share < 0.999:
         log.warning("%s covers %.0f%% of %s; the rest is nodata", native.name, 100 * share, first.name)
-    second = open_input(after, inp, grid=first.grid)
+    if isinstance(after, Scene) and not same:
+        raise GeoreferenceError(
+            f"AFTER {native.name} is not on the grid of BEFORE {first.name}",
+            "put it there first (after.rio.reproject_match(before))",
+        )
+    second = native if isinstance(after, Scene) else open_input(after, inp, grid=first.grid)
     info = {
         "after_resampled": not same,
         "after_native_crs": native.grid.crs.to_string() if native.grid.crs is not None else None,

@@ -409,6 +409,53 @@ def _layout(model, recipe: EmbedRecipe, meta: dict, quant) -> RasterLayout:
     )
 
 
+def dense_plan(scene, model, chip_size: int | None, overlap: int | None) -> tuple[TilePlan, Grid]:
+    """The tile plan of a dense embedding of ``scene`` by ``model`` (``chip_size`` None: the
+    model's input size) and its output grid: the scene's grid scaled by the feature stride."""
+    chip = chip_size or model.input_size
+    try:
+        plan = TilePlan.create(scene.height, scene.width, chip, model.stride, overlap)
+    except ValueError as e:
+        raise UsageError(str(e), "change --chip-size or --overlap") from None
+    out_grid = scene.grid.scaled(model.stride)
+    assert (plan.out_height, plan.out_width) == (out_grid.height, out_grid.width)
+    return plan, out_grid
+
+
+def stream_options(tiling, rt: Runtime, progress: Progress | None, description: str) -> dict:
+    """The keyword arguments of :func:`~deo_cli.infer.runner.run_dense` for a recipe's
+    ``tiling`` section and a resolved runtime."""
+    return dict(
+        blend=tiling.blend,
+        max_nodata_fraction=tiling.max_nodata_fraction,
+        batch_size=rt.batch_size,
+        num_workers=rt.num_workers,
+        micro_batch=rt.micro_batch,
+        device=rt.device,
+        precision=rt.precision,
+        progress=progress,
+        description=description,
+    )
+
+
+def embed_to_array(
+    scene, model, inp: InputPlan, recipe: EmbedRecipe, rt: Runtime, progress: Progress | None = None
+) -> tuple[np.ndarray, Grid, dict[str, str]]:
+    """One scene's dense embedding held in memory (the Python API's, :mod:`deo_cli.api`): the
+    same plan, chips, model and stitching as a COG of ``deo embed``, into a ``(channels, rows,
+    cols)`` float32 array (NaN nodata). Returns it, its grid, and the tags the COG carries."""
+    from deo_cli.io.arrays import ArraySink
+
+    t = recipe.tiling
+    plan, out_grid = dense_plan(scene, model, t.chip_size, t.overlap)
+    reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
+    sink = ArraySink(int(model.channels), out_grid.height, out_grid.width, block_rows_for(16))
+    with scene:
+        run_dense(reader, model, sink, **stream_options(t, rt, progress, f"embedding {scene.name}"))
+    meta = embedding_metadata(model, inp, plan, recipe, scene, {"deo_dtype": recipe.output.dtype})
+    return sink.array, out_grid, _gdal_tags(meta)
+
+
 def _dense(
     scene,
     out: Path,
@@ -424,26 +471,10 @@ def _dense(
     ranks: RankInfo,
 ) -> tuple[Grid, dict]:
     t = recipe.tiling
-    chip = t.chip_size or model.input_size
-    try:
-        plan = TilePlan.create(scene.height, scene.width, chip, model.stride, t.overlap)
-    except ValueError as e:
-        raise UsageError(str(e), "change --chip-size or --overlap") from None
-    out_grid = scene.grid.scaled(model.stride)
-    assert (plan.out_height, plan.out_width) == (out_grid.height, out_grid.width)
+    plan, out_grid = dense_plan(scene, model, t.chip_size, t.overlap)
     reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
     block_rows = block_rows_for(16)
-    common = dict(
-        blend=t.blend,
-        max_nodata_fraction=t.max_nodata_fraction,
-        batch_size=rt.batch_size,
-        num_workers=rt.num_workers,
-        micro_batch=rt.micro_batch,
-        device=rt.device,
-        precision=rt.precision,
-        progress=progress,
-        description=f"embedding {scene.name}",
-    )
+    common = stream_options(t, rt, progress, f"embedding {scene.name}")
     world, rank = ranks.world, ranks.rank
     part = f"-{rank}of{world}" if world > 1 else ""
     fingerprint = _fingerprint(recipe, model, scene, plan, fmt, part)
@@ -1236,6 +1267,7 @@ __all__ = [
     "EmbedResults",
     "build_model",
     "embed_scene",
+    "embed_to_array",
     "embedding_metadata",
     "output_format",
     "plan_outputs",

@@ -85,6 +85,8 @@ def open_input(source, i, grid=None, crop: bool = True) -> Scene:
 
 
 def _has_overviews(scene) -> bool:
+    if hasattr(scene, "has_overviews"):  # a scene over an array (io/arrays.py)
+        return scene.has_overviews()
     import rasterio
 
     from deo_cli.io.env import gdal_path
