@@ -681,7 +681,7 @@ class ChangeTrainRecipe:
     #: Training defaults (chip 96 px, 20 epochs, lr 1e-3 after 1 warm-up epoch, batch 8, a
     #: 16-channel UPerNet): the best pooled F1 leave-one-city-out on the four OSCD cities of the
     #: shared data among the settings compared (``benchmarks/oscd_change.py``; README, change
-    #: section: 64 px chips 0.088, 64 px with 64 channels 0.080, 96 px 0.159), about 2 min per
+    #: section: 64 px chips 0.088, 64 px with 64 channels 0.080, 96 px 0.159-0.169), about 25 s per
     #: city on 2 CPU cores. The paper-style head (50 epochs, lr 1e-4, 512 channels) took 35 min on
     #: 2 cores and scored about half the F1 of the small head on unseen cities.
     chip_size: int = 96
