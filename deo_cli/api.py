@@ -122,10 +122,11 @@ def _dataarray(values: np.ndarray, grid, band_names: Sequence[str], tags: dict, 
     da = xr.DataArray(values, dims=("band", "y", "x"), coords=_coords(grid, band_names), name=name)
     da.attrs.update(tags)
     da.attrs["long_name"] = tuple(band_names)  # band descriptions for .rio.to_raster
+    # in place: each of these copies the values otherwise (a second embedding in memory)
     if grid.crs is not None:
-        da = da.rio.write_crs(grid.crs)
-    da = da.rio.write_transform(grid.transform)
-    return da.rio.write_nodata(nodata, encoded=False)
+        da.rio.write_crs(grid.crs, inplace=True)
+    da.rio.write_transform(grid.transform, inplace=True)
+    return da.rio.write_nodata(nodata, encoded=False, inplace=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +221,7 @@ class Model:
         ``rgb_max`` and ``nodata`` mean what ``--layer``, ``--chip-size``, ``--overlap``,
         ``--unit``, ``input.rgb_max`` and ``--nodata`` mean for the command. ``progress``: a
         :class:`~deo_cli.progress.Progress` (default: none)."""
-        from deo_cli.infer.embed import embed_to_array, resolve_tiling
-        from deo_cli.infer.prepare import prepare_input
+        from deo_cli.infer.embed import _capped_gdal_cache, resolve_tiling
 
         features = self.features(layer)
         recipe = dataclasses.replace(
@@ -231,6 +231,14 @@ class Model:
             tiling=TilingSection(chip_size=chip_size, overlap=overlap),
         )
         recipe = resolve_tiling(recipe, features)
+        with _capped_gdal_cache():  # every read under the command's GDAL cache cap
+            return self._embed(x, features, recipe, bands, transform, crs, nodata, unit, rgb_max, progress)
+
+    def _embed(self, x, features, recipe, bands, transform, crs, nodata, unit, rgb_max, progress):
+        from deo_cli.infer.embed import embed_to_array
+        from deo_cli.infer.prepare import prepare_input
+
+        allow_no_crs = recipe.input.allow_no_crs
         scene = open_input(
             x, bands=bands, transform=transform, crs=crs, nodata=nodata, allow_no_crs=allow_no_crs
         )

@@ -450,7 +450,7 @@ def embed_to_array(
     plan, out_grid = dense_plan(scene, model, t.chip_size, t.overlap)
     reader = ChipReader(scene, inp.bands, inp.normalizer, plan)
     sink = ArraySink(int(model.channels), out_grid.height, out_grid.width, block_rows_for(16))
-    with scene:
+    with _capped_gdal_cache(), scene:  # as run_embed: GDAL's cache must not grow with the scene
         run_dense(reader, model, sink, **stream_options(t, rt, progress, f"embedding {scene.name}"))
     meta = embedding_metadata(model, inp, plan, recipe, scene, {"deo_dtype": recipe.output.dtype})
     return sink.array, out_grid, _gdal_tags(meta)
