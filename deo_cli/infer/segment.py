@@ -265,31 +265,13 @@ def run_segment_train(
     encoder=None,
 ) -> SegmentTrainResult:
     """Train a segmentation head (see the module docstring); writes ``out/`` and returns the result."""
-    from deo_cli.models import build_encoder, get_model_spec
+    from deo_cli.models import build_encoder
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     out = check_run_folder(Path(out), overwrite)
     d = recipe.data
-    given = [bool(d.images or d.labels), bool(d.pairs), bool(d.geobench_task)]
-    if sum(given) != 1:
-        raise UsageError(
-            "give the training data one way",
-            "pass --images and --labels, or --pairs CSV, or --geobench-task NAME",
-        )
-    spec = get_model_spec(recipe.model.name) if encoder is None else encoder.spec
-    manifests = (
-        (spec.manifest, spec.rgb_manifest)
-        if encoder is None
-        else (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
-    )
-    align = max(spec.feature_strides)
-    chip = recipe.chip_size or (None if d.geobench_task else spec.input_size)
-    if chip is not None and chip % align:
-        raise UsageError(
-            f"--chip-size {chip} is not a multiple of the encoder's coarsest stride {align}",
-            f"use {-(-chip // align) * align}",
-        )
+    manifests, chip = _train_inputs(recipe, encoder)
 
     def load_data(mans):
         if d.geobench_task:
@@ -378,24 +360,72 @@ def run_segment_train(
         "data": info,
         "seconds": round(fit.seconds, 3),
     }
-    names = list(table.names)
     for split, loader_ds in (("val", val_ds), ("test", test_ds)):
-        if loader_ds is None or not len(loader_ds):
-            continue
-        m = evaluate_dense(
-            model,
-            make_loader(loader_ds, bs, rt.num_workers, shuffle=False),
-            table.num_classes,
-            device,
-            dtype,
-            forward_fn=forward_fn,
+        if loader_ds is not None and len(loader_ds):
+            metrics[split] = _split_metrics(model, loader_ds, table, rt, forward_fn)
+    head_file = _segment_head_file(
+        recipe, encoder, table, head_state, chip or train_ds[0]["image"].shape[-1], info, metrics
+    )
+    head_path = write_run_folder(out, overwrite, head_file, metrics, recipe, "segment train")
+    return SegmentTrainResult(
+        out=out,
+        head=head_path,
+        metrics=metrics,
+        seconds=time.perf_counter() - t0,
+        classes=table,
+        train_chips=len(train_ds),
+        val_chips=len(val_ds) if val_ds is not None else 0,
+    )
+
+
+def _train_inputs(recipe: SegmentTrainRecipe, encoder) -> tuple[tuple, int | None]:
+    """The band manifests the chips are prepared for and the chip size, checked before any data
+    is read (one way of giving the data; a chip size the coarsest stride divides)."""
+    from deo_cli.models import get_model_spec
+
+    d = recipe.data
+    given = [bool(d.images or d.labels), bool(d.pairs), bool(d.geobench_task)]
+    if sum(given) != 1:
+        raise UsageError(
+            "give the training data one way",
+            "pass --images and --labels, or --pairs CSV, or --geobench-task NAME",
         )
-        metrics[split] = {
-            "miou": m["miou"],
-            "accuracy": m["accuracy"],
-            "iou": dict(zip(names, m["iou"])),
-            "confusion": m["confusion"],
-        }
+    spec = get_model_spec(recipe.model.name) if encoder is None else encoder.spec
+    manifests = (
+        (spec.manifest, spec.rgb_manifest)
+        if encoder is None
+        else (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
+    )
+    align = max(spec.feature_strides)
+    chip = recipe.chip_size or (None if d.geobench_task else spec.input_size)
+    if chip is not None and chip % align:
+        raise UsageError(
+            f"--chip-size {chip} is not a multiple of the encoder's coarsest stride {align}",
+            f"use {-(-chip // align) * align}",
+        )
+    return manifests, chip
+
+
+def _split_metrics(model, dataset, table: ClassTable, rt, forward_fn) -> dict:
+    """mIoU, accuracy, per-class IoU and the confusion matrix of ``model`` on ``dataset``."""
+    m = evaluate_dense(
+        model,
+        make_loader(dataset, rt.batch_size, rt.num_workers, shuffle=False),
+        table.num_classes,
+        rt.device,
+        rt.precision,
+        forward_fn=forward_fn,
+    )
+    return {
+        "miou": m["miou"],
+        "accuracy": m["accuracy"],
+        "iou": dict(zip(list(table.names), m["iou"])),
+        "confusion": m["confusion"],
+    }
+
+
+def _segment_head_file(recipe, encoder, table: ClassTable, head_state, chip: int, info: dict, metrics: dict):
+    """The head file of a trained segmentation head (frozen encoder)."""
     record = encoder_record(encoder, frozen=True)
     head_file = HeadFile(
         task="segment",
@@ -411,21 +441,12 @@ def run_segment_train(
         encoder=record,
         encoder_state=encoder_state_for(encoder, record, None),
         classes=table.to_dict(),
-        chip_size=int(chip or train_ds[0]["image"].shape[-1]),
+        chip_size=int(chip),
         normalization=info.get("normalization", {}),
         metrics={k: v for k, v in metrics.items() if k != "history"},
         recipe=recipe_to_dict(recipe),
     )
-    head_path = write_run_folder(out, overwrite, head_file, metrics, recipe, "segment train")
-    return SegmentTrainResult(
-        out=out,
-        head=head_path,
-        metrics=metrics,
-        seconds=time.perf_counter() - t0,
-        classes=table,
-        train_chips=len(train_ds),
-        val_chips=len(val_ds) if val_ds is not None else 0,
-    )
+    return head_file
 
 
 # ---------------------------------------------------------------------------------------------
