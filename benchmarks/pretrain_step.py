@@ -374,14 +374,7 @@ def child(args) -> dict:
         "data_workers": recipe.data.num_workers,
         "precision": precision_name(plan.precision),
         "compile": compiled,
-        "batch_size": b,
-        "crops": f"{c.global_number}x{c.global_size} + {c.local_number}x{c.local_size}",
-        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
-        "steps_timed": args.steps,
-        "step_s": round(step_s, 4),
-        "step_s_all": [round(t, 4) for t in times],
-        "step_cpu_s": round(statistics.median(cpu_times), 4),  # CPU time of this process
-        "images_per_s": round(b / step_s, 3),
+        **_timing(b, c, student, args.steps, step_s, times, cpu_times),
         "first_loss": first_loss,
         "step_peak_rss_gib": step_peak,
         "peak_rss_gib": peak_rss_gib(False),
@@ -524,20 +517,27 @@ def official_child(args) -> dict:
         "threads": torch.get_num_threads(),
         "precision": "fp32",
         "compile": False,
-        "batch_size": b,
-        "crops": f"{c.global_number}x{c.global_size} + {c.local_number}x{c.local_size}",
-        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
-        "steps_timed": args.steps,
-        "step_s": round(step_s, 4),
-        "step_s_all": [round(t, 4) for t in times],
-        "step_cpu_s": round(statistics.median(cpu_times), 4),
-        "images_per_s": round(b / step_s, 3),
+        **_timing(b, c, student, args.steps, step_s, times, cpu_times),
         "first_loss": losses[0] if losses else None,
         "step_peak_rss_gib": step_peak,
         "peak_rss_gib": peak_rss_gib(False),
         "official_root": str(official_step.official_dir()),
         "torch": torch.__version__,
         **({"profile": profile} if profile else {}),
+    }
+
+
+def _timing(b: int, c, student, steps: int, step_s: float, times: list, cpu_times: list) -> dict:
+    """The fields both sides report about the timed steps (``cpu_times``: this process's CPU time)."""
+    return {
+        "batch_size": b,
+        "crops": f"{c.global_number}x{c.global_size} + {c.local_number}x{c.local_size}",
+        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 2),
+        "steps_timed": steps,
+        "step_s": round(step_s, 4),
+        "step_s_all": [round(t, 4) for t in times],
+        "step_cpu_s": round(statistics.median(cpu_times), 4),
+        "images_per_s": round(b / step_s, 3),
     }
 
 
