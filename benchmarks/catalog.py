@@ -95,9 +95,9 @@ def child(items: str, out: str, config: str, shard: str | None) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from deo_cli.infer.embed import run_embed
     from deo_cli.infer.schedule import peak_rss_mb
     from deo_cli.recipes import EmbedRecipe, build_recipe
+    from deo_cli.tasks.embed.predict import run_embed
 
     sets = ["model.name=deo_swin_test", "model.weights=random", "runtime.num_workers=0", "runtime.device=cpu"]
     if config == "ranks":

@@ -7,9 +7,9 @@ tiled, DEFLATE-compressed GeoTIFFs into a work folder), a fresh subprocess:
 2. times the model alone on a band of real chips from the middle of the plan (read beforehand
    into memory) in the pipeline's slices (on a CPU sized by the model's activations, see
    :func:`deo_cli.infer.runner.default_micro_batch`), ``--forward-rounds`` rounds;
-3. runs :func:`deo_cli.infer.embed.run_embed` on the scene (everything a user waits for: unit
-   and RGB statistics, reads, forward passes, stitching, the tiled GeoTIFF, the COG copy with
-   overviews), probing the pure forward during it (:class:`ForwardProbe`);
+3. runs :func:`deo_cli.tasks.embed.predict.run_embed` on the scene (everything a user waits
+   for: unit and RGB statistics, reads, forward passes, stitching, the tiled GeoTIFF, the COG copy
+   with overviews), probing the pure forward during it (:class:`ForwardProbe`);
 4. times the model alone again as in 2, then in calls of 4, 8 and ``--batch-size`` chips.
 
 Memory comes from a second subprocess that only builds the model and runs ``run_embed``, as a
@@ -364,8 +364,8 @@ def memory_run(model, recipe, scene: Path, out: Path, workers: int = 0, device=N
     With reading ``workers`` the peak is the larger of this process's and the peak summed PSS of
     it and its workers (sampled as in :func:`child`); on a CUDA ``device`` also the allocator's
     peaks."""
-    from deo_cli.infer.embed import run_embed
     from deo_cli.infer.runner import release_heap
+    from deo_cli.tasks.embed.predict import run_embed
 
     gc.collect()
     release_heap()
@@ -415,7 +415,6 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
     import torch
 
     from deo_cli.infer.chips import ChipReader
-    from deo_cli.infer.embed import run_embed
     from deo_cli.infer.model import EncoderFeatures, resolve_layer
     from deo_cli.infer.prepare import prepare_input
     from deo_cli.infer.runner import default_micro_batch, release_heap
@@ -430,6 +429,7 @@ def child(model_name: str, size: int, scene: Path, outdir: Path, args) -> dict:
         resolve_num_workers,
         resolve_precision,
     )
+    from deo_cli.tasks.embed.predict import run_embed
 
     torch.manual_seed(0)
     device = resolve_device(args.device)

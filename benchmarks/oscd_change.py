@@ -3,7 +3,7 @@
 Protocol (deo's own; the paper fine-tunes the encoder with a head that is not public,
 docs/method.md §3.1, so its 60.4 F1 is not the target here), per held-out city:
 
-1. **supervised**: ``deo detect-change train`` (:func:`deo_cli.infer.change.run_change_train`)
+1. **supervised**: ``deo detect-change train`` (:func:`deo_cli.tasks.change.train.run_change_train`)
    on every labelled city but the held-out one, **with the command's defaults** unless
    ``--set KEY=VALUE`` (ChangeTrainRecipe keys) changes them; the training time is recorded;
 2. **zero-shot**: no training; ``deo detect-change``'s default score and threshold rule
@@ -11,10 +11,10 @@ docs/method.md §3.1, so its 60.4 F1 is not the target here), per held-out city:
    or indices joined by ``+``, GRID ``embedding`` or ``input``);
 3. **cva**: ``deo detect-change --method cva``, the spectral baseline;
 4. each is run on the held-out city **through the command's own code path**
-   (:func:`deo_cli.infer.change.run_detect_change`, which writes the score and mask COGs); the
-   mask is compared with the city's label on its 10 m grid (a mask on the embedding grid is
+   (:func:`deo_cli.tasks.change.predict.run_detect_change`, which writes the score and mask
+   COGs); the mask is compared with the city's label on its 10 m grid (a mask on the embedding grid is
    repeated onto the pixels it covers) and so is the score, threshold-free
-   (:mod:`deo_cli.infer.changeeval`);
+   (:mod:`deo_cli.tasks.change.evaluate`);
 5. **everything**: the trivial mask that flags every pixel (F1 = 2p / (1 + p)).
 
 Columns of every row: F1, precision, recall, IoU, AUC, best-threshold F1 (an oracle), the
@@ -82,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def score_outputs(res, label: np.ndarray) -> tuple[dict, object]:
     """The row of a ``run_detect_change`` result against ``label`` on its 10 m grid, and the
     score's curve (for pooled AUC)."""
-    from deo_cli.infer.change import MASK_NODATA, upsample_to
-    from deo_cli.infer.changeeval import ScoreCurve, counts_at
+    from deo_cli.tasks.change.evaluate import ScoreCurve, counts_at
+    from deo_cli.tasks.change.model import MASK_NODATA
+    from deo_cli.tasks.change.score import upsample_to
 
     with rasterio.open(res.mask) as m, rasterio.open(res.output) as s:
         mask, score = m.read(1), s.read(1)
@@ -111,7 +112,7 @@ def score_outputs(res, label: np.ndarray) -> tuple[dict, object]:
 
 
 def everything_row(label: np.ndarray) -> dict:
-    from deo_cli.infer.changeeval import everything_changed
+    from deo_cli.tasks.change.evaluate import everything_changed
 
     c = everything_changed(label)
     return {
@@ -143,8 +144,9 @@ def _common(args) -> list[str]:
 
 
 def _supervised(args, test, train, work: Path, label) -> tuple[dict, object, dict]:
-    from deo_cli.infer.change import run_change_train, run_detect_change
     from deo_cli.recipes import ChangeRecipe, ChangeTrainRecipe, build_recipe
+    from deo_cli.tasks.change.predict import run_detect_change
+    from deo_cli.tasks.change.train import run_change_train
 
     recipe = build_recipe(
         ChangeTrainRecipe,
@@ -201,8 +203,8 @@ def _supervised(args, test, train, work: Path, label) -> tuple[dict, object, dic
 
 
 def _unsupervised(args, test, work: Path, label, method: str, layer="default", grid="embedding"):
-    from deo_cli.infer.change import run_detect_change
     from deo_cli.recipes import ChangeRecipe, build_recipe
+    from deo_cli.tasks.change.predict import run_detect_change
 
     t0 = time.perf_counter()
     sets = [*_common(args), f"method={method}", f"layer={layer}", f"output_grid={grid}"]
@@ -297,7 +299,7 @@ def key_of(row: dict) -> str:
 
 def pool(runs: list[dict], curves: list[dict] | None = None) -> dict:
     """Every row's counts over all held-out cities' pixels, keyed by :func:`key_of`."""
-    from deo_cli.infer.changeeval import ChangeCounts
+    from deo_cli.tasks.change.evaluate import ChangeCounts
 
     pooled = {}
     for k, row in enumerate(runs[0]["rows"]):
@@ -317,7 +319,7 @@ def pool(runs: list[dict], curves: list[dict] | None = None) -> dict:
 
 
 def _merge(curves):
-    from deo_cli.infer.changeeval import ScoreCurve
+    from deo_cli.tasks.change.evaluate import ScoreCurve
 
     out = ScoreCurve(curves[0].pos.lo, curves[0].pos.hi, curves[0].pos.bins)
     for c in curves:

@@ -9,7 +9,7 @@ For each score setting (``--settings``; each computed once per city and cached i
 - ``cva``: the spectral baseline of ``deo detect-change --method cva`` (input grid);
 - ``swin_t``: the zero-shot score of deo_swin_t with random weights (as the new user tried);
 
-every rule of :mod:`deo_cli.infer.threshold` is computed from the city's streamed histogram
+every rule of :mod:`deo_cli.tasks.change.threshold` is computed from the city's streamed histogram
 (exactly as the command does), the mask is compared with the label on the 10 m grid (an
 embedding-grid mask repeated onto the pixels it covers), and reported per city and pooled
 over the cities (TP/FP/FN summed): F1, precision, recall, the flagged fraction against the
@@ -73,10 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _score_model(setting: str, city: str, args):
     """The score model of ``setting`` for ``city`` (None when its encoder is missing)."""
-    from deo_cli.infer.change import build_zero_shot_model
-    from deo_cli.infer.cva import CvaChange
     from deo_cli.models import get_model_spec
     from deo_cli.recipes import ChangeRecipe, build_recipe
+    from deo_cli.tasks.change.cva import CvaChange
+    from deo_cli.tasks.change.model import build_zero_shot_model
 
     if setting == "cva":
         return CvaChange(get_model_spec(args.model))
@@ -95,7 +95,7 @@ def _score_model(setting: str, city: str, args):
 def city_score(setting: str, city, args) -> dict | None:
     """``{"score", "stride", "seconds", "range"}`` of ``setting`` on ``city`` (cached)."""
     from deo_cli.data.oscd import open_pair
-    from deo_cli.infer.change import change_score_array
+    from deo_cli.tasks.change.score import change_score_array
 
     cache = Path(args.work) / f"{setting}_{city.name}.npz"
     if cache.is_file():
@@ -131,9 +131,9 @@ def thresholds(hist, rule: str) -> dict:
 def city_table(score: dict, label: np.ndarray) -> dict:
     """Per rule and parameter: the threshold and the counts on the 10 m label grid; the same
     for deo's default rule (``"default"``, parameter None)."""
-    from deo_cli.infer.change import upsample_to
-    from deo_cli.infer.changeeval import ScoreCurve, counts_at
-    from deo_cli.infer.threshold import DEFAULT_METHOD, ScoreHistogram, choose_threshold
+    from deo_cli.tasks.change.evaluate import ScoreCurve, counts_at
+    from deo_cli.tasks.change.score import upsample_to
+    from deo_cli.tasks.change.threshold import DEFAULT_METHOD, ScoreHistogram, choose_threshold
 
     s = score["score"]
     hist = ScoreHistogram.of(s, score["lo"], score["hi"])  # what the command sees
@@ -210,8 +210,8 @@ def speckle(score: dict, label: np.ndarray, threshold: float) -> dict:
     without them."""
     from rasterio import features
 
-    from deo_cli.infer.change import upsample_to
-    from deo_cli.infer.changeeval import counts_at
+    from deo_cli.tasks.change.evaluate import counts_at
+    from deo_cli.tasks.change.score import upsample_to
 
     s, stride = score["score"], int(score["stride"])
     mask = (np.nan_to_num(s, nan=-np.inf) > threshold).astype(np.uint8)
@@ -248,7 +248,7 @@ def speckle(score: dict, label: np.ndarray, threshold: float) -> dict:
 
 def evaluate_setting(setting: str, cities, args) -> dict | None:
     from deo_cli.data.oscd import read_change_label
-    from deo_cli.infer.threshold import DEFAULT_METHOD, ScoreHistogram, choose_threshold
+    from deo_cli.tasks.change.threshold import DEFAULT_METHOD, ScoreHistogram, choose_threshold
 
     scores, labels = {}, {}
     for city in cities:
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from deo_cli import __version__
     from deo_cli.data.oscd import list_cities
-    from deo_cli.infer.threshold import DEFAULT_MAD_K, DEFAULT_METHOD, DEFAULT_PERCENTILE
+    from deo_cli.tasks.change.threshold import DEFAULT_MAD_K, DEFAULT_METHOD, DEFAULT_PERCENTILE
 
     t0 = time.perf_counter()
     cities = [c for c in list_cities(args.data) if c.label is not None]

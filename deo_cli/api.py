@@ -10,7 +10,7 @@
     emb = deo.open_embedding("emb.tif")         # what deo embed wrote (COG or Zarr)
 
 This is a thin layer like ``deo_cli/cli/``: every function calls the core the command line
-calls (:func:`deo_cli.infer.embed.embed_to_array`, ``segment``'s and ``detect-change``'s
+calls (:func:`deo_cli.tasks.embed.scene.embed_to_array`, ``segment``'s and ``detect-change``'s
 predictors), with the same words (``layer``, ``chip_size``, ``overlap``, ``weights``, ``head``,
 ``polygons``) and the same :class:`~deo_cli.errors.DeoError` messages. Inputs are read window by
 window through the same tiling and streaming core (:mod:`deo_cli.io.arrays` puts an array
@@ -221,7 +221,7 @@ class Model:
         ``rgb_max`` and ``nodata`` mean what ``--layer``, ``--chip-size``, ``--overlap``,
         ``--unit``, ``input.rgb_max`` and ``--nodata`` mean for the command. ``progress``: a
         :class:`~deo_cli.progress.Progress` (default: none)."""
-        from deo_cli.infer.embed import _capped_gdal_cache, resolve_tiling
+        from deo_cli.tasks.embed.scene import _capped_gdal_cache, resolve_tiling
 
         features = self.features(layer)
         recipe = dataclasses.replace(
@@ -235,8 +235,8 @@ class Model:
             return self._embed(x, features, recipe, bands, transform, crs, nodata, unit, rgb_max, progress)
 
     def _embed(self, x, features, recipe, bands, transform, crs, nodata, unit, rgb_max, progress):
-        from deo_cli.infer.embed import embed_to_array
         from deo_cli.infer.prepare import prepare_input
+        from deo_cli.tasks.embed.scene import embed_to_array
 
         allow_no_crs = recipe.input.allow_no_crs
         scene = open_input(
@@ -265,7 +265,7 @@ def load_model(
     checkpoint) on ``device`` (``auto``: a GPU when there is one). ``precision``, ``batch_size``,
     ``num_workers`` and ``micro_batch`` are the command line's runtime options; ``seed`` makes
     random weights reproducible (the command line's seed 0 by default)."""
-    from deo_cli.infer.embed import build_model
+    from deo_cli.tasks.embed.scene import build_model
 
     runtime = RuntimeSection(
         device=device,
@@ -345,8 +345,8 @@ def segment(
     from deo_cli.data.segdata import ClassTable
     from deo_cli.infer.headfile import head_input_stem, head_manifests, load_head
     from deo_cli.infer.prepare import prepare_input
-    from deo_cli.infer.segment import SegmentResult, _predict_scene, build_segment_model
     from deo_cli.runtime import resolve_runtime
+    from deo_cli.tasks.segment.predict import SegmentResult, _predict_scene, build_segment_model
 
     hf = load_head(head, "segment")
     table = ClassTable.from_dict(hf.classes)
@@ -406,7 +406,7 @@ def detect_change(
     ``geopandas.read_file``). The other options are the command's (``--method``, ``--layer``,
     ``--threshold``, ``--percentile``, ``--threshold-method``, ``--min-area``,
     ``--min-pixels``, ``output_grid``)."""
-    from deo_cli.infer.change import run_detect_change
+    from deo_cli.tasks.change.predict import run_detect_change
 
     encoder, name, w = None, model, weights
     if isinstance(model, Model):

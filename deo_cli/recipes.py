@@ -629,18 +629,18 @@ class ChangeRecipe:
 
     model: ModelSection = field(default_factory=ModelSection)
     #: Score without a head: ``zero-shot`` (cosine distance of DEO features) or ``cva`` (change
-    #: vector analysis, the spectral baseline: ``deo_cli.infer.cva``; only the model's band
+    #: vector analysis, the spectral baseline: ``deo_cli.tasks.change.cva``; only the model's band
     #: manifest is used, no weights). With ``--head`` the score is the head's P(change).
     method: Literal["zero-shot", "cva"] = "zero-shot"
     #: Zero-shot feature level(s): ``default`` (Swin: levels 0-2 averaged on the stride-4 grid;
-    #: ViT: deo embed's level; ``deo_cli.infer.change.default_change_layers``), ``last``, an
+    #: ViT: deo embed's level; ``deo_cli.tasks.change.model.default_change_layers``), ``last``, an
     #: index, or a comma-separated list of indices whose distances are averaged.
     layer: str = "default"
     input: InputSection = field(default_factory=InputSection)
     tiling: TilingSection = field(default_factory=TilingSection)
     #: ``auto``: ``fixed`` when a threshold is given, ``percentile`` when a percentile is, else
-    #: the head's threshold (supervised) or ``deo_cli.infer.threshold.DEFAULT_METHOD``
-    #: (zero-shot, cva); the rules are described in ``deo_cli.infer.threshold``.
+    #: the head's threshold (supervised) or ``deo_cli.tasks.change.threshold.DEFAULT_METHOD``
+    #: (zero-shot, cva); the rules are described in ``deo_cli.tasks.change.threshold``.
     threshold_method: Literal[
         "auto", "otsu", "otsu-log", "kittler", "triangle", "mad", "percentile", "fixed"
     ] = "auto"
@@ -652,7 +652,8 @@ class ChangeRecipe:
     min_area: float = 0.0
     #: Polygons covering fewer input-grid pixels than this are dropped (a mask pixel on the
     #: stride-4 embedding grid covers 16): 2 drops single input pixels, which were speckle in
-    #: the OSCD comparison (``deo_cli.infer.change.write_polygons``); 0 or 1 keeps every one.
+    #: the OSCD comparison (``deo_cli.tasks.change.predict.write_polygons``); 0 or 1 keeps every
+    #: one.
     min_pixels: int = 2
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     #: Zero-shot score grid: ``embedding`` (the level's grid, transform scaled by its stride,
@@ -703,7 +704,7 @@ class ChangeTrainRecipe:
     #: Cross-entropy weights (no change, change); empty: (1, sqrt(no-change / change pixels)).
     class_weights: list[float] = field(default_factory=list)
     #: Channels of the full-resolution branch on the two dates' per-pixel ``|x1 - x2|`` that
-    #: refines the head's logits (:class:`deo_cli.infer.change.PixelDiffHead`); 0: off.
+    #: refines the head's logits (:class:`deo_cli.tasks.change.model.PixelDiffHead`); 0: off.
     pixel_channels: int = 32
     warmup_epochs: float = 1
     min_lr: float = 1e-6
@@ -713,7 +714,7 @@ class ChangeTrainRecipe:
     val_fraction: float = 0.2
     #: How far the validation F1-best P(change) threshold is pulled toward 0.5 (0: keep it;
     #: 1: 0.5, the default: validation chips come from the training cities and the optimum did
-    #: not transfer to held-out cities; ``deo_cli.infer.change.transfer_threshold``).
+    #: not transfer to held-out cities; ``deo_cli.tasks.change.train.transfer_threshold``).
     threshold_shrink: float = 1.0
     chip_overlap: int = 0
     augment: Literal["none", "flips"] = "flips"

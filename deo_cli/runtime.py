@@ -1,4 +1,4 @@
-"""Where and how to compute: device, precision, seeds. Shared by train/, infer/ and bench/.
+"""Where and how to compute: device, precision, seeds. Shared by train/, infer/, tasks/ and bench/.
 
 ``--device auto`` takes a CUDA GPU when there is one (then Apple's MPS), else the CPU.
 ``--precision auto`` is bf16 autocast on GPUs that support it, fp16 autocast (with a gradient

@@ -210,7 +210,7 @@ def test_segment_equals_the_cli(make_raster, tmp_path):
 
     from deo_cli.infer.headfile import save_head
     from deo_cli.models import build_encoder
-    from tests.infer.test_segment import _head_file
+    from tests.tasks.segment.test_segment import _head_file
 
     torch.manual_seed(0)
     head = tmp_path / "head.pt"

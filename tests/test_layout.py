@@ -1,6 +1,6 @@
 """The import direction of docs/design.md §3, enforced on the source tree.
 
-cli -> train|infer|bench -> models|losses|data -> io|sensors|recipes|errors.
+cli -> train|infer|tasks|bench -> models|losses|data -> io|sensors|recipes|errors.
 io/ imports no torch; models/ and losses/ import no rasterio; only cli/ imports typer or rich;
 no core module imports cli/; cli/ modules import torch & co. only inside function bodies.
 """
@@ -49,6 +49,7 @@ def test_import_direction():
         "cli": 4,
         "train": 3,
         "infer": 3,
+        "tasks": 3,
         "bench": 3,
         "models": 2,
         "losses": 2,

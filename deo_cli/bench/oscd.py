@@ -3,23 +3,24 @@
 The paper fine-tunes the encoder for change detection and its head is not public (docs/method.md
 §3.1), so the paper's 60.4 F1 is not reproducible here. This suite shows, city by city, what
 the DEO features add over a spectral baseline and what the threshold costs, with exactly the
-scorers of ``deo detect-change`` (:mod:`deo_cli.infer.change`). Methods (``protocol`` column):
+scorers of ``deo detect-change`` (:mod:`deo_cli.tasks.change`). Methods (``protocol`` column):
 
 - ``zero-shot``: the cosine distance of the two dates' DEO features at ``deo detect-change``'s
   default levels (or ``oscd.layers``), on the input grid;
 - ``supervised`` (only with ``oscd.head``, a head from ``deo detect-change train``):
   P(change) of the siamese head, thresholded at the head's threshold; a city the head was
   trained on is named in a warning (its row is no test);
-- ``cva``: change vector analysis, the spectral-difference baseline (:mod:`deo_cli.infer.cva`);
+- ``cva``: change vector analysis, the spectral-difference baseline
+  (:mod:`deo_cli.tasks.change.cva`);
 - ``everything``: the trivial mask that flags every valid pixel (precision = change fraction,
   recall 1, AUC 0.5).
 
 For each: both dates on the first date's 10 m grid (:func:`deo_cli.data.oscd.open_pair`),
-:func:`~deo_cli.infer.change.change_score_array` (bands by name, each date normalised by the
+:func:`~deo_cli.tasks.change.score.change_score_array` (bands by name, each date normalised by the
 model's manifest, chips with blended overlaps, NaN where nodata), the threshold by
 ``deo detect-change``'s rule (``oscd.threshold_method``; default
-:data:`~deo_cli.infer.threshold.DEFAULT_METHOD`) from the city's score histogram, and against
-the label (:mod:`deo_cli.infer.changeeval`): F1, precision, recall, IoU, the flagged and the
+:data:`~deo_cli.tasks.change.threshold.DEFAULT_METHOD`) from the city's score histogram, and against
+the label (:mod:`deo_cli.tasks.change.evaluate`): F1, precision, recall, IoU, the flagged and the
 true change fraction, and two threshold-free measures of the score itself: ROC AUC and the
 best F1 over all thresholds (an oracle; its gap to F1 is what the threshold costs).
 
@@ -52,11 +53,12 @@ from deo_cli.data.oscd import (
     select_cities,
 )
 from deo_cli.errors import DataError, UsageError
-from deo_cli.infer.change import CosineChange, change_score_array, parse_layers
-from deo_cli.infer.changeeval import ChangeCounts, ScoreCurve, counts_at, everything_changed
-from deo_cli.infer.threshold import DEFAULT_METHOD, ScoreHistogram, Threshold, choose_threshold
 from deo_cli.models import get_model_spec
 from deo_cli.recipes import BenchRecipe
+from deo_cli.tasks.change.evaluate import ChangeCounts, ScoreCurve, counts_at, everything_changed
+from deo_cli.tasks.change.model import CosineChange, parse_layers
+from deo_cli.tasks.change.score import change_score_array
+from deo_cli.tasks.change.threshold import DEFAULT_METHOD, ScoreHistogram, Threshold, choose_threshold
 
 __all__ = ["METRICS", "CityResult", "OscdPlan", "plan_oscd", "run_oscd", "score_city"]
 
@@ -151,14 +153,14 @@ class _Scorer:
 
 
 def _scorers(ctx: BenchContext, plan: OscdPlan) -> dict[str, _Scorer]:
-    from deo_cli.infer.cva import CVA_CHIP, CvaChange
+    from deo_cli.tasks.change.cva import CVA_CHIP, CvaChange
 
     r = ctx.recipe
     zs = CosineChange(ctx.encoder, plan.layers, out_stride=1)  # scores on the input (label) grid
     out = {"zero-shot": _Scorer(zs, r.oscd.chip_size or zs.input_size, r.oscd.overlap, (0.0, 2.0))}
     if plan.head is not None:
-        from deo_cli.infer.change import build_change_model
         from deo_cli.infer.headfile import load_head
+        from deo_cli.tasks.change.model import build_change_model
 
         hf = load_head(plan.head, "change")
         model, _ = build_change_model(hf)

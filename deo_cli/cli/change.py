@@ -165,8 +165,8 @@ def run_cmd(
     implausible for the rule.
     """
     from deo_cli.cli.progress import RichProgress
-    from deo_cli.infer.change import run_detect_change, summary_line
     from deo_cli.recipes import ChangeRecipe
+    from deo_cli.tasks.change.predict import run_detect_change, summary_line
 
     cfg = load_recipe(
         ChangeRecipe,
@@ -291,8 +291,8 @@ def train_cmd(
     streaming prediction path.
     """
     from deo_cli.cli.progress import RichProgress
-    from deo_cli.infer.change import run_change_train
     from deo_cli.recipes import ChangeTrainRecipe
+    from deo_cli.tasks.change.train import run_change_train
 
     cfg = load_recipe(
         ChangeTrainRecipe,

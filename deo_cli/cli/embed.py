@@ -1,8 +1,8 @@
 """``deo embed SCENE... -o OUT``: georeferenced DEO embeddings from scenes of any size.
 
-The core is :func:`deo_cli.infer.embed.run_embed`; this module only parses options, passes a
-rich progress bar and prints one summary line per output (or one error line per failed scene;
-exit 1 when any scene failed).
+The core is :func:`deo_cli.tasks.embed.predict.run_embed`; this module only parses options,
+passes a rich progress bar and prints one summary line per output (or one error line per failed
+scene; exit 1 when any scene failed).
 """
 
 from __future__ import annotations
@@ -128,9 +128,9 @@ def embed_cmd(
     folder, index.parquet (one row per scene) and a STAC collection of the outputs go beside them.
     """
     from deo_cli.cli.progress import RichProgress
-    from deo_cli.infer.embed import run_embed, summary_line
     from deo_cli.infer.schedule import parse_shard
     from deo_cli.recipes import EmbedRecipe
+    from deo_cli.tasks.embed.predict import run_embed, summary_line
 
     parse_shard(shard)  # a malformed --shard before any search
 

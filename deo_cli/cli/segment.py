@@ -121,8 +121,8 @@ def train_cmd(
     or --geobench-task. Writes OUT/head.pt, OUT/metrics.json and OUT/recipe.yaml.
     """
     from deo_cli.cli.progress import RichProgress
-    from deo_cli.infer.segment import run_segment_train
     from deo_cli.recipes import SegmentTrainRecipe
+    from deo_cli.tasks.segment.train import run_segment_train
 
     cfg = load_recipe(
         SegmentTrainRecipe,
@@ -221,8 +221,8 @@ def predict_cmd(
     The mask is on exactly the scene's grid and CRS; nodata where the scene is nodata.
     """
     from deo_cli.cli.progress import RichProgress
-    from deo_cli.infer.segment import run_segment_predict, summary_line
     from deo_cli.recipes import SegmentPredictRecipe
+    from deo_cli.tasks.segment.predict import run_segment_predict, summary_line
 
     cfg = load_recipe(
         SegmentPredictRecipe,

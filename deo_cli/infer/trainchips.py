@@ -3,7 +3,7 @@
 ``deo segment train`` and ``deo detect-change train`` cut their training chips with the same
 :class:`~deo_cli.infer.tiling.TilePlan` and read them with the same
 :class:`~deo_cli.infer.chips.ChipReader` (or its two-date
-:class:`~deo_cli.infer.change.PairChipReader`) as ``segment predict`` / ``detect-change``: the
+:class:`~deo_cli.tasks.change.pair.PairChipReader`) as ``segment predict`` / ``detect-change``: the
 same bands by name, unit conversion, scene-level RGB scale, edge replication and nodata fill.
 A head therefore never sees input at prediction time that was prepared differently in training.
 

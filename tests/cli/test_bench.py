@@ -168,8 +168,8 @@ def test_oscd_subset_f1_rows(shared_data, tmp_path):
 def test_oscd_table_per_city_and_method_with_a_head(tmp_path):
     """A synthetic OSCD folder with a planted change: every method's row per city, the
     supervised rows of a head (and a warning for the city it was trained on); CVA's AUC ~ 1."""
-    from deo_cli.infer.change import run_change_train
-    from tests.infer.test_change_train import train_recipe, write_oscd
+    from deo_cli.tasks.change.train import run_change_train
+    from tests.tasks.change.test_change_train import train_recipe, write_oscd
 
     data = write_oscd(tmp_path / "data")
     head = run_change_train(train_recipe(data, "train_cities=alpha", "epochs=1"), tmp_path / "run").head

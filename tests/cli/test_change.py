@@ -117,7 +117,7 @@ def test_other_mistakes_are_one_line(make_raster, tmp_path):
 
 
 def test_train_then_run_with_the_head(tmp_path):
-    from tests.infer.test_change_train import write_oscd
+    from tests.tasks.change.test_change_train import write_oscd
 
     data = write_oscd(tmp_path / "oscd")
     run_dir = tmp_path / "run"

@@ -26,8 +26,8 @@ from pystac.extensions.raster import RasterExtension
 from pystac.validation import JsonSchemaSTACValidator
 from rasterio.warp import transform_bounds
 
-from deo_cli.infer.embed import run_embed
 from deo_cli.recipes import EmbedRecipe, build_recipe
+from deo_cli.tasks.embed.predict import run_embed
 from tests.cli.helpers import run
 from tests.infer.helpers import assert_valid_cog
 from tests.io.stac_fixtures import make_items, synthetic_items, write_item_collection

@@ -127,7 +127,7 @@ class FailAfterFirstBlock:
 
 
 def failing_run_dense(monkeypatch, error, blocks=1):
-    import deo_cli.infer.embed as embed
+    import deo_cli.tasks.embed.scene as embed
 
     real = embed.run_dense
 

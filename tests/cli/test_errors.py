@@ -94,7 +94,7 @@ def test_full_disk_or_refused_permission_is_one_line(scene, tmp_path, monkeypatc
     import errno
     import os
 
-    import deo_cli.infer.embed as embed
+    import deo_cli.tasks.embed.predict as embed
 
     assert code in (errno.ENOSPC, errno.EACCES)
     out = tmp_path / "emb.tif"
@@ -108,7 +108,7 @@ def test_full_disk_or_refused_permission_is_one_line(scene, tmp_path, monkeypatc
 
 
 def test_other_os_errors_keep_their_traceback(scene, tmp_path, monkeypatch):
-    import deo_cli.infer.embed as embed
+    import deo_cli.tasks.embed.predict as embed
 
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")

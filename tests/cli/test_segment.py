@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.cli.helpers import assert_one_line_error, run
 from tests.infer.helpers import assert_valid_cog
-from tests.infer.test_segment import NODATA_BLOCK, write_eolearn
+from tests.tasks.segment.test_segment import NODATA_BLOCK, write_eolearn
 
 runner = CliRunner()
 FAST = ["--model", "deo_swin_test", "--weights", "random", "--num-workers", "0", "--device", "cpu"]

@@ -154,7 +154,7 @@ def build_workspace(root: Path, shared_data: Path) -> Workspace:
 def _scenes(inputs: Path, shared: Path) -> None:
     """``scene.tif``, ``a.tif`` (eo-learn scene 2), ``b.tif`` (scene 3): 13-band reflectance
     GeoTIFFs; ``before.tif``/``after.tif``: the OSCD Paris pair as 13-band GeoTIFFs; ``big.vrt``."""
-    from tests.infer.test_segment import write_eolearn
+    from tests.tasks.segment.test_segment import write_eolearn
 
     for name, scene in (("scene.tif", 2), ("a.tif", 2), ("b.tif", 3)):
         image, _ = write_eolearn(shared, inputs / f".eolearn{scene}", scene=scene)
@@ -188,7 +188,7 @@ def _vrt(path: Path, out: Path) -> None:
 def _labels(inputs: Path, shared: Path) -> None:
     """``imgs/`` + ``labels/`` (the five eo-learn scenes of the patch and its land-cover map,
     matched by name), ``pairs.csv`` naming the same pairs, ``classes.yaml`` with names and colours."""
-    from tests.infer.test_segment import write_eolearn
+    from tests.tasks.segment.test_segment import write_eolearn
 
     pairs = []
     for scene in range(5):

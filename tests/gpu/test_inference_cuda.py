@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from deo_cli.infer.change import run_detect_change
-from deo_cli.infer.embed import run_embed
-from deo_cli.infer.segment import run_segment_predict
 from deo_cli.recipes import ChangeRecipe, EmbedRecipe, SegmentPredictRecipe, build_recipe
+from deo_cli.tasks.change.predict import run_detect_change
+from deo_cli.tasks.embed.predict import run_embed
+from deo_cli.tasks.segment.predict import run_segment_predict
 from tests.gpu.helpers import (
     AGREE_CONFIDENT,
     CONFIDENT,

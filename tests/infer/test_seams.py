@@ -6,10 +6,10 @@ import rasterio
 import torch
 
 from deo_cli.data.normalize import Normalizer
-from deo_cli.infer.embed import run_embed
 from deo_cli.infer.tiling import TilePlan
 from deo_cli.recipes import EmbedRecipe, build_recipe
 from deo_cli.sensors import DEO_S2_MANIFEST
+from deo_cli.tasks.embed.predict import run_embed
 from tests.infer.helpers import S2_BANDS, ConvFeatures, smooth_scene
 
 RGB_MAX = 3000.0

@@ -9,7 +9,6 @@ import torch
 
 from deo_cli.data.normalize import Normalizer
 from deo_cli.errors import UsageError
-from deo_cli.infer.embed import output_format, run_embed, scene_stem
 from deo_cli.infer.model import (
     EncoderFeatures,
     default_embed_layer,
@@ -17,10 +16,13 @@ from deo_cli.infer.model import (
     forward_levels,
     resolve_layer,
 )
+from deo_cli.infer.outputs import scene_stem
 from deo_cli.io.writers import partial_paths
 from deo_cli.models import build_encoder, get_model_spec
 from deo_cli.recipes import EmbedRecipe, build_recipe
 from deo_cli.sensors import DEO_S2_MANIFEST
+from deo_cli.tasks.embed.predict import run_embed
+from deo_cli.tasks.embed.scene import output_format
 from tests.infer.helpers import S2_BANDS, ConvFeatures, smooth_scene
 
 

@@ -4,8 +4,8 @@
   from them F1, precision, recall, IoU, the flagged and the true change fraction
   (:class:`ChangeCounts`, summable over cities for pooled numbers);
 - :class:`ScoreCurve`: streamed histograms of the scores of change and of no-change pixels
-  (:class:`~deo_cli.infer.threshold.ScoreHistogram` fine bins), giving the ROC AUC (the chance
-  that a changed pixel scores above an unchanged one; ties inside a fine bin count one half)
+  (:class:`~deo_cli.tasks.change.threshold.ScoreHistogram` fine bins), giving the ROC AUC (the
+  chance that a changed pixel scores above an unchanged one; ties inside a fine bin count one half)
   and the best F1 over every threshold (an oracle: what the score could give with a perfect
   threshold, so the gap to the F1 at the chosen threshold is what the threshold costs).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deo_cli.infer.threshold import FINE_BINS, ScoreHistogram
+from deo_cli.tasks.change.threshold import FINE_BINS, ScoreHistogram
 
 
 def _ratio(a: float, b: float) -> float:

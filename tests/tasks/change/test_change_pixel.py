@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from deo_cli.errors import UsageError
-from deo_cli.infer.change import PixelDiffHead, SiameseChange, make_change_head
 from deo_cli.models import build_encoder
 from deo_cli.models.upernet import UPerNetHead
+from deo_cli.tasks.change.model import PixelDiffHead, SiameseChange, make_change_head
 
 
 def _model(pixel_channels=8, fusion="diff"):

@@ -9,19 +9,6 @@ from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from deo_cli.errors import GeoreferenceError, OutputExistsError
-from deo_cli.infer.change import (
-    MASK_NODATA,
-    CosineChange,
-    PairChipReader,
-    change_score_array,
-    check_overlap,
-    default_change_layers,
-    open_dates,
-    parse_layers,
-    run_detect_change,
-    write_mask,
-    write_polygons,
-)
 from deo_cli.infer.chips import ChipReader
 from deo_cli.infer.dense import CogSink
 from deo_cli.infer.tiling import TilePlan
@@ -29,6 +16,10 @@ from deo_cli.io.grid import Grid
 from deo_cli.io.writers import RasterLayout
 from deo_cli.models import build_encoder, get_model_spec
 from deo_cli.recipes import ChangeRecipe, InputSection, build_recipe
+from deo_cli.tasks.change.model import MASK_NODATA, CosineChange, default_change_layers, parse_layers
+from deo_cli.tasks.change.pair import PairChipReader, check_overlap, open_dates
+from deo_cli.tasks.change.predict import run_detect_change, write_mask, write_polygons
+from deo_cli.tasks.change.score import change_score_array
 from tests.conftest import write_raster
 from tests.infer.helpers import S2_BANDS, smooth_scene
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from deo_cli.data.oscd import list_cities, open_pair, read_change_label
-from deo_cli.infer.change import change_score_array, open_dates, prepare_dates
-from deo_cli.infer.changeeval import ScoreCurve
-from deo_cli.infer.cva import CVA_RANGE, CvaChange, same_scale
 from deo_cli.models import get_model_spec
 from deo_cli.recipes import InputSection
+from deo_cli.tasks.change.cva import CVA_RANGE, CvaChange, same_scale
+from deo_cli.tasks.change.evaluate import ScoreCurve
+from deo_cli.tasks.change.pair import open_dates, prepare_dates
+from deo_cli.tasks.change.score import change_score_array
 from tests.infer.helpers import S2_BANDS, smooth_scene
-from tests.infer.test_change_train import write_oscd
+from tests.tasks.change.test_change_train import write_oscd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

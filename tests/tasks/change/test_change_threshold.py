@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from deo_cli.errors import UsageError
-from deo_cli.infer.change import best_f1_threshold, f1_at, transfer_threshold
-from deo_cli.infer.threshold import (
+from deo_cli.tasks.change.threshold import (
     DEFAULT_METHOD,
     DEFAULT_PERCENTILE,
     METHODS,
@@ -17,6 +16,7 @@ from deo_cli.infer.threshold import (
     implausible,
     otsu_threshold,
 )
+from deo_cli.tasks.change.train import best_f1_threshold, f1_at, transfer_threshold
 
 
 def _bimodal(seed=0):
@@ -162,7 +162,7 @@ def test_the_flagged_share_is_judged_for_the_rule():
 
 
 def test_auc_and_best_f1_from_the_histograms_match_numpy():
-    from deo_cli.infer.changeeval import ScoreCurve, counts_at, everything_changed
+    from deo_cli.tasks.change.evaluate import ScoreCurve, counts_at, everything_changed
 
     rng = np.random.default_rng(5)
     label = rng.random(20_000) < 0.05

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "oscd_change.py"
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "oscd_change.py"
 
 
 def _bench():

@@ -1,9 +1,5 @@
-"""``deo embed``: georeferenced DEO embeddings from scenes of any size.
-
-:func:`run_embed` is what the command line calls (a notebook can too)::
-
-    from deo_cli.recipes import EmbedRecipe
-    results = run_embed(["scene.tif"], Path("emb.tif"), EmbedRecipe())
+"""One scene of ``deo embed`` (:func:`embed_scene`; the command over several scenes is
+:mod:`deo_cli.tasks.embed.predict`).
 
 For each scene it picks the stem, unit conversion and normalisation
 (:mod:`deo_cli.infer.prepare`), plans chips on the feature grid of the chosen level
@@ -22,23 +18,15 @@ and writes one of:
   source CRS. Chips do not overlap unless ``--overlap`` says so; chips that are mostly nodata
   are left out.
 
-Several scenes write one output each into a folder; a scene that fails does not stop the
-others (its error is in its :class:`EmbedResult`). ``--resume`` skips finished outputs and
-continues interrupted rasters from their last checkpointed row block (see
-:mod:`deo_cli.io.writers`). ``--gpus N`` runs N ranks, each computing a band of rows
-(:mod:`deo_cli.infer.distributed`).
+:func:`embed_to_array` holds one scene's dense embedding in memory instead (the Python API's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import math
-import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -51,8 +39,9 @@ from affine import Affine
 from deo_cli import __version__
 from deo_cli.errors import DeoError, UsageError, note_kept
 from deo_cli.infer.chips import ChipReader
-from deo_cli.infer.distributed import RankInfo, run_ranks
+from deo_cli.infer.distributed import RankInfo
 from deo_cli.infer.model import EncoderFeatures, resolve_layer
+from deo_cli.infer.outputs import scene_stem
 from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
 from deo_cli.infer.runner import (
     RunStats,
@@ -63,12 +52,9 @@ from deo_cli.infer.runner import (
     run_pooled,
     split_rows,
 )
-from deo_cli.infer.schedule import balance, parse_shard, peak_rss_mb, scene_mode, shard_of
 from deo_cli.infer.tiling import TilePlan, check_chip_memory, resolve_overlap, round_up
-from deo_cli.io.atomic import check_output, outputs_locked
-from deo_cli.io.catalog import SceneRecord, update_catalog
+from deo_cli.io.atomic import check_output
 from deo_cli.io.grid import Grid
-from deo_cli.io.sources import resolve_source
 from deo_cli.io.writers import (
     GeoParquetChipWriter,
     LinearQuantization,
@@ -83,16 +69,9 @@ from deo_cli.io.writers import (
 )
 from deo_cli.progress import NullProgress, Progress
 from deo_cli.recipes import EmbedRecipe, recipe_hash, recipe_path_for, save_recipe
-from deo_cli.runtime import Runtime, check_gpus, resolve_runtime, seed_everything
+from deo_cli.runtime import Runtime, resolve_runtime, seed_everything
 
 log = logging.getLogger(__name__)
-
-SUFFIX = {"cog": ".tif", "zarr": ".zarr", "parquet": ".parquet"}
-#: File name extensions of each output format (the first is the one deo suggests).
-FORMAT_SUFFIXES = {"cog": (".tif", ".tiff"), "zarr": (".zarr",), "parquet": (".parquet", ".geoparquet")}
-FORMAT_NAMES = {"cog": "a COG (GeoTIFF)", "zarr": "a Zarr store", "parquet": "GeoParquet"}
-#: Names that say "one output file" (several scenes need a folder instead).
-OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr", ".parquet", ".geoparquet")
 #: Chips run through the model to fit the int8 scale/offset.
 CALIBRATION_CHIPS = 8
 
@@ -148,20 +127,6 @@ def output_format(output: Path, pool: str, fmt: str = "auto") -> str:
     return fmt
 
 
-def check_output_suffix(path: Path, fmt: str, option: str = "-o", why: str = "") -> None:
-    """Refuse an output file name whose extension is not ``fmt``'s (a GeoParquet file named
-    ``e.tif``, a COG named ``e.xyz``): one :class:`UsageError` naming the extension, the format
-    (``why`` says what chose it, e.g. `` (--pool mean)``) and the name to use instead."""
-    exts = FORMAT_SUFFIXES[fmt]
-    if path.suffix.lower() in exts:
-        return
-    got = f"the extension {path.suffix}" if path.suffix else "no extension"
-    raise UsageError(
-        f"{option} {path.name} has {got}, but the output is {FORMAT_NAMES[fmt]}{why}",
-        f"use {option} {path.with_suffix(exts[0])}",
-    )
-
-
 def format_reason(recipe: EmbedRecipe) -> str:
     """What chose the output format, for messages: `` (--pool mean)``, `` (output.format zarr)``."""
     if recipe.output.pool != "none":
@@ -169,52 +134,6 @@ def format_reason(recipe: EmbedRecipe) -> str:
     if recipe.output.format != "auto":
         return f" (output.format {recipe.output.format})"
     return ""
-
-
-def scene_stem(name: str) -> str:
-    """A file-name stem for a scene name (``sample:paris`` -> ``paris``, ``a/b.tif`` -> ``b``)."""
-    text = name.split(":", 1)[1] if name.startswith("sample:") else name
-    text = text.rstrip("/").rsplit("/", 1)[-1]
-    for suf in (".tif", ".tiff", ".vrt", ".jp2"):
-        if text.lower().endswith(suf):
-            text = text[: -len(suf)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "scene"
-
-
-def plan_outputs(sources: list[str], output: Path, fmt: str, why: str = "") -> list[Path | None]:
-    """One output path per scene: ``output`` itself for one scene and a file name, else
-    ``output/<scene><suffix>`` (``None`` where the scene cannot be resolved; it fails later).
-
-    Several scenes with ``output`` named like an output file (``emb.tif``, ``v.parquet``,
-    ``e.zarr``) that is not an existing folder are refused: a folder called ``emb.tif`` is
-    never what was meant. A file name whose extension is not the format's is refused
-    (:func:`check_output_suffix`; ``why`` says what chose the format)."""
-    is_folder = output.is_dir() and output.suffix.lower() != ".zarr"
-    if len(sources) > 1 and not is_folder and output.suffix.lower() in OUTPUT_SUFFIXES:
-        raise UsageError(
-            f"{len(sources)} scenes need an output folder, but -o {output} names a file",
-            f"give a folder (-o {output.with_suffix('')}/) or one scene per run",
-        )
-    folder = len(sources) > 1 or is_folder or not output.suffix
-    if not folder:
-        check_output_suffix(output, fmt, "-o", why)
-        return [output]
-    out: list[Path | None] = []
-    seen: dict[str, str] = {}
-    for s in sources:
-        try:
-            stem = scene_stem(resolve_source(s).name)
-        except DeoError:
-            out.append(None)
-            continue
-        if stem in seen:
-            raise UsageError(
-                f"scenes {seen[stem]} and {s} would both be written to {output / (stem + SUFFIX[fmt])}",
-                "embed them in separate runs or rename one",
-            )
-        seen[stem] = s
-        out.append(output / (stem + SUFFIX[fmt]))
-    return out
 
 
 def _size(path: Path) -> int:
@@ -837,47 +756,6 @@ def embed_scene(
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# Several scenes
-# ---------------------------------------------------------------------------------------------
-
-
-def _preview_for(preview: Path | None, out: Path, many: bool) -> Path | None:
-    if preview is None or not many:
-        return preview
-    return preview.with_name(f"{preview.stem}_{out.stem}{preview.suffix or '.png'}")
-
-
-def _run(
-    sources: list,
-    output: Path,
-    recipe: EmbedRecipe,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    preview: Path | None = None,
-    progress: Progress | None = None,
-    model=None,
-    ranks: RankInfo | None = None,
-    outs: list[Path | None] | None = None,
-    many: bool | None = None,
-) -> list[EmbedResult]:
-    with _capped_gdal_cache():
-        return _run_capped(
-            sources,
-            output,
-            recipe,
-            overwrite=overwrite,
-            resume=resume,
-            preview=preview,
-            progress=progress,
-            model=model,
-            ranks=ranks,
-            outs=outs,
-            many=len(sources) > 1 if many is None else many,
-        )
-
-
 def _capped_gdal_cache():
     """GDAL's block cache capped for the run (its default, 5 % of RAM, would grow with the scene)."""
     import rasterio
@@ -887,390 +765,11 @@ def _capped_gdal_cache():
     return rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
 
 
-def _stac_of(source) -> dict | None:
-    meta = getattr(source, "metadata", None)
-    return meta() if callable(meta) else None
-
-
-def _failed(source, out, error: DeoError, fmt: str) -> EmbedResult:
-    return EmbedResult(source=str(source), output=out, error=error, format=fmt, stac=_stac_of(source))
-
-
-def _check_scene(source, out, recipe, manifests, *, overwrite, resume, preview, is_main, fmt):
-    """``("job", Prepared)``, ``("done", EmbedResult)`` (skipped or failed) for one scene."""
-    try:
-        if out is None:
-            resolve_source(source)  # raises the scene's error
-            raise UsageError(f"cannot name an output for {source}", "give one scene per run")
-        prep = preflight(
-            source,
-            out,
-            recipe,
-            *manifests,
-            overwrite=overwrite,
-            resume=resume,
-            preview=preview,
-            is_main=is_main,
-        )
-    except DeoError as e:
-        return "done", _failed(source, out, e, fmt)
-    if prep is None:
-        return "done", EmbedResult(
-            source=str(source), output=out, status="skipped", format=fmt, stac=_stac_of(source)
-        )
-    return "job", prep
-
-
-def _run_capped(
-    sources: list,
-    output: Path,
-    recipe: EmbedRecipe,
-    *,
-    overwrite: bool,
-    resume: bool,
-    preview: Path | None,
-    progress: Progress | None,
-    model,
-    ranks: RankInfo | None,
-    outs: list[Path | None] | None = None,
-    many: bool = False,
-) -> list[EmbedResult]:
-    ranks = ranks or RankInfo()
-    fmt = output_format(output, recipe.output.pool, recipe.output.format)
-    if fmt != "parquet" and preview is not None and preview.suffix.lower() not in (".png", ""):
-        raise UsageError(f"--preview {preview.name} must be a .png file", "name it e.g. preview.png")
-    if fmt == "parquet" and preview is not None:
-        raise UsageError("--preview needs a dense output", "drop --preview, or embed without --pool")
-    if outs is None:
-        outs = plan_outputs(sources, output, fmt, format_reason(recipe))
-    if model is not None:
-        manifests = (model.manifest, getattr(model, "rgb_manifest", None))
-    else:
-        from deo_cli.models import get_model_spec
-
-        spec = get_model_spec(recipe.model.name)
-        manifests = (spec.manifest, spec.rgb_manifest)
-    # check every scene before loading the model (and downloading its weights); several ranks
-    # share the checks (scene i on rank i mod N: remote scenes are opened once, not N times)
-    world = ranks.world
-    checked: dict[int, tuple[str, object]] = {}
-    for i, (source, out) in enumerate(zip(sources, outs)):
-        if i % world == ranks.rank:
-            checked[i] = _check_scene(
-                source,
-                out,
-                recipe,
-                manifests,
-                overwrite=overwrite,
-                resume=resume,
-                preview=_preview_for(preview, out, many) if out is not None else None,
-                is_main=True,
-                fmt=fmt,
-            )
-    if world > 1:
-        for part in ranks.gather(checked):
-            checked.update(part)
-    if not many:
-        kind, what = checked[0]
-        if kind == "done" and what.error is not None:
-            raise what.error
-    results: list[EmbedResult | None] = [None] * len(sources)
-    jobs: list[tuple[int, Prepared]] = []
-    for i in range(len(sources)):
-        kind, what = checked[i]
-        if kind == "done":
-            results[i] = what
-        else:
-            jobs.append((i, what))
-    if not jobs:
-        return results
-    whole = scene_mode(len(jobs), world)
-    if whole:  # each rank takes whole scenes, balanced by pixels; the others are not its own
-        split = balance([p.scene.width * p.scene.height for _, p in jobs], world)
-        mine = [jobs[j] for j in split[ranks.rank]]
-        scene_ranks = RankInfo()
-    else:
-        mine, scene_ranks = jobs, ranks
-    if model is None:
-        model = build_model(recipe)
-    rt = resolve_runtime(recipe.runtime)
-    if hasattr(model, "to"):
-        model = model.to(rt.device)
-    if ranks.is_main:
-        d = _describe_model(model)
-        log.info(
-            "%s (level %s: stride %d, %d channels) on %s, %s%s",
-            d["model"],
-            d["layer"],
-            d["stride"],
-            d["channels"],
-            rt.device,
-            rt.precision_name,
-            f"; {len(jobs)} scenes over {world} ranks" if whole else "",
-        )
-    done: dict[int, EmbedResult] = {}
-    for k, prep in mine:
-        try:
-            r = embed_scene(
-                prep.source,
-                prep.out,
-                model,
-                recipe,
-                fmt=fmt,
-                runtime=rt,
-                overwrite=overwrite,
-                resume=resume,
-                preview=_preview_for(preview, prep.out, many),
-                progress=progress if ranks.is_main else None,
-                ranks=scene_ranks,
-                prepared=prep,
-            )
-        except DeoError as e:
-            if not many:
-                raise
-            log.debug("scene %s failed", prep.source, exc_info=True)
-            r = _failed(sources[k], prep.out, e, fmt)
-        except Exception as e:  # noqa: BLE001 - one scene's failure must not stop the others
-            if not many:
-                raise
-            log.error("scene %s failed", prep.source, exc_info=True)
-            r = _failed(sources[k], prep.out, DeoError(f"{type(e).__name__}: {e}"), fmt)
-        r.stac = _stac_of(sources[k])
-        r.extra["rank"] = ranks.rank
-        r.extra["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        done[k] = r
-    if whole:
-        done = _gather_results(done, ranks, [[jobs[j] for j in part] for part in split], sources, fmt)
-    for k, r in done.items():
-        results[k] = r
-    return results
-
-
-def _gather_results(done: dict, ranks: RankInfo, split, sources, fmt) -> dict:
-    """Every rank's results on every rank. A rank that died (killed, out of memory) cannot send
-    its own: its scenes whose outputs exist count as written, the others as failed, so rank 0
-    still writes the catalog and ``--resume`` reruns only those."""
-    try:
-        parts = ranks.gather(done)
-    except Exception as e:  # noqa: BLE001 - gloo/NCCL report a dead peer as a RuntimeError subclass
-        log.error("a rank stopped before reporting its scenes (%s)", str(e).splitlines()[0][:200])
-        parts = [done if r == ranks.rank else {} for r in range(ranks.world)]
-    out: dict[int, EmbedResult] = {}
-    for r, part in enumerate(parts):
-        out.update(part)
-        for k, prep in split[r]:
-            if k in out:
-                continue
-            if prep.out.exists():
-                out[k] = EmbedResult(source=str(sources[k]), output=prep.out, status="written", format=fmt,
-                                     stac=_stac_of(sources[k]), extra={"rank": r})  # fmt: skip
-            else:
-                err = DeoError(f"rank {r} stopped before finishing it", "rerun with --resume to embed it")
-                out[k] = _failed(sources[k], prep.out, err, fmt)
-    return out
-
-
-def _run_rank(
-    sources, output, recipe, *, overwrite, resume, preview, ranks, outs=None, progress=None, many=None
-):
-    return _run(
-        sources,
-        output,
-        recipe,
-        overwrite=overwrite,
-        resume=resume,
-        preview=preview,
-        progress=progress,
-        ranks=ranks,
-        outs=outs,
-        many=many,
-    )
-
-
-def _launcher_rank() -> int:
-    """This process's rank under ``torchrun`` (0 otherwise)."""
-    return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
-
-
-@contextlib.contextmanager
-def _outputs_locked(outs: list[Path | None], previews: list[Path | None]):
-    """Hold every output's lock for the run (rank 0 of a ``torchrun`` job only; ``--gpus``
-    children run under their parent's), and remove the temporaries that earlier runs of the
-    same outputs left when they were killed (:func:`~deo_cli.io.atomic.outputs_locked`)."""
-    if _launcher_rank() != 0:
-        yield
-        return
-    with outputs_locked(outs, previews):
-        yield
-
-
-class EmbedResults(list):
-    """The :class:`EmbedResult` of each scene (in input order), and the catalog written beside
-    them (``catalog``: a :class:`~deo_cli.io.catalog.CatalogResult`, or ``None`` for one output
-    file, a shard's other scenes being left out)."""
-
-    catalog = None
-    shard: tuple[int, int] | None = None
-    total: int = 0
-
-
-def run_embed(
-    sources: list,
-    output: str | Path,
-    recipe: EmbedRecipe,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    preview: str | Path | None = None,
-    progress: Progress | None = None,
-    model=None,
-    shard: str | tuple[int, int] | None = None,
-    mosaic: bool = False,
-    catalog: bool = True,
-) -> EmbedResults:
-    """Embed every scene of ``sources`` into ``output`` (a file for one scene, else a folder).
-
-    ``sources``: scene arguments (files, folders, globs, URLs, STAC Item/ItemCollection JSON,
-    whose items each become a scene) or :class:`~deo_cli.io.stac.StacScene` objects (a search).
-    ``model``: a ready :class:`~deo_cli.infer.model.FeatureModel` (default: built from
-    ``recipe.model`` and ``recipe.layer``). With one scene a :class:`DeoError` is raised; with
-    several, each failure is recorded in its result and the other scenes are still written.
-    Each output is locked for the run (:func:`~deo_cli.io.atomic.output_lock`): a second run
-    on it stops with one line naming the first.
-
-    ``shard`` (``"K/N"``): only the K-th of N disjoint parts of the scene list
-    (:func:`~deo_cli.infer.schedule.shard_of`), for the tasks of a job array. Into a folder,
-    ``catalog`` adds each scene to ``index.parquet`` and the STAC collection beside the outputs
-    (:mod:`deo_cli.io.catalog`); ``mosaic`` also writes one VRT per CRS over them.
-    """
-    from deo_cli.io.stac import expand_scenes
-
-    output = Path(output)
-    preview = Path(preview) if preview is not None else None
-    sources = expand_scenes(list(sources))
-    if not sources:
-        raise UsageError("no scene given", "pass one or more scenes")
-    shard = parse_shard(shard)
-    fmt = output_format(output, recipe.output.pool, recipe.output.format)
-    if recipe.gpus > 1 and fmt == "zarr":
-        raise UsageError(
-            "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
-        )
-    outs = plan_outputs(list(sources), output, fmt, format_reason(recipe))
-    folder = _output_folder(sources, output, outs)
-    if mosaic and folder is None:
-        raise UsageError("--mosaic needs an output folder", f"use -o {output.with_suffix('')}/")
-    if mosaic and fmt != "cog":
-        raise UsageError("--mosaic builds VRTs over COG outputs", "drop --mosaic, or write COGs")
-    recipe = resolve_tiling(recipe, model)
-    many = len(sources) > 1
-    picks = shard_of(len(sources), shard)
-    if shard is not None:
-        log.info("shard %d/%d: %d of %d scenes", shard[0], shard[1], len(picks), len(sources))
-    mine = [sources[i] for i in picks]
-    mine_outs = [outs[i] for i in picks]
-    previews = [_preview_for(preview, o, many) if o is not None else None for o in mine_outs]
-    results = EmbedResults()
-    results.shard, results.total = shard, len(sources)
-    if not mine:
-        log.warning("shard %d/%d of %d scenes holds none", shard[0], shard[1], len(sources))
-    else:
-        with _outputs_locked(mine_outs, previews):
-            results.extend(
-                _dispatch(mine, output, recipe, mine_outs, overwrite, resume, preview, progress, model, many)
-            )
-    if folder is not None and catalog and _launcher_rank() == 0 and mine:
-        results.catalog = update_catalog(folder, [_record(r) for r in results], mosaic=mosaic)
-    return results
-
-
-def _output_folder(sources, output: Path, outs) -> Path | None:
-    """The folder the outputs go to (their catalog's), or ``None`` for one output file."""
-    if len(sources) == 1 and outs[0] == output:
-        return None
-    return output
-
-
-def _record(r: EmbedResult) -> SceneRecord:
-    reported = r.status == "written" and r.grid is not None  # not by a rank that then stopped
-    return SceneRecord(
-        output=r.output,
-        source=r.source,
-        status=r.status,
-        error=r.error.one_line() if r.error is not None else None,
-        seconds=round(r.seconds, 3) if reported else None,
-        chips=r.chips if reported else None,
-        format=r.format,
-        stac=r.stac,
-    )
-
-
-def _dispatch(sources, output, recipe, outs, overwrite, resume, preview, progress, model, many=None):
-    torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # the launcher's ranks
-    if (recipe.gpus > 1 or torchrun) and model is None:
-        if recipe.gpus > 1:
-            rt = resolve_runtime(recipe.runtime)
-            check_gpus(recipe.gpus, rt.device_spec, rt.device)
-        return run_ranks(
-            recipe.gpus,
-            _run_rank,
-            list(sources),
-            output,
-            recipe,
-            overwrite=overwrite,
-            resume=resume,
-            preview=preview,
-            outs=outs,
-            many=many,
-            main_kwargs={"progress": progress},
-            tolerate_failed_ranks=bool(many),
-        )
-    if recipe.gpus > 1:
-        log.warning("--gpus %d ignored: a model object was passed (ranks build their own)", recipe.gpus)
-    return _run(
-        list(sources),
-        output,
-        recipe,
-        overwrite=overwrite,
-        resume=resume,
-        preview=preview,
-        progress=progress,
-        model=model,
-        outs=outs,
-        many=many,
-    )
-
-
-def summary_line(r: EmbedResult) -> str:
-    """``emb.tif  12.3 MB  EPSG:32631  27x26 px @ 160 m  512 bands  4.2 s``-style text."""
-    if r.status == "skipped":
-        return f"{r.output}  skipped (exists, --resume)"
-    if r.grid is None:  # finished by a rank that stopped before reporting (its file is complete)
-        return f"{r.output}  written by rank {r.extra.get('rank', '?')}, which then stopped"
-    size = r.size_bytes
-    unit = "B"
-    for u in ("kB", "MB", "GB", "TB"):
-        if size < 1000:
-            break
-        size /= 1000.0
-        unit = u
-    res = r.resolution or (math.nan, math.nan)
-    what = "chips" if r.format == "parquet" else "px"
-    return (
-        f"{r.output}  {size:.1f} {unit}  {r.crs or 'no CRS'}  "
-        f"{r.grid[0]}x{r.grid[1]} {what} @ {res[0]:.6g}  {r.chips} chips in {r.seconds:.1f} s"
-    )
-
-
 __all__ = [
     "EmbedResult",
-    "EmbedResults",
     "build_model",
     "embed_scene",
     "embed_to_array",
     "embedding_metadata",
     "output_format",
-    "plan_outputs",
-    "run_embed",
-    "summary_line",
 ]

@@ -9,9 +9,10 @@ import rasterio
 from affine import Affine
 
 from deo_cli.errors import DataError, RecipeError, UsageError
-from deo_cli.infer.change import run_change_train, run_detect_change
 from deo_cli.infer.headfile import load_head
 from deo_cli.recipes import ChangeRecipe, ChangeTrainRecipe, build_recipe
+from deo_cli.tasks.change.predict import run_detect_change
+from deo_cli.tasks.change.train import run_change_train
 from tests.conftest import write_raster
 from tests.infer.helpers import smooth_scene
 

@@ -20,10 +20,10 @@ from deo_cli.infer.headfile import (
     make_head,
     save_head,
 )
-from deo_cli.infer.segment import ClassSink
 from deo_cli.io.grid import Grid
 from deo_cli.io.writers import RasterLayout
 from deo_cli.models import build_encoder, save_encoder
+from deo_cli.tasks.segment.predict import ClassSink
 
 #: Band order of REFERENCE_SCENES.npy (eolearn_testeopatch/SOURCE.md).
 EOLEARN_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
@@ -155,8 +155,8 @@ def test_head_files_name_their_encoder_and_refuse_mismatches(tmp_path):
 
 
 def test_train_on_a_geobench_segmentation_task(tmp_path):
-    from deo_cli.infer.segment import run_segment_train
     from deo_cli.recipes import SegmentTrainRecipe, build_recipe
+    from deo_cli.tasks.segment.train import run_segment_train
     from tests.data.make_geobench_task import write_geobench_task
 
     write_geobench_task(
