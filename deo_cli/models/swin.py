@@ -37,7 +37,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer
+from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer, SwinTransformerBlock
 from torchvision.ops.misc import Permute
 
 from deo_cli.models.encoder import DeoEncoder, ceil_div
@@ -178,6 +178,51 @@ class WindowAttention(ShiftedWindowAttention):
         )
 
 
+class SwinBlock(SwinTransformerBlock):
+    """torchvision's ``SwinTransformerBlock`` (same parameters and names) that does not compute
+    what stochastic depth throws away.
+
+    In training, torchvision computes each residual branch for the whole batch and then
+    multiplies a sample's branch by 0 when its Bernoulli draw drops it (by ``1 / survival``
+    when it is kept). Here the draw is made first, exactly as torchvision makes it (the same
+    generator calls in the same order: nothing in a branch draws random numbers), and the
+    branch runs on the kept samples only; their residual sums are the same operations on the
+    same values, and a dropped sample passes through unchanged (``x + 0``). At Swin-T's rates
+    (0 to 0.2 by block) this skips about a tenth of the trunk's work in a training step.
+
+    The branch keeps the whole batch when fewer than :data:`MIN_ROWS_TO_SKIP_PADDING` tokens
+    would remain (a smaller matrix product may take another kernel), on a GPU (a data-dependent
+    batch would cost a device sync and recompilations), and under ``torch.compile``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._residual(x, lambda y: self.attn(self.norm1(y)))
+        return self._residual(x, lambda y: self.mlp(self.norm2(y)))
+
+    def _residual(self, x: Tensor, branch) -> Tensor:
+        sd = self.stochastic_depth
+        if (
+            not (sd.training and sd.p > 0.0)
+            or x.device.type != "cpu"
+            or torch.compiler.is_compiling()
+            or sd.mode != "row"
+        ):
+            return x + sd(branch(x))
+        survival = 1.0 - sd.p
+        noise = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        noise = noise.bernoulli_(survival)  # torchvision's draw (torchvision.ops.stochastic_depth)
+        if survival > 0.0:
+            noise.div_(survival)
+        keep = noise.view(-1).nonzero().view(-1)
+        kept, tokens = keep.numel(), x[0].numel() // x.shape[-1]
+        if kept == x.shape[0] or kept * tokens < MIN_ROWS_TO_SKIP_PADDING:
+            return x + branch(x) * noise
+        if kept == 0:
+            return x
+        y = branch(x.index_select(0, keep)) * noise.index_select(0, keep)
+        return x.index_add(0, keep, y)
+
+
 @dataclass(frozen=True)
 class SwinShape:
     """A Swin's architecture as its tensors show it (:func:`swin_shape`)."""
@@ -296,6 +341,8 @@ class DeoSwin(DeoEncoder):
         for m in trunk.modules():
             if type(m) is ShiftedWindowAttention:
                 m.__class__ = WindowAttention  # same numbers, less copying (shifted_window_attention)
+            elif type(m) is SwinTransformerBlock:
+                m.__class__ = SwinBlock  # same numbers, dropped samples' branches not computed
         self.features = trunk.features
         self.norm = trunk.norm
         self.conv_ms = _stem(in_chans, embed_dim)

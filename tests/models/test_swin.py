@@ -134,3 +134,35 @@ def test_window_attention_is_torchvisions_bit_for_bit(swin, side):
             assert torch.equal(a, b)
         else:  # the projections skip padded tokens: weight gradients summed in another order
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # sums of ~500 terms of size ~1
+
+
+@pytest.mark.parametrize(("batch", "side", "p"), [(6, 14, 0.5), (5, 8, 0.4), (3, 7, 0.9), (4, 14, 0.0)])
+def test_block_skips_dropped_samples_with_torchvisions_numbers(batch, side, p):
+    """Stochastic depth drawn first, branches run on the kept samples only: the same outputs,
+    input gradients and random draws as torchvision's block (which computes every branch and
+    multiplies the dropped ones by 0); weight gradients the same to rounding."""
+    from torchvision.models.swin_transformer import SwinTransformerBlock
+
+    from deo_cli.models.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(32, 2, [7, 7], [3, 3], stochastic_depth_prob=p, norm_layer=torch.nn.LayerNorm)
+    block.attn.__class__ = type(build_encoder("deo_swin_test", weights=None).features[0][1].attn)
+    x = torch.randn(batch, side, side, 32)
+    outs, grads, draws = [], [], []
+    for cls in (SwinTransformerBlock, SwinBlock):
+        block.__class__ = cls
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        y = block(xi)
+        draws.append(torch.rand(3))  # the generator is left where torchvision leaves it
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [q.grad.clone() for q in block.parameters()])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(draws[0], draws[1])
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1:], grads[1][1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # sums of ~1000 terms of size ~1
+    if p == 0.9:  # most samples dropped: one dropped from both branches is its input unchanged
+        assert any(torch.equal(outs[1][i], x[i]) for i in range(batch))
