@@ -146,7 +146,9 @@ def test_block_skips_dropped_samples_with_torchvisions_numbers(batch, side, p):
     from deo_cli.models.swin import SwinBlock
 
     torch.manual_seed(0)
-    block = SwinTransformerBlock(32, 2, [7, 7], [3, 3], stochastic_depth_prob=p, norm_layer=torch.nn.LayerNorm)
+    block = SwinTransformerBlock(
+        32, 2, [7, 7], [3, 3], stochastic_depth_prob=p, norm_layer=torch.nn.LayerNorm
+    )
     block.attn.__class__ = type(build_encoder("deo_swin_test", weights=None).features[0][1].attn)
     x = torch.randn(batch, side, side, 32)
     outs, grads, draws = [], [], []
