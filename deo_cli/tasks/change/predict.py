@@ -338,8 +338,6 @@ def _detect_change(
     encoder,
     weights: str | None,
 ) -> ChangeResult:
-    from deo_cli.models import get_model_spec
-
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     output = Path(output)
@@ -347,37 +345,12 @@ def _detect_change(
     poly_path = Path(polygons) if polygons is not None else None
     preview = Path(preview) if preview is not None else None
     # -- checks before any compute ---------------------------------------------------------
-    if poly_path is not None:
-        from deo_cli.io.vector import vector_format
-
-        if vector_format(poly_path) not in ("parquet", "GPKG", "FlatGeobuf"):
-            raise UsageError(
-                f"--polygons {poly_path.name}: polygons are written in the source CRS",
-                "write .parquet (GeoParquet) or .gpkg",
-            )
-    if preview is not None and preview.suffix.lower() not in (".png", ""):
-        raise UsageError(f"--preview {preview.name} must be a .png file", "name it e.g. preview.png")
-    rpath = recipe_path_for(output)
-    for p in (output, mask_path, poly_path, preview, rpath):
-        if p is not None:
-            check_output(p, overwrite)
+    rpath = _check_change_outputs(output, mask_path, poly_path, preview, overwrite)
     mode = _change_mode(recipe, head)
     supervised = mode == "supervised"
     method = _threshold_method(recipe, supervised)
     hf = load_head(head, "change") if supervised else None
-    if hf is not None:
-        manifests = head_manifests(hf)
-    elif encoder is not None:
-        manifests = (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
-    else:
-        spec = get_model_spec(recipe.model.name)
-        if mode == "zero-shot":
-            _check_zero_shot_settings(recipe, spec)
-        manifests = (spec.manifest, spec.rgb_manifest)
-    first, second, pair_info = open_dates(before, after, recipe.input)
-    inp_a, inp_b = prepare_dates(first, second, *manifests, recipe.input, head=hf)
-    if mode == "cva":
-        inp_b = same_scale(inp_a, inp_b)
+    first, second, pair_info, inp_a, inp_b = _change_dates(before, after, recipe, mode, hf, encoder)
 
     # -- model -------------------------------------------------------------------------------
     model, who, describe = _score_model(mode, recipe, hf, encoder, weights)
@@ -385,47 +358,11 @@ def _detect_change(
     model = model.to(rt.device)
     log.info("%s change with %s on %s, %s", mode, who["name"], rt.device, rt.precision_name)
 
+    plan, recipe, out_grid, reader = _change_plan(mode, recipe, hf, model, rt, first, second, inp_a, inp_b)
     t = recipe.tiling
-    chip = t.chip_size or (hf.chip_size if hf is not None else model.input_size)
-    check_chip_memory(chip, rt.batch_size, len(inp_a.bands) + len(inp_b.bands), model.align, model.input_size)
-    overlap = 0 if mode == "cva" and t.overlap is None else t.overlap  # per pixel: no overlap needed
-    plan = aligned_plan(first.height, first.width, chip, model.stride, model.align, overlap)
-    recipe = with_used_overlap(recipe, plan)
-    out_grid = first.grid.scaled(model.stride) if model.stride > 1 else first.grid
-    reader = PairChipReader(
-        ChipReader(first, inp_a.bands, inp_a.normalizer, plan),
-        ChipReader(second, inp_b.bands, inp_b.normalizer, plan),
-    )
-    meta = {
-        "deo_version": __version__,
-        "deo_change_mode": mode,
-        "deo_change_score": describe,
-        "deo_model": who["name"],
-        "deo_weights": who["weights"],
-        "deo_weights_sha256": who["sha256"],
-        "deo_head": hf.describe() if hf is not None else None,
-        "deo_band_manifest": inp_a.manifest.to_dict(),
-        "deo_normalization": {"before": inp_a.describe(), "after": inp_b.describe()},
-        "deo_pair": pair_info,
-        "deo_tiling": {**plan.describe(), "blend": t.blend, "max_nodata_fraction": t.max_nodata_fraction},
-        "deo_recipe_hash": recipe_hash(recipe),
-        "deo_before": date_record(first),
-        "deo_after": date_record(second),
-    }
+    meta = _change_metadata(mode, describe, who, hf, inp_a, inp_b, pair_info, plan, recipe, first, second)
     block_rows = block_rows_for(16)
-    score_layout = RasterLayout(
-        count=1,
-        dtype="float32",
-        descriptions=("change_score",),
-        tags=gdal_tags(meta),
-        compress=recipe.compress,
-        resampling="average",
-    )
-    score_sink = ScoreSink(
-        CogSink(output, out_grid, score_layout, block_rows, None, overwrite),
-        supervised,
-        getattr(model, "score_range", None),
-    )
+    score_sink = _score_sink(output, out_grid, meta, recipe, block_rows, overwrite, supervised, model)
     written: list[Path] = []
     try:
         with first, second:
@@ -452,40 +389,10 @@ def _detect_change(
                 "check their nodata values and that they show the same place",
             )
         thr = _choose(hist, method, recipe, hf)
-        mask_meta = {
-            **meta,
-            "deo_threshold": thr.describe(),
-            "deo_values": {"0": "no change", "1": "change", "255": "nodata"},
-        }
-        mask_layout = RasterLayout(
-            count=1,
-            dtype="uint8",
-            nodata=MASK_NODATA,
-            descriptions=("change",),
-            tags=gdal_tags(mask_meta),
-            compress=recipe.compress,
-            resampling="mode",
+        changed, valid_n, flags, mask_meta = _write_change_mask(
+            output, mask_path, out_grid, meta, thr, recipe, block_rows, overwrite
         )
-        mask_sink = CogSink(mask_path, out_grid, mask_layout, block_rows, MASK_COLORMAP, overwrite)
-        try:
-            changed, valid_n = write_mask(output, mask_sink, thr.value, finish=False)
-            flags = flag_summary(thr, changed, valid_n)
-            mask_meta["deo_threshold"] = flags
-            mask_sink.layout = replace(mask_layout, tags=gdal_tags(mask_meta))
-            mask_sink.finish()
-        except BaseException:
-            mask_sink.abort()
-            raise
         written.append(mask_path)
-        log.info(
-            "threshold %.6g (%s): %.2f%% of %d valid locations flagged",
-            thr.value,
-            thr.rule,
-            100.0 * changed / max(valid_n, 1),
-            valid_n,
-        )
-        if flags["warning"]:
-            log.warning("%s", flags["warning"])
         res = ChangeResult(
             before=str(before),
             after=str(after),
@@ -501,34 +408,8 @@ def _detect_change(
             extra={"pair": pair_info, "stride": model.stride, "warning": flags["warning"]},
         )
         if poly_path is not None:
-            vmeta = {
-                k: v
-                for k, v in mask_meta.items()
-                if k
-                in (
-                    "deo_version",
-                    "deo_change_mode",
-                    "deo_change_score",
-                    "deo_model",
-                    "deo_weights",
-                    "deo_before",
-                    "deo_after",
-                    "deo_threshold",
-                    "deo_recipe_hash",
-                )
-            }
-            vmeta["deo_min_area"] = recipe.min_area
-            vmeta["deo_min_pixels"] = recipe.min_pixels
-            res.polygon_count = write_polygons(
-                mask_path,
-                output,
-                poly_path,
-                recipe.min_area,
-                recipe.simplify,
-                overwrite,
-                vmeta,
-                recipe.min_pixels,
-                model.stride,
+            res.polygon_count = _write_change_polygons(
+                mask_path, output, poly_path, mask_meta, recipe, overwrite, model.stride
             )
             res.polygons = poly_path
             written.append(poly_path)
@@ -546,6 +427,193 @@ def _detect_change(
         raise
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _check_change_outputs(
+    output: Path, mask_path: Path, poly_path: Path | None, preview: Path | None, overwrite: bool
+) -> Path:
+    """Every output may be written (polygons in a format that keeps the source CRS, a PNG
+    preview) before anything is read; returns the recipe's path beside ``output``."""
+    if poly_path is not None:
+        from deo_cli.io.vector import vector_format
+
+        if vector_format(poly_path) not in ("parquet", "GPKG", "FlatGeobuf"):
+            raise UsageError(
+                f"--polygons {poly_path.name}: polygons are written in the source CRS",
+                "write .parquet (GeoParquet) or .gpkg",
+            )
+    if preview is not None and preview.suffix.lower() not in (".png", ""):
+        raise UsageError(f"--preview {preview.name} must be a .png file", "name it e.g. preview.png")
+    rpath = recipe_path_for(output)
+    for p in (output, mask_path, poly_path, preview, rpath):
+        if p is not None:
+            check_output(p, overwrite)
+    return rpath
+
+
+def _change_dates(before, after, recipe: ChangeRecipe, mode: str, hf, encoder):
+    """Both dates on the first's grid and their input plans, for the manifests of the head, the
+    encoder or the recipe's model (a zero-shot run's settings are checked first); CVA scales the
+    second date's RGB like the first's."""
+    from deo_cli.models import get_model_spec
+
+    if hf is not None:
+        manifests = head_manifests(hf)
+    elif encoder is not None:
+        manifests = (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
+    else:
+        spec = get_model_spec(recipe.model.name)
+        if mode == "zero-shot":
+            _check_zero_shot_settings(recipe, spec)
+        manifests = (spec.manifest, spec.rgb_manifest)
+    first, second, pair_info = open_dates(before, after, recipe.input)
+    inp_a, inp_b = prepare_dates(first, second, *manifests, recipe.input, head=hf)
+    if mode == "cva":
+        inp_b = same_scale(inp_a, inp_b)
+    return first, second, pair_info, inp_a, inp_b
+
+
+def _change_plan(mode: str, recipe: ChangeRecipe, hf, model, rt, first, second, inp_a, inp_b):
+    """The tile plan on the first date's grid (chips of the head's size with a head, no overlap
+    for CVA unless asked), the recipe with the overlap used, the output grid and the pair reader."""
+    t = recipe.tiling
+    chip = t.chip_size or (hf.chip_size if hf is not None else model.input_size)
+    check_chip_memory(chip, rt.batch_size, len(inp_a.bands) + len(inp_b.bands), model.align, model.input_size)
+    overlap = 0 if mode == "cva" and t.overlap is None else t.overlap  # per pixel: no overlap needed
+    plan = aligned_plan(first.height, first.width, chip, model.stride, model.align, overlap)
+    recipe = with_used_overlap(recipe, plan)
+    out_grid = first.grid.scaled(model.stride) if model.stride > 1 else first.grid
+    reader = PairChipReader(
+        ChipReader(first, inp_a.bands, inp_a.normalizer, plan),
+        ChipReader(second, inp_b.bands, inp_b.normalizer, plan),
+    )
+    return plan, recipe, out_grid, reader
+
+
+def _change_metadata(
+    mode: str, describe: dict, who: dict, hf, inp_a, inp_b, pair_info: dict, plan, recipe, first, second
+) -> dict:
+    """The provenance both COGs carry (the mask adds its threshold)."""
+    t = recipe.tiling
+    return {
+        "deo_version": __version__,
+        "deo_change_mode": mode,
+        "deo_change_score": describe,
+        "deo_model": who["name"],
+        "deo_weights": who["weights"],
+        "deo_weights_sha256": who["sha256"],
+        "deo_head": hf.describe() if hf is not None else None,
+        "deo_band_manifest": inp_a.manifest.to_dict(),
+        "deo_normalization": {"before": inp_a.describe(), "after": inp_b.describe()},
+        "deo_pair": pair_info,
+        "deo_tiling": {**plan.describe(), "blend": t.blend, "max_nodata_fraction": t.max_nodata_fraction},
+        "deo_recipe_hash": recipe_hash(recipe),
+        "deo_before": date_record(first),
+        "deo_after": date_record(second),
+    }
+
+
+def _score_sink(
+    output: Path, out_grid, meta: dict, recipe, block_rows: int, overwrite: bool, supervised, model
+):
+    """The score COG's sink (float32, NaN nodata, average overviews) and the histogram beside it."""
+    score_layout = RasterLayout(
+        count=1,
+        dtype="float32",
+        descriptions=("change_score",),
+        tags=gdal_tags(meta),
+        compress=recipe.compress,
+        resampling="average",
+    )
+    return ScoreSink(
+        CogSink(output, out_grid, score_layout, block_rows, None, overwrite),
+        supervised,
+        getattr(model, "score_range", None),
+    )
+
+
+def _write_change_mask(
+    output: Path,
+    mask_path: Path,
+    out_grid,
+    meta: dict,
+    thr: Threshold,
+    recipe,
+    block_rows: int,
+    overwrite: bool,
+) -> tuple[int, int, dict, dict]:
+    """Threshold the finished score COG into the mask COG, tagged with the rule, the threshold and
+    the flagged share (:func:`flag_summary`); returns (changed, valid) pixels, that summary and the
+    mask's metadata."""
+    mask_meta = {
+        **meta,
+        "deo_threshold": thr.describe(),
+        "deo_values": {"0": "no change", "1": "change", "255": "nodata"},
+    }
+    mask_layout = RasterLayout(
+        count=1,
+        dtype="uint8",
+        nodata=MASK_NODATA,
+        descriptions=("change",),
+        tags=gdal_tags(mask_meta),
+        compress=recipe.compress,
+        resampling="mode",
+    )
+    mask_sink = CogSink(mask_path, out_grid, mask_layout, block_rows, MASK_COLORMAP, overwrite)
+    try:
+        changed, valid_n = write_mask(output, mask_sink, thr.value, finish=False)
+        flags = flag_summary(thr, changed, valid_n)
+        mask_meta["deo_threshold"] = flags
+        mask_sink.layout = replace(mask_layout, tags=gdal_tags(mask_meta))
+        mask_sink.finish()
+    except BaseException:
+        mask_sink.abort()
+        raise
+    log.info(
+        "threshold %.6g (%s): %.2f%% of %d valid locations flagged",
+        thr.value,
+        thr.rule,
+        100.0 * changed / max(valid_n, 1),
+        valid_n,
+    )
+    if flags["warning"]:
+        log.warning("%s", flags["warning"])
+    return changed, valid_n, flags, mask_meta
+
+
+def _write_change_polygons(
+    mask_path: Path, output: Path, poly_path: Path, mask_meta: dict, recipe, overwrite: bool, stride: int
+) -> int:
+    """The mask's change regions as polygons (:func:`write_polygons`), with the mask's provenance."""
+    vmeta = {
+        k: v
+        for k, v in mask_meta.items()
+        if k
+        in (
+            "deo_version",
+            "deo_change_mode",
+            "deo_change_score",
+            "deo_model",
+            "deo_weights",
+            "deo_before",
+            "deo_after",
+            "deo_threshold",
+            "deo_recipe_hash",
+        )
+    }
+    vmeta["deo_min_area"] = recipe.min_area
+    vmeta["deo_min_pixels"] = recipe.min_pixels
+    return write_polygons(
+        mask_path,
+        output,
+        poly_path,
+        recipe.min_area,
+        recipe.simplify,
+        overwrite,
+        vmeta,
+        recipe.min_pixels,
+        stride,
+    )
 
 
 def summary_line(r: ChangeResult) -> str:
