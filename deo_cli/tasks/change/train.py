@@ -162,9 +162,7 @@ def run_change_train(
 ) -> ChangeTrainResult:
     """Train a siamese change head on OSCD-format pairs; writes ``out/`` (head.pt, metrics.json,
     recipe.yaml). Test cities are scored through the streaming prediction path."""
-    from deo_cli.data.oscd import list_cities, read_change_label, select_cities
-    from deo_cli.data.segdata import holdout
-    from deo_cli.models import build_encoder, get_model_spec
+    from deo_cli.models import build_encoder
 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
@@ -174,45 +172,9 @@ def run_change_train(
             "remove input.bounds (choose cities with train_cities/test_cities)",
         )
     out = check_run_folder(Path(out), overwrite)
-    if recipe.data is None:
-        raise UsageError("detect-change train needs --data, an OSCD-format folder", "pass --data PATH")
-    cities = list_cities(recipe.data)
-    test = select_cities(cities, list(recipe.test_cities)) if recipe.test_cities else []
-    if recipe.train_cities:
-        train = select_cities(cities, list(recipe.train_cities))
-    else:
-        names = {c.name for c in test}
-        train = [c for c in cities if c.label is not None and c.name not in names]
-    overlap_names = {c.name for c in train} & {c.name for c in test}
-    if overlap_names:
-        raise UsageError(f"cities {sorted(overlap_names)} are both train and test cities", "keep them apart")
-    for c in [*train, *test]:
-        if c.label is None:
-            raise DataError(f"OSCD city {c.name} has no change label", "choose labelled cities")
-    if not train:
-        raise DataError(
-            f"no labelled training city under {recipe.data}", "add train_labels/ or pass --train-cities"
-        )
-    spec = get_model_spec(recipe.model.name) if encoder is None else encoder.spec
-    align = max(spec.feature_strides)
-    chip = recipe.chip_size
-    if chip % align:
-        raise UsageError(
-            f"--chip-size {chip} is not a multiple of the encoder's coarsest stride {align}",
-            f"use {-(-chip // align) * align}",
-        )
-    manifests = (
-        (spec.manifest, spec.rgb_manifest)
-        if encoder is None
-        else (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
-    )
-    sources, stem = _oscd_sources(train, recipe.input, chip, recipe.chip_overlap, manifests)
-    refs, counts = collect_chips(sources, 2)
-    if counts[1] == 0:
-        raise DataError("the training cities hold no change pixel", "add cities with change")
-    held = holdout(len(refs), recipe.val_fraction, recipe.runtime.seed)
-    train_refs = [r for r, h in zip(refs, held) if not h]
-    val_refs = [r for r, h in zip(refs, held) if h]
+    train, test = _train_cities(recipe)
+    chip, manifests = _train_inputs(recipe, encoder)
+    sources, stem, train_refs, val_refs, counts = _train_chips(recipe, train, chip, manifests)
     weights = list(recipe.class_weights) or [1.0, float(np.sqrt(counts[0] / counts[1]))]
     if len(weights) != 2:
         raise UsageError("--class-weights needs two values (no change, change)", "e.g. --class-weights 1,10")
@@ -223,33 +185,11 @@ def run_change_train(
     if encoder is None:
         encoder = build_encoder(recipe.model.name, weights=recipe.model.weights)
     frozen = not recipe.finetune
-    torch.manual_seed(recipe.runtime.seed)
     pixel_bands = len(sources[0][0].before.bands)
-    head = make_change_head(
-        recipe.head,
-        SiameseChange.head_channels(encoder.feature_channels, recipe.fusion),
-        encoder.feature_strides,
-        recipe.head_channels,
-        pixel_bands,
-        recipe.pixel_channels,
+    model = _siamese_model(recipe, encoder, pixel_bands, frozen)
+    train_ds, val_ds, train_loader, val_loader, forward_fn = _train_loaders(
+        sources, train_refs, val_refs, recipe, model, frozen, rt
     )
-    model = SiameseChange(encoder, head, freeze=frozen, fusion=recipe.fusion)
-    train_ds = LabelledChips(sources, train_refs, recipe.augment)
-    val_ds = LabelledChips(sources, val_refs, "none")
-    if len(train_ds) < 2:
-        raise DataError("fewer than 2 training chips", "add cities or lower --chip-size")
-    for ds in (train_ds, val_ds):
-        ds.preload()
-    forward_fn = image_forward
-    if frozen:
-        model.to(device)
-        (train_ds, val_ds), forward_fn = cache_frozen_inputs(
-            (train_ds, val_ds), model.head_inputs, rt.batch_size, device, dtype
-        )
-    train_loader = make_loader(
-        train_ds, rt.batch_size, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True
-    )
-    val_loader = make_loader(val_ds, rt.batch_size, rt.num_workers, shuffle=False) if len(val_ds) else None
     settings = FitSettings(
         epochs=recipe.epochs,
         warmup_epochs=recipe.warmup_epochs,
@@ -282,21 +222,9 @@ def run_change_train(
     if enc_state is not None:
         model.encoder.load_state_dict(enc_state)
     model.eval()
-    threshold, val_f1 = 0.5, float("nan")
-    val_best, val_best_f1 = None, float("nan")
-    if val_loader is not None:
-        probs, targets = _val_probabilities(model, val_loader, device, dtype, forward_fn)
-        val_best, val_best_f1 = best_f1_threshold(probs, targets)
-        threshold = transfer_threshold(val_best, recipe.threshold_shrink)
-        val_f1 = f1_at(probs, targets, threshold)
-        log.info(
-            "P(change) threshold %.4g (validation F1 %.4f; validation optimum %.2f, F1 %.4f, shrink %g)",
-            threshold,
-            val_f1,
-            val_best,
-            val_best_f1,
-            recipe.threshold_shrink,
-        )
+    threshold, val_f1, val_best, val_best_f1 = _validation_threshold(
+        model, val_loader, rt, forward_fn, recipe
+    )
     metrics: dict = {
         "best_epoch": fit.best_epoch,
         "select": "val_f1" if val_loader is not None else "last epoch",
@@ -315,8 +243,151 @@ def run_change_train(
         "encoder": "frozen" if frozen else "fine-tuned",
         "fit_seconds": round(fit.seconds, 3),
     }
+    hf = _change_head_file(recipe, encoder, frozen, head_state, enc_state, chip, stem, pixel_bands, metrics)
+    if test:
+        metrics["test"], metrics["test_overall"] = _test_metrics(test, model, encoder, hf, chip, recipe, rt)
+        hf.metrics["test"] = metrics["test"]
+    head_path = write_run_folder(out, overwrite, hf, metrics, recipe, "detect-change train")
+    return ChangeTrainResult(out=out, head=head_path, metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+def _train_cities(recipe: ChangeTrainRecipe) -> tuple[list, list]:
+    """The training and test cities of ``recipe.data`` (default training cities: every labelled
+    city that is not a test city), apart and labelled."""
+    from deo_cli.data.oscd import list_cities, select_cities
+
+    if recipe.data is None:
+        raise UsageError("detect-change train needs --data, an OSCD-format folder", "pass --data PATH")
+    cities = list_cities(recipe.data)
+    test = select_cities(cities, list(recipe.test_cities)) if recipe.test_cities else []
+    if recipe.train_cities:
+        train = select_cities(cities, list(recipe.train_cities))
+    else:
+        names = {c.name for c in test}
+        train = [c for c in cities if c.label is not None and c.name not in names]
+    overlap_names = {c.name for c in train} & {c.name for c in test}
+    if overlap_names:
+        raise UsageError(f"cities {sorted(overlap_names)} are both train and test cities", "keep them apart")
+    for c in [*train, *test]:
+        if c.label is None:
+            raise DataError(f"OSCD city {c.name} has no change label", "choose labelled cities")
+    if not train:
+        raise DataError(
+            f"no labelled training city under {recipe.data}", "add train_labels/ or pass --train-cities"
+        )
+    return train, test
+
+
+def _train_inputs(recipe: ChangeTrainRecipe, encoder) -> tuple[int, tuple]:
+    """The chip size (a multiple of the encoder's coarsest stride) and the band manifests the
+    chips are prepared for, checked before any data is read."""
+    from deo_cli.models import get_model_spec
+
+    spec = get_model_spec(recipe.model.name) if encoder is None else encoder.spec
+    align = max(spec.feature_strides)
+    chip = recipe.chip_size
+    if chip % align:
+        raise UsageError(
+            f"--chip-size {chip} is not a multiple of the encoder's coarsest stride {align}",
+            f"use {-(-chip // align) * align}",
+        )
+    manifests = (
+        (spec.manifest, spec.rgb_manifest)
+        if encoder is None
+        else (encoder.manifest, encoder.rgb_manifest if encoder.has_rgb_stem else None)
+    )
+    return chip, manifests
+
+
+def _train_chips(recipe: ChangeTrainRecipe, train: list, chip: int, manifests):
+    """The training cities' pair readers and labels, their stem, the chips split into training
+    and validation (a seeded hold-out) and the pixel counts per class."""
+    from deo_cli.data.segdata import holdout
+
+    sources, stem = _oscd_sources(train, recipe.input, chip, recipe.chip_overlap, manifests)
+    refs, counts = collect_chips(sources, 2)
+    if counts[1] == 0:
+        raise DataError("the training cities hold no change pixel", "add cities with change")
+    held = holdout(len(refs), recipe.val_fraction, recipe.runtime.seed)
+    train_refs = [r for r, h in zip(refs, held) if not h]
+    val_refs = [r for r, h in zip(refs, held) if h]
+    return sources, stem, train_refs, val_refs, counts
+
+
+def _siamese_model(recipe: ChangeTrainRecipe, encoder, pixel_bands: int, frozen: bool) -> SiameseChange:
+    """The encoder and a change head initialised from ``runtime.seed``, fused per level as the
+    recipe says (with the pixel-difference branch when ``pixel_channels`` > 0)."""
+    torch.manual_seed(recipe.runtime.seed)
+    head = make_change_head(
+        recipe.head,
+        SiameseChange.head_channels(encoder.feature_channels, recipe.fusion),
+        encoder.feature_strides,
+        recipe.head_channels,
+        pixel_bands,
+        recipe.pixel_channels,
+    )
+    return SiameseChange(encoder, head, freeze=frozen, fusion=recipe.fusion)
+
+
+def _train_loaders(sources, train_refs, val_refs, recipe: ChangeTrainRecipe, model, frozen: bool, rt):
+    """The training and validation chips, read once (with a frozen encoder, the head's inputs
+    computed once, :func:`~deo_cli.infer.trainchips.cache_frozen_inputs`), their loaders (none
+    for validation without chips) and the forward function that fits them."""
+    train_ds = LabelledChips(sources, train_refs, recipe.augment)
+    val_ds = LabelledChips(sources, val_refs, "none")
+    if len(train_ds) < 2:
+        raise DataError("fewer than 2 training chips", "add cities or lower --chip-size")
+    for ds in (train_ds, val_ds):
+        ds.preload()
+    forward_fn = image_forward
+    if frozen:
+        model.to(rt.device)
+        (train_ds, val_ds), forward_fn = cache_frozen_inputs(
+            (train_ds, val_ds), model.head_inputs, rt.batch_size, rt.device, rt.precision
+        )
+    train_loader = make_loader(
+        train_ds, rt.batch_size, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True
+    )
+    val_loader = make_loader(val_ds, rt.batch_size, rt.num_workers, shuffle=False) if len(val_ds) else None
+    return train_ds, val_ds, train_loader, val_loader, forward_fn
+
+
+def _validation_threshold(model, val_loader, rt, forward_fn, recipe: ChangeTrainRecipe):
+    """The P(change) threshold the head keeps (:func:`transfer_threshold` of the validation
+    F1-best one; 0.5 without validation chips), the validation F1 at it, and the validation
+    optimum with its F1."""
+    threshold, val_f1 = 0.5, float("nan")
+    val_best, val_best_f1 = None, float("nan")
+    if val_loader is not None:
+        probs, targets = _val_probabilities(model, val_loader, rt.device, rt.precision, forward_fn)
+        val_best, val_best_f1 = best_f1_threshold(probs, targets)
+        threshold = transfer_threshold(val_best, recipe.threshold_shrink)
+        val_f1 = f1_at(probs, targets, threshold)
+        log.info(
+            "P(change) threshold %.4g (validation F1 %.4f; validation optimum %.2f, F1 %.4f, shrink %g)",
+            threshold,
+            val_f1,
+            val_best,
+            val_best_f1,
+            recipe.threshold_shrink,
+        )
+    return threshold, val_f1, val_best, val_best_f1
+
+
+def _change_head_file(
+    recipe: ChangeTrainRecipe,
+    encoder,
+    frozen: bool,
+    head_state,
+    enc_state,
+    chip: int,
+    stem,
+    pixel_bands,
+    metrics,
+) -> HeadFile:
+    """The head file of a trained change head (its encoder embedded when fine-tuned)."""
     record = encoder_record(encoder, frozen=frozen)
-    hf = HeadFile(
+    return HeadFile(
         task="change",
         head={
             "kind": recipe.head,
@@ -338,44 +409,49 @@ def run_change_train(
             "manifest": encoder.manifest.to_dict(),
             "per_date": "unit inferred and RGB scale computed per date",
         },
-        threshold=threshold,
+        threshold=metrics["threshold"],
         metrics={k: v for k, v in metrics.items() if k != "history"},
         recipe=recipe_to_dict(recipe),
     )
-    if test:
-        dense = DenseHeadModel(model.eval(), encoder, 2)
-        metrics["test"] = {}
-        totals = np.zeros(3, np.int64)
-        for city in test:
-            first, second, _ = open_dates(str(city.before), str(city.after), recipe.input)
-            score, _ = change_score_array(
-                first,
-                second,
-                dense,
-                chip_size=chip,
-                unit=recipe.input.unit,
-                rgb_max=recipe.input.rgb_max,
-                batch_size=rt.batch_size,
-                device=device,
-                precision=dtype,
-                head=hf,
-            )
-            label = read_change_label(city, score.shape)
-            valid = np.isfinite(score)
-            pred = np.nan_to_num(score, nan=0.0) > threshold
-            s = binary_scores(pred, label, valid)
-            p, tt = pred[valid], label[valid].astype(bool)
-            totals += [int(np.sum(p & tt)), int(np.sum(p & ~tt)), int(np.sum(~p & tt))]
-            metrics["test"][city.name] = {**s, "change_fraction": float(label[valid].mean())}
-            log.info("test %s: F1 %.4f, IoU %.4f", city.name, s["f1"], s["iou"])
-        tp, fp, fn = totals
-        metrics["test_overall"] = {
-            "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan"),
-            "iou": tp / (tp + fp + fn) if (tp + fp + fn) else float("nan"),
-        }
-        hf.metrics["test"] = metrics["test"]
-    head_path = write_run_folder(out, overwrite, hf, metrics, recipe, "detect-change train")
-    return ChangeTrainResult(out=out, head=head_path, metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+def _test_metrics(test: list, model, encoder, hf: HeadFile, chip: int, recipe: ChangeTrainRecipe, rt):
+    """F1 and IoU of each test city, scored through the streaming prediction path
+    (:func:`~deo_cli.tasks.change.score.change_score_array`) at the head's threshold, and pooled
+    over their pixels."""
+    from deo_cli.data.oscd import read_change_label
+
+    dense = DenseHeadModel(model.eval(), encoder, 2)
+    per_city = {}
+    totals = np.zeros(3, np.int64)
+    for city in test:
+        first, second, _ = open_dates(str(city.before), str(city.after), recipe.input)
+        score, _ = change_score_array(
+            first,
+            second,
+            dense,
+            chip_size=chip,
+            unit=recipe.input.unit,
+            rgb_max=recipe.input.rgb_max,
+            batch_size=rt.batch_size,
+            device=rt.device,
+            precision=rt.precision,
+            head=hf,
+        )
+        label = read_change_label(city, score.shape)
+        valid = np.isfinite(score)
+        pred = np.nan_to_num(score, nan=0.0) > hf.threshold
+        s = binary_scores(pred, label, valid)
+        p, tt = pred[valid], label[valid].astype(bool)
+        totals += [int(np.sum(p & tt)), int(np.sum(p & ~tt)), int(np.sum(~p & tt))]
+        per_city[city.name] = {**s, "change_fraction": float(label[valid].mean())}
+        log.info("test %s: F1 %.4f, IoU %.4f", city.name, s["f1"], s["iou"])
+    tp, fp, fn = totals
+    overall = {
+        "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan"),
+        "iou": tp / (tp + fp + fn) if (tp + fp + fn) else float("nan"),
+    }
+    return per_city, overall
 
 
 __all__ = [
