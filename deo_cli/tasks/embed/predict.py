@@ -146,26 +146,9 @@ def _run_capped(
 
         spec = get_model_spec(recipe.model.name)
         manifests = (spec.manifest, spec.rgb_manifest)
-    # check every scene before loading the model (and downloading its weights); several ranks
-    # share the checks (scene i on rank i mod N: remote scenes are opened once, not N times)
+    # check every scene before loading the model (and downloading its weights)
     world = ranks.world
-    checked: dict[int, tuple[str, object]] = {}
-    for i, (source, out) in enumerate(zip(sources, outs)):
-        if i % world == ranks.rank:
-            checked[i] = _check_scene(
-                source,
-                out,
-                recipe,
-                manifests,
-                overwrite=overwrite,
-                resume=resume,
-                preview=_preview_for(preview, out, many) if out is not None else None,
-                is_main=True,
-                fmt=fmt,
-            )
-    if world > 1:
-        for part in ranks.gather(checked):
-            checked.update(part)
+    checked = _check_scenes(sources, outs, recipe, manifests, ranks, overwrite, resume, preview, many, fmt)
     if not many:
         kind, what = checked[0]
         if kind == "done" and what.error is not None:
@@ -204,6 +187,45 @@ def _run_capped(
             rt.precision_name,
             f"; {len(jobs)} scenes over {world} ranks" if whole else "",
         )
+    done = _embed_jobs(
+        mine, sources, model, recipe, rt, fmt, overwrite, resume, preview, progress, ranks, scene_ranks, many
+    )
+    if whole:
+        done = _gather_results(done, ranks, [[jobs[j] for j in part] for part in split], sources, fmt)
+    for k, r in done.items():
+        results[k] = r
+    return results
+
+
+def _check_scenes(sources, outs, recipe, manifests, ranks: RankInfo, overwrite, resume, preview, many, fmt):
+    """:func:`_check_scene` of every scene, on every rank. Several ranks share the checks (scene
+    i on rank i mod N: remote scenes are opened once, not N times)."""
+    world = ranks.world
+    checked: dict[int, tuple[str, object]] = {}
+    for i, (source, out) in enumerate(zip(sources, outs)):
+        if i % world == ranks.rank:
+            checked[i] = _check_scene(
+                source,
+                out,
+                recipe,
+                manifests,
+                overwrite=overwrite,
+                resume=resume,
+                preview=_preview_for(preview, out, many) if out is not None else None,
+                is_main=True,
+                fmt=fmt,
+            )
+    if world > 1:
+        for part in ranks.gather(checked):
+            checked.update(part)
+    return checked
+
+
+def _embed_jobs(
+    mine, sources, model, recipe, rt, fmt, overwrite, resume, preview, progress, ranks, scene_ranks, many
+) -> dict[int, EmbedResult]:
+    """:func:`embed_scene` of this rank's checked scenes, by input index. With several scenes a
+    failure is recorded in its result and the others still run; with one it is raised."""
     done: dict[int, EmbedResult] = {}
     for k, prep in mine:
         try:
@@ -235,11 +257,7 @@ def _run_capped(
         r.extra["rank"] = ranks.rank
         r.extra["peak_rss_mb"] = round(peak_rss_mb(), 1)
         done[k] = r
-    if whole:
-        done = _gather_results(done, ranks, [[jobs[j] for j in part] for part in split], sources, fmt)
-    for k, r in done.items():
-        results[k] = r
-    return results
+    return done
 
 
 def _gather_results(done: dict, ranks: RankInfo, split, sources, fmt) -> dict:

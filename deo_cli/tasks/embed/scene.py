@@ -398,22 +398,7 @@ def _dense(
     part = f"-{rank}of{world}" if world > 1 else ""
     fingerprint = _fingerprint(recipe, model, scene, plan, fmt, part)
 
-    quant = None
-    if recipe.output.dtype == "int8":
-        if resume:
-            tmp, side = partial_paths(out, part)
-            if fmt == "zarr":
-                side = tmp / "deo-progress.json"
-            state = read_progress(side, fingerprint)
-            if state and state.get("quantization"):
-                quant = LinearQuantization.from_dict(state["quantization"])
-        if quant is None:
-            quant = (
-                calibrate_int8(reader, model, rt.device, rt.precision, t.max_nodata_fraction)
-                if ranks.is_main
-                else None
-            )
-            quant = ranks.broadcast(quant)
+    quant = _int8_quantization(out, fmt, part, fingerprint, reader, model, recipe, rt, resume, ranks)
     meta = embedding_metadata(
         model,
         inp,
@@ -464,7 +449,61 @@ def _dense(
             raise
         return out_grid, {"stats": stats, "plan": plan}
 
-    # several ranks: each writes a row band into its own part file; rank 0 assembles the COG
+    stats = _dense_ranks(
+        out, fmt, out_grid, layout, reader, model, common, block_rows, fingerprint, resume, ranks
+    )
+    return out_grid, {"stats": stats, "plan": plan}
+
+
+def _int8_quantization(
+    out: Path,
+    fmt: str,
+    part: str,
+    fingerprint: str,
+    reader: ChipReader,
+    model,
+    recipe: EmbedRecipe,
+    rt: Runtime,
+    resume: bool,
+    ranks: RankInfo,
+) -> LinearQuantization | None:
+    """The int8 scale/offset: the one an interrupted run of the same output recorded
+    (``--resume``), else fitted by rank 0 (:func:`calibrate_int8`) and sent to every rank;
+    ``None`` for other dtypes."""
+    quant = None
+    if recipe.output.dtype == "int8":
+        if resume:
+            tmp, side = partial_paths(out, part)
+            if fmt == "zarr":
+                side = tmp / "deo-progress.json"
+            state = read_progress(side, fingerprint)
+            if state and state.get("quantization"):
+                quant = LinearQuantization.from_dict(state["quantization"])
+        if quant is None:
+            quant = (
+                calibrate_int8(reader, model, rt.device, rt.precision, recipe.tiling.max_nodata_fraction)
+                if ranks.is_main
+                else None
+            )
+            quant = ranks.broadcast(quant)
+    return quant
+
+
+def _dense_ranks(
+    out: Path,
+    fmt: str,
+    out_grid: Grid,
+    layout: RasterLayout,
+    reader: ChipReader,
+    model,
+    common: dict,
+    block_rows: int,
+    fingerprint: str,
+    resume: bool,
+    ranks: RankInfo,
+) -> RunStats:
+    """Several ranks: each writes a row band into its own part file; rank 0 assembles the COG."""
+    world, rank = ranks.world, ranks.rank
     if fmt == "zarr":
         raise UsageError(
             "--gpus with Zarr output is not supported", "write a COG (-o emb.tif) or use --gpus 1"
@@ -514,7 +553,7 @@ def _dense(
             p.unlink(missing_ok=True)
             p.with_suffix(".json").unlink(missing_ok=True)
     ranks.barrier()
-    return out_grid, {"stats": stats, "plan": plan}
+    return stats
 
 
 def _stop(sink, stop: KeyboardInterrupt) -> None:
