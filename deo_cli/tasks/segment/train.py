@@ -195,6 +195,18 @@ def _datasets_from_refs(sources, splits, augment):
     }
 
 
+def _load_data(recipe: SegmentTrainRecipe, manifests, chip: int | None):
+    """(datasets per split, class table, description) of the recipe's data, its chips prepared
+    for ``manifests``."""
+    d = recipe.data
+    if d.geobench_task:
+        sets, table, info = _geobench_data(recipe, manifests, chip)
+    else:
+        sources, table, splits, info = _raster_data(recipe, manifests, chip)
+        sets = _datasets_from_refs(sources, splits, d.augment)
+    return sets, table, info
+
+
 def run_segment_train(
     recipe: SegmentTrainRecipe,
     out: str | os.PathLike,
@@ -209,19 +221,9 @@ def run_segment_train(
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     out = check_run_folder(Path(out), overwrite)
-    d = recipe.data
     manifests, chip = _train_inputs(recipe, encoder)
-
-    def load_data(mans):
-        if d.geobench_task:
-            sets, table, info = _geobench_data(recipe, mans, chip)
-        else:
-            sources, table, splits, info = _raster_data(recipe, mans, chip)
-            sets = _datasets_from_refs(sources, splits, d.augment)
-        return sets, table, info
-
     # data first: every user mistake is reported before the model loads
-    sets, table, info = load_data(manifests)
+    sets, table, info = _load_data(recipe, manifests, chip)
     if recipe.class_weights and len(recipe.class_weights) != table.num_classes:
         raise UsageError(
             f"{len(recipe.class_weights)} class weights for {table.num_classes} classes",
@@ -241,28 +243,14 @@ def run_segment_train(
             log.info(
                 "%s carries its own band manifest: preparing the training chips for it", recipe.model.weights
             )
-            sets, table, info = load_data(own)
+            sets, table, info = _load_data(recipe, own, chip)
             train_ds, val_ds, test_ds = sets["train"], sets.get("val"), sets.get("test")
     for ds in (train_ds, val_ds, test_ds):
         if isinstance(ds, LabelledChips):
             ds.preload()
-    torch.manual_seed(recipe.runtime.seed)
-    head = make_head(
-        recipe.head,
-        encoder.feature_channels,
-        encoder.feature_strides,
-        table.num_classes,
-        recipe.head_channels,
-    )
-    model = FrozenEncoderSegmenter(encoder, head, freeze=True)
-    bs = rt.batch_size
-    model.to(device)
-    (train_ds, val_ds, test_ds), forward_fn = cache_frozen_inputs(
-        (train_ds, val_ds, test_ds), model.features, bs, device, dtype
-    )
-    train_loader = make_loader(train_ds, bs, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True)
-    val_loader = (
-        make_loader(val_ds, bs, rt.num_workers, shuffle=False) if val_ds is not None and len(val_ds) else None
+    model = _segment_model(recipe, encoder, table.num_classes)
+    (train_ds, val_ds, test_ds), forward_fn, train_loader, val_loader = _train_loaders(
+        (train_ds, val_ds, test_ds), model, rt
     )
     settings = FitSettings(
         epochs=recipe.epochs,
@@ -315,6 +303,35 @@ def run_segment_train(
         train_chips=len(train_ds),
         val_chips=len(val_ds) if val_ds is not None else 0,
     )
+
+
+def _segment_model(recipe: SegmentTrainRecipe, encoder, num_classes: int) -> FrozenEncoderSegmenter:
+    """The frozen encoder and a head initialised from ``runtime.seed``."""
+    torch.manual_seed(recipe.runtime.seed)
+    head = make_head(
+        recipe.head,
+        encoder.feature_channels,
+        encoder.feature_strides,
+        num_classes,
+        recipe.head_channels,
+    )
+    return FrozenEncoderSegmenter(encoder, head, freeze=True)
+
+
+def _train_loaders(datasets, model, rt):
+    """The datasets with the frozen encoder's outputs computed once
+    (:func:`~deo_cli.infer.trainchips.cache_frozen_inputs`), the forward function that fits them,
+    and the training and validation loaders (none without validation chips)."""
+    bs = rt.batch_size
+    model.to(rt.device)
+    (train_ds, val_ds, test_ds), forward_fn = cache_frozen_inputs(
+        datasets, model.features, bs, rt.device, rt.precision
+    )
+    train_loader = make_loader(train_ds, bs, rt.num_workers, shuffle=True, seed=rt.seed, drop_single=True)
+    val_loader = (
+        make_loader(val_ds, bs, rt.num_workers, shuffle=False) if val_ds is not None and len(val_ds) else None
+    )
+    return (train_ds, val_ds, test_ds), forward_fn, train_loader, val_loader
 
 
 def _train_inputs(recipe: SegmentTrainRecipe, encoder) -> tuple[tuple, int | None]:
