@@ -8,8 +8,10 @@ The two dates are put on one grid and read in lockstep (:mod:`deo_cli.tasks.chan
 score is zero-shot, a trained head's or CVA's (:mod:`deo_cli.tasks.change.model`,
 :mod:`deo_cli.tasks.change.cva`), streamed by :mod:`deo_cli.tasks.change.score`.
 
-**Threshold** (:mod:`deo_cli.tasks.change.threshold`): Otsu on the valid scores (zero-shot
-default), ``--threshold`` or ``--percentile``; with a head, the threshold stored in the head
+**Threshold** (:mod:`deo_cli.tasks.change.threshold`): a rule on the valid scores' histogram
+(``--threshold-method``: the 99.25th percentile by default for zero-shot and CVA scores; Otsu,
+Otsu on the log score, Kittler-Illingworth, triangle, median + k MAD), ``--threshold`` or
+``--percentile``; with a head, the threshold stored in the head
 file (:func:`~deo_cli.tasks.change.train.transfer_threshold`: the F1-best threshold on its
 validation chips, pulled toward 0.5 by ``threshold_shrink``, fully by default).
 ``score > threshold`` is change.
