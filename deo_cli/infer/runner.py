@@ -451,3 +451,19 @@ def masked_mean(maps: torch.Tensor, invalid: np.ndarray, max_nodata_fraction: fl
     keep = torch.from_numpy(invalid <= max_nodata_fraction).to(maps.device, maps.dtype)[:, None]
     den = keep.sum(dim=(2, 3)).clamp_min(1.0)
     return (maps * keep).sum(dim=(2, 3)) / den
+
+
+def stream_options(tiling, rt, progress: Progress | None, description: str) -> dict:
+    """The keyword arguments of :func:`run_dense` for a recipe's ``tiling`` section and a
+    resolved :class:`~deo_cli.runtime.Runtime` (embed, segment predict and detect-change)."""
+    return dict(
+        blend=tiling.blend,
+        max_nodata_fraction=tiling.max_nodata_fraction,
+        batch_size=rt.batch_size,
+        num_workers=rt.num_workers,
+        micro_batch=rt.micro_batch,
+        device=rt.device,
+        precision=rt.precision,
+        progress=progress,
+        description=description,
+    )

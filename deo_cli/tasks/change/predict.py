@@ -50,7 +50,7 @@ from deo_cli.errors import DataError, UsageError
 from deo_cli.infer.chips import ChipReader
 from deo_cli.infer.dense import CogSink, aligned_plan, gdal_tags, with_used_overlap
 from deo_cli.infer.headfile import head_manifests, load_head
-from deo_cli.infer.runner import block_rows_for, run_dense
+from deo_cli.infer.runner import block_rows_for, run_dense, stream_options
 from deo_cli.infer.tiling import check_chip_memory, resolve_overlap
 from deo_cli.io.atomic import check_output, outputs_locked
 from deo_cli.io.grid import Grid
@@ -372,15 +372,7 @@ def _detect_change(
                 reader,
                 model,
                 score_sink,
-                blend=t.blend,
-                max_nodata_fraction=t.max_nodata_fraction,
-                batch_size=rt.batch_size,
-                num_workers=rt.num_workers,
-                micro_batch=rt.micro_batch,
-                device=rt.device,
-                precision=rt.precision,
-                progress=progress,
-                description=f"change {first.name} -> {second.name}",
+                **stream_options(t, rt, progress, f"change {first.name} -> {second.name}"),
             )
         score_sink.cog.finish()
         written.append(output)

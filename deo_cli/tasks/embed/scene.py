@@ -51,6 +51,7 @@ from deo_cli.infer.runner import (
     run_dense,
     run_pooled,
     split_rows,
+    stream_options,
 )
 from deo_cli.infer.tiling import TilePlan, check_chip_memory, resolve_overlap, round_up
 from deo_cli.io.atomic import check_output
@@ -339,22 +340,6 @@ def dense_plan(scene, model, chip_size: int | None, overlap: int | None) -> tupl
     out_grid = scene.grid.scaled(model.stride)
     assert (plan.out_height, plan.out_width) == (out_grid.height, out_grid.width)
     return plan, out_grid
-
-
-def stream_options(tiling, rt: Runtime, progress: Progress | None, description: str) -> dict:
-    """The keyword arguments of :func:`~deo_cli.infer.runner.run_dense` for a recipe's
-    ``tiling`` section and a resolved runtime."""
-    return dict(
-        blend=tiling.blend,
-        max_nodata_fraction=tiling.max_nodata_fraction,
-        batch_size=rt.batch_size,
-        num_workers=rt.num_workers,
-        micro_batch=rt.micro_batch,
-        device=rt.device,
-        precision=rt.precision,
-        progress=progress,
-        description=description,
-    )
 
 
 def embed_to_array(

@@ -46,7 +46,7 @@ from deo_cli.infer.headfile import (
     load_head_encoder,
 )
 from deo_cli.infer.prepare import InputPlan, open_input, prepare_input
-from deo_cli.infer.runner import block_rows_for, run_dense
+from deo_cli.infer.runner import block_rows_for, run_dense, stream_options
 from deo_cli.infer.tiling import check_chip_memory
 from deo_cli.io.atomic import check_output, outputs_locked
 from deo_cli.io.writers import RasterLayout
@@ -273,18 +273,7 @@ def _predict_scene(res, scene, inp, prob, prev, hf, table, model, recipe, rt, ov
     try:
         with scene:
             stats = run_dense(
-                reader,
-                model,
-                sink,
-                blend=t.blend,
-                max_nodata_fraction=t.max_nodata_fraction,
-                batch_size=rt.batch_size,
-                num_workers=rt.num_workers,
-                micro_batch=rt.micro_batch,
-                device=rt.device,
-                precision=rt.precision,
-                progress=progress,
-                description=f"segmenting {scene.name}",
+                reader, model, sink, **stream_options(t, rt, progress, f"segmenting {scene.name}")
             )
         for s in sinks:
             s.finish()
