@@ -187,7 +187,7 @@ class SwinBlock(SwinTransformerBlock):
     when it is kept). Here the draw is made first, exactly as torchvision makes it (the same
     generator calls in the same order: nothing in a branch draws random numbers), and the
     branch runs on the kept samples only; their residual sums are the same operations on the
-    same values, and a dropped sample passes through unchanged (``x + 0``). At Swin-T's rates
+    same values, and a dropped sample passes through unchanged. At Swin-T's rates
     (0 to 0.2 by block) this skips about a tenth of the trunk's work in a training step.
 
     The branch keeps the whole batch when fewer than :data:`MIN_ROWS_TO_SKIP_PADDING` tokens
@@ -216,9 +216,9 @@ class SwinBlock(SwinTransformerBlock):
         keep = noise.view(-1).nonzero().view(-1)
         kept, tokens = keep.numel(), x[0].numel() // x.shape[-1]
         if kept == x.shape[0] or kept * tokens < MIN_ROWS_TO_SKIP_PADDING:
+            # (none kept included: every parameter keeps a gradient, as DDP without
+            # find_unused_parameters needs)
             return x + branch(x) * noise
-        if kept == 0:
-            return x
         y = branch(x.index_select(0, keep)) * noise.index_select(0, keep)
         return x.index_add(0, keep, y)
 
