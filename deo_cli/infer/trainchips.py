@@ -49,6 +49,17 @@ def training_plan(height: int, width: int, chip_size: int, overlap: int = 0) -> 
     return TilePlan(height, width, chip_size, overlap, 1, pad_start=False)
 
 
+def random_flip_rotate(x, mask):
+    """The ``flips`` augmentation of training chips: a random multiple of 90 degrees and a random
+    horizontal flip, the same for the image and its mask (torch's generator, in this order)."""
+    k, hflip = int(torch.randint(0, 4, ())), bool(torch.rand(()) < 0.5)
+    if hflip:
+        x, mask = x.flip(-1), mask.flip(-1)
+    if k:
+        x, mask = torch.rot90(x, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+    return x, mask
+
+
 @dataclass(frozen=True)
 class ChipRef:
     source: int  # index into the dataset's sources
@@ -110,11 +121,7 @@ class LabelledChips(torch.utils.data.Dataset):
         x, mask = self._cache[i] if self._cache is not None else self._load(self.refs[i])
         x, mask = torch.from_numpy(x), torch.from_numpy(mask)
         if self.augment == "flips":
-            k, hflip = int(torch.randint(0, 4, ())), bool(torch.rand(()) < 0.5)
-            if hflip:
-                x, mask = x.flip(-1), mask.flip(-1)
-            if k:
-                x, mask = torch.rot90(x, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+            x, mask = random_flip_rotate(x, mask)
         return {"image": x.contiguous(), "mask": mask.contiguous(), "index": i}
 
 

@@ -27,6 +27,7 @@ from deo_cli.data.geobench import GeoBenchTask
 from deo_cli.data.normalize import Normalizer, scene_rgb_max
 from deo_cli.data.segdata import ClassTable
 from deo_cli.errors import UnitError
+from deo_cli.infer.trainchips import random_flip_rotate
 from deo_cli.io.units import conversion_factor, infer_unit
 from deo_cli.sensors import UNITS, BandManifest
 
@@ -139,11 +140,7 @@ class GeoBenchChips(torch.utils.data.Dataset):
                 0, 0
             ].long()
         if self.augment == "flips":
-            k, hflip = int(torch.randint(0, 4, ())), bool(torch.rand(()) < 0.5)
-            if hflip:
-                x, mask = x.flip(-1), mask.flip(-1)
-            if k:
-                x, mask = torch.rot90(x, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+            x, mask = random_flip_rotate(x, mask)
         return {"image": x.contiguous(), "mask": mask.contiguous(), "index": i}
 
 
