@@ -26,6 +26,8 @@ family's ``feature_grid``) and its pixel ``(r, c)`` covers input pixels
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -153,6 +155,20 @@ class DeoEncoder(nn.Module):
         """``forward`` and ``forward_pooled`` from one pass."""
         stem = self.stem_for(x)
         return self._forward_levels(self.pad_input(x), stem, need_maps=True, need_pooled=True)
+
+    def forward_many(
+        self, inputs: Sequence[Tensor], need_maps: Sequence[bool]
+    ) -> list[tuple[list[Tensor], Tensor]]:
+        """``forward_with_pooled`` of each input (maps only where ``need_maps``; ``[]`` elsewhere), with
+        the results and random draws of running them one after the other, in order.
+
+        The base class runs them one by one; a family may run same-size inputs through the trunk
+        together (:meth:`deo_cli.models.swin.DeoSwin.forward_many`)."""
+        out = []
+        for x, maps in zip(inputs, need_maps, strict=True):
+            levels, pooled = self._forward_levels(self.pad_input(x), self.stem_for(x), maps, need_pooled=True)
+            out.append((levels, pooled))
+        return out
 
     def extra_repr(self) -> str:
         return f"name={self.name}, in_chans={self.in_chans}, strides={self.feature_strides}"

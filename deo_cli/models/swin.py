@@ -195,24 +195,39 @@ class SwinBlock(SwinTransformerBlock):
     batch would cost a device sync and recompilations), and under ``torch.compile``.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._residual(x, lambda y: self.attn(self.norm1(y)))
-        return self._residual(x, lambda y: self.mlp(self.norm2(y)))
+    #: Stochastic depth's draws for this block's two residuals, made beforehand (one merged pass
+    #: of several inputs, :meth:`DeoSwin.forward_many`); ``None``: drawn in the block.
+    drawn: tuple[Tensor, Tensor] | None = None
 
-    def _residual(self, x: Tensor, branch) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._residual(x, lambda y: self.attn(self.norm1(y)), 0)
+        return self._residual(x, lambda y: self.mlp(self.norm2(y)), 1)
+
+    def skips_dropped(self, x: Tensor) -> bool:
+        """Whether this block draws its stochastic depth first and skips dropped samples on ``x``."""
         sd = self.stochastic_depth
-        if (
-            not (sd.training and sd.p > 0.0)
-            or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or sd.mode != "row"
-        ):
-            return x + sd(branch(x))
-        survival = 1.0 - sd.p
-        noise = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
-        noise = noise.bernoulli_(survival)  # torchvision's draw (torchvision.ops.stochastic_depth)
+        return (
+            sd.training
+            and sd.p > 0.0
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and sd.mode == "row"
+        )
+
+    def draw(self, batch: int, like: Tensor) -> Tensor:
+        """torchvision's stochastic depth draw for ``batch`` samples (``torchvision.ops.stochastic_depth``):
+        ``(batch, 1, 1, 1)``, ``1 / survival`` where kept, 0 where dropped."""
+        survival = 1.0 - self.stochastic_depth.p
+        noise = torch.empty((batch,) + (1,) * (like.ndim - 1), dtype=like.dtype, device=like.device)
+        noise = noise.bernoulli_(survival)
         if survival > 0.0:
             noise.div_(survival)
+        return noise
+
+    def _residual(self, x: Tensor, branch, which: int) -> Tensor:
+        if not self.skips_dropped(x):
+            return x + self.stochastic_depth(branch(x))
+        noise = self.drawn[which] if self.drawn is not None else self.draw(x.shape[0], x)
         keep = noise.view(-1).nonzero().view(-1)
         kept, tokens = keep.numel(), x[0].numel() // x.shape[-1]
         if kept == x.shape[0] or kept * tokens < MIN_ROWS_TO_SKIP_PADDING:
@@ -372,14 +387,64 @@ class DeoSwin(DeoEncoder):
     def _forward_levels(
         self, x: Tensor, stem: nn.Module, need_maps: bool, need_pooled: bool
     ) -> tuple[list[Tensor], Tensor | None]:
-        x = stem(x)  # (B, H/4, W/4, C), NHWC as torchvision's blocks want
+        x, maps = self._trunk(stem(x), need_maps)  # the stem gives NHWC, as torchvision's blocks want
+        pooled = self.norm(x).mean(dim=(1, 2)) if need_pooled else None
+        return maps, pooled
+
+    def _trunk(self, x: Tensor, need_maps: bool) -> tuple[Tensor, list[Tensor]]:
         maps = []
         for i, layer in enumerate(self.features):
             x = layer(x)
             if need_maps and i in STAGE_INDICES:
                 maps.append(x.permute(0, 3, 1, 2))
-        pooled = self.norm(x).mean(dim=(1, 2)) if need_pooled else None
-        return maps, pooled
+        return x, maps
+
+    def forward_many(
+        self, inputs: Sequence[Tensor], need_maps: Sequence[bool]
+    ) -> list[tuple[list[Tensor], Tensor]]:
+        """Same-size inputs through the trunk as one batch (each through its own stem), with the
+        numbers and random draws of running every input alone, in order.
+
+        In training on the CPU (where :class:`SwinBlock` skips dropped samples) every block's
+        stochastic depth is drawn first, input by input in the given order, exactly as the
+        separate passes would draw it, and each merged pass takes its inputs' draws. A merged
+        batch's rows go through the same row-wise operations (matrix products from
+        :data:`MIN_ROWS_TO_SKIP_PADDING` rows on, layer norms, softmax, GELU); the pooled vector
+        is averaged input by input. DEO's student runs its multispectral and RGB crops of one
+        size together: twice the rows per matrix product, half the operator calls, and the last
+        stage, too small to skip its dropped samples alone at batch 2, large enough together.
+        Elsewhere (evaluation, GPU, ``torch.compile``) the inputs run one by one.
+        """
+        blocks = [m for m in self.features.modules() if isinstance(m, SwinBlock)]
+        if not inputs or not any(b.skips_dropped(inputs[0]) for b in blocks):
+            return super().forward_many(inputs, need_maps)
+        xs = [self.pad_input(x) for x in inputs]
+        draws = [
+            {b: (b.draw(len(x), x), b.draw(len(x), x)) for b in blocks if b.skips_dropped(x)} for x in xs
+        ]
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(tuple(x.shape[2:]), []).append(i)
+        out: list = [None] * len(xs)
+        for members in groups.values():
+            stemmed = [self.stem_for(inputs[i])(xs[i]) for i in members]
+            tokens = stemmed[0] if len(stemmed) == 1 else torch.cat(stemmed)
+            for b in blocks:
+                if b in draws[members[0]]:
+                    b.drawn = tuple(torch.cat([draws[i][b][r] for i in members]) for r in (0, 1))
+            try:
+                x, maps = self._trunk(tokens, any(need_maps[i] for i in members))
+            finally:
+                for b in blocks:
+                    b.drawn = None
+            normed = self.norm(x)
+            start = 0
+            for i in members:
+                rows = slice(start, start + len(xs[i]))
+                start = rows.stop
+                levels = [m[rows] for m in maps] if need_maps[i] else []
+                out[i] = (levels, normed[rows].mean(dim=(1, 2)))
+        return out
 
 
 @register_model(

@@ -66,19 +66,27 @@ class DeoStudent(nn.Module):
         locals_ = local_crops.flatten(0, 1) if local_crops is not None else None
         l_views = local_crops.shape[0] if local_crops is not None else 0
 
-        # Multispectral pass: every crop -> pooled -> head_ms (docs/method.md §2.6).
-        ms = _views(self.head_ms(self.encoder.forward_pooled(globals_)), g_views)
+        # Multispectral pass: every crop -> pooled -> head_ms (docs/method.md §2.6); RGB pass:
+        # channels 0-2 through the RGB stem, stage maps of the globals (§2.7). One call, so that
+        # the encoder may run the crops of one size through its trunk together (forward_many).
+        inputs, need_maps = [globals_], [False]
         if locals_ is not None:
-            ms += _views(self.head_ms(self.encoder.forward_pooled(locals_)), l_views)
+            inputs.append(locals_), need_maps.append(False)
+        if self.distill:
+            inputs.append(globals_[:, :3]), need_maps.append(True)
+            if locals_ is not None:
+                inputs.append(locals_[:, :3]), need_maps.append(False)
+        passes = iter(self.encoder.forward_many(inputs, need_maps))
+        ms = _views(self.head_ms(next(passes)[1]), g_views)
+        if locals_ is not None:
+            ms += _views(self.head_ms(next(passes)[1]), l_views)
         out: dict[str, list[Tensor]] = {"ms": ms}
         if not self.distill:
             return out
-
-        # RGB pass: channels 0-2 through the RGB stem; stage maps of the globals (docs/method.md §2.7).
-        maps, pooled = self.encoder.forward_with_pooled(globals_[:, :3])
+        maps, pooled = next(passes)
         cls = _views(self.cls_head(pooled), g_views)
         if locals_ is not None:
-            cls += _views(self.cls_head(self.encoder.forward_pooled(locals_[:, :3])), l_views)
+            cls += _views(self.cls_head(next(passes)[1]), l_views)
         out["cls"] = cls
         out["patch_mid"] = _views(self.patch_head_mid.forward_map(maps[self.mid_level]), g_views)
         out["patch_late"] = _views(self.patch_head_late.forward_map(maps[self.late_level]), g_views)

@@ -168,3 +168,34 @@ def test_block_skips_dropped_samples_with_torchvisions_numbers(batch, side, p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # sums of ~1000 terms of size ~1
     if p == 0.9:  # most samples dropped: one dropped from both branches is its input unchanged
         assert any(torch.equal(outs[1][i], x[i]) for i in range(batch))
+
+
+def test_forward_many_runs_same_size_inputs_together_with_the_separate_numbers():
+    """Student-style inputs (multispectral and RGB crops of two sizes) through ``forward_many``:
+    in training on the CPU the crops of one size share the trunk, yet every map, pooled vector and
+    random draw equals running them one by one (as the official step does), in order."""
+    torch.manual_seed(0)
+    swin = build_encoder("deo_swin_test", weights=None, drop_path_rate=0.5).train()
+    g, loc = torch.randn(6, 10, 64, 64), torch.randn(12, 10, 32, 32)
+    inputs, need_maps = [g, loc, g[:, :3], loc[:, :3]], [False, False, True, False]
+    runs = []
+    for together in (False, True):
+        torch.manual_seed(1)
+        if together:
+            out = swin.forward_many(inputs, need_maps)
+        else:
+            out = [
+                swin.forward_with_pooled(x) if m else ([], swin.forward_pooled(x))
+                for x, m in zip(inputs, need_maps, strict=True)
+            ]
+        runs.append((out, torch.rand(3)))
+    (alone, after_alone), (merged, after_merged) = runs
+    assert torch.equal(after_alone, after_merged)  # the generator is left where the separate passes leave it
+    for (maps_a, pooled_a), (maps_m, pooled_m), m in zip(alone, merged, need_maps, strict=True):
+        assert torch.equal(pooled_a, pooled_m)
+        assert len(maps_m) == (4 if m else 0)
+        for a, b in zip(maps_a, maps_m, strict=True):
+            assert a.shape == b.shape and torch.equal(a, b)
+    # the draws mattered: another seed gives other numbers
+    torch.manual_seed(2)
+    assert not torch.equal(swin.forward_many(inputs, need_maps)[0][1], merged[0][1])
