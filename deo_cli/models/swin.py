@@ -37,6 +37,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.swin_transformer import PatchMerging as TorchvisionPatchMerging
 from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer, SwinTransformerBlock
 from torchvision.ops.misc import Permute
 
@@ -238,6 +239,27 @@ class SwinBlock(SwinTransformerBlock):
         return x.index_add(0, keep, y)
 
 
+class PatchMerging(TorchvisionPatchMerging):
+    """torchvision's ``PatchMerging`` (same parameters and names) gathering each 2 x 2 block of
+    tokens with one view and one copy.
+
+    torchvision takes the four tokens as four strided slices and concatenates them; in the
+    backward pass each slice's gradient is zero-filled at full size and the four are added. The
+    same tokens in the same order (top-left, bottom-left, top-right, bottom-right along the
+    channels) come from a reshape here, whose gradient is one permuted copy. The values are the
+    same; only data movement differs.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, h, w, c = x.shape
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        h, w = h + h % 2, w + w % 2
+        x = x.view(*lead, h // 2, 2, w // 2, 2, c)
+        n = len(lead)  # (..., h/2, row in block, w/2, column in block, c) -> (..., h/2, w/2, column, row, c)
+        x = x.permute(*range(n), n, n + 2, n + 3, n + 1, n + 4).reshape(*lead, h // 2, w // 2, 4 * c)
+        return self.reduction(self.norm(x))
+
+
 @dataclass(frozen=True)
 class SwinShape:
     """A Swin's architecture as its tensors show it (:func:`swin_shape`)."""
@@ -358,6 +380,8 @@ class DeoSwin(DeoEncoder):
                 m.__class__ = WindowAttention  # same numbers, less copying (shifted_window_attention)
             elif type(m) is SwinTransformerBlock:
                 m.__class__ = SwinBlock  # same numbers, dropped samples' branches not computed
+            elif type(m) is TorchvisionPatchMerging:
+                m.__class__ = PatchMerging  # same numbers, one copy instead of four slices
         self.features = trunk.features
         self.norm = trunk.norm
         self.conv_ms = _stem(in_chans, embed_dim)

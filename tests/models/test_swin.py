@@ -199,3 +199,26 @@ def test_forward_many_runs_same_size_inputs_together_with_the_separate_numbers()
     # the draws mattered: another seed gives other numbers
     torch.manual_seed(2)
     assert not torch.equal(swin.forward_many(inputs, need_maps)[0][1], merged[0][1])
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 9, 16), (1, 1, 5, 16)])  # even; odd (padded); one row
+def test_patch_merging_is_torchvisions_bit_for_bit(swin, shape):
+    from torchvision.models.swin_transformer import PatchMerging as Reference
+
+    from deo_cli.models.swin import PatchMerging
+
+    merge = swin.features[1]
+    assert type(merge) is PatchMerging and isinstance(merge, Reference)
+    x = torch.randn(*shape)
+    runs = []
+    for cls in (Reference, PatchMerging):
+        merge.__class__ = cls
+        merge.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = merge(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        runs.append([y.detach(), xi.grad] + [p.grad.clone() for p in merge.parameters()])
+    merge.__class__ = PatchMerging
+    assert runs[0][0].shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 32)
+    for a, b in zip(*runs, strict=True):  # outputs, input and weight gradients: the same bits
+        assert torch.equal(a, b)
