@@ -201,7 +201,8 @@ def test_forward_many_runs_same_size_inputs_together_with_the_separate_numbers()
     assert not torch.equal(swin.forward_many(inputs, need_maps)[0][1], merged[0][1])
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 9, 16), (1, 1, 5, 16)])  # even; odd (padded); one row
+# even; odd (padded); one row
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (3, 7, 9, 16), (1, 1, 5, 16)])
 def test_patch_merging_is_torchvisions_bit_for_bit(swin, shape):
     from torchvision.models.swin_transformer import PatchMerging as Reference
 
