@@ -223,3 +223,35 @@ def test_patch_merging_is_torchvisions_bit_for_bit(swin, shape):
     assert runs[0][0].shape == (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 32)
     for a, b in zip(*runs, strict=True):  # outputs, input and weight gradients: the same bits
         assert torch.equal(a, b)
+
+
+def test_block_mlp_keeps_less_for_the_backward_pass_with_the_same_bits():
+    """The MLP's GELU output is recomputed in the backward pass: outputs and every gradient equal
+    torchvision's block bit for bit, and the tensors kept for the backward pass are smaller."""
+    from torchvision.models.swin_transformer import SwinTransformerBlock
+
+    from deo_cli.models.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = build_encoder("deo_swin_test", weights=None).features[2][1].eval()  # no stochastic depth
+    x = torch.randn(3, 8, 8, 32)
+    runs, kept = [], []
+    for cls in (SwinTransformerBlock, SwinBlock):
+        block.__class__ = cls
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        runs.append([y.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()])
+        kept.append(sum(saved.values()))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    hidden = 3 * 8 * 8 * 4 * 32 * 4  # the GELU output: tokens x 4 widths x 4 bytes
+    assert kept[1] <= kept[0] - hidden
