@@ -89,6 +89,62 @@ def _shift_mask(
     return mask
 
 
+class _NormLinear(torch.autograd.Function):
+    """``linear(arrange(layer_norm(x)), weight, bias)`` keeping only ``x`` and the norm's statistics
+    for the backward pass, where the norm's output is recomputed (the same function on the same
+    values: the same bits) and rearranged again.
+
+    ``arrange`` moves the tokens without computing anything (zero padding, the window shift, the
+    split into windows) and ``unarrange`` takes a gradient in that arrangement back to ``x``'s
+    (cropping, shifting back, joining the windows). Autograd would keep the arranged norm output
+    for the weight gradient: the block's width per token, a tenth of what a Swin block keeps.
+    The backward pass runs the operations autograd runs for ``addmm`` and ``layer_norm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, weight: Tensor, bias, arrange, unarrange) -> Tensor:
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, weight)
+        ctx.eps, ctx.has_bias, ctx.arrange, ctx.unarrange = eps, bias is not None, arrange, unarrange
+        return F.linear(arrange(y), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, mean, rstd, ln_w, ln_b, weight = ctx.saved_tensors
+        y = ctx.arrange(torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, ctx.eps)[0])
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_w = grad2d.t().mm(y.reshape(-1, y.shape[-1]))
+        grad_b = grad2d.sum(0) if ctx.has_bias else None
+        grad_y = ctx.unarrange(grad2d.mm(weight).view(y.shape))
+        grad_x, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+            grad_y, x, (x.shape[-1],), mean, rstd, ln_w, ln_b, ctx.needs_input_grad[:3]
+        )
+        return grad_x, grad_ln_w, grad_ln_b, None, grad_w, grad_b, None, None
+
+
+def _to_windows(x: Tensor, window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
+    """``(B, H, W, C)`` (multiples of the window) -> shifted windows ``(B * nW, wh * ww, C)``."""
+    B, pad_H, pad_W, width = x.shape
+    wh, ww = window
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    x = x.view(B, pad_H // wh, wh, pad_W // ww, ww, width)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B * (pad_H // wh) * (pad_W // ww), wh * ww, width)
+
+
+def _from_windows(
+    x: Tensor, B: int, pad_H: int, pad_W: int, window: tuple[int, int], shift: tuple[int, int]
+) -> Tensor:
+    """The inverse of :func:`_to_windows`: ``(B * nW, wh * ww, C)`` -> ``(B, H, W, C)``."""
+    wh, ww = window
+    width = x.shape[-1]
+    x = x.view(B, pad_H // wh, pad_W // ww, wh, ww, width)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, width)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x
+
+
 def shifted_window_attention(
     x: Tensor,
     qkv: nn.Linear,
@@ -97,9 +153,11 @@ def shifted_window_attention(
     window_size: Sequence[int],
     num_heads: int,
     shift_size: Sequence[int],
+    norm: nn.LayerNorm | None = None,
 ) -> Tensor:
     """torchvision's ``shifted_window_attention`` (Swin v1, no dropout): the same forward values,
-    bit for bit, with less work.
+    bit for bit, with less work. With ``norm``, ``x`` is the block's input before its first norm,
+    which is recomputed in the backward pass instead of kept (:class:`_NormLinear`).
 
     - Query, key and value are taken with ``unbind`` (torchvision's ``qkv[0], qkv[1], qkv[2]``
       each zero-fill a full-size gradient in the backward pass, which then adds the three and
@@ -119,25 +177,36 @@ def shifted_window_attention(
     pad_r, pad_b = (ww - W % ww) % ww, (wh - H % wh) % wh
     pad_H, pad_W = H + pad_b, W + pad_r
     skip = bool(pad_r or pad_b) and B * H * W >= MIN_ROWS_TO_SKIP_PADDING
+    # a window at least as large as the map needs no shift (torchvision's rule)
+    shift = (0 if wh >= pad_H else shift_size[0], 0 if ww >= pad_W else shift_size[1])
+    num_windows = (pad_H // wh) * (pad_W // ww)
     if skip:  # the projection on the real tokens; the padded ones get its bias (what 0 gives)
-        x = F.linear(x, qkv.weight, qkv.bias)
+        if norm is not None:
+            x = _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, _same, _same)
+        else:
+            x = F.linear(x, qkv.weight, qkv.bias)
         fill = qkv.bias if qkv.bias is not None else x.new_zeros(x.shape[-1])
         if pad_r:
             x = torch.cat([x, fill.expand(B, H, pad_r, x.shape[-1])], dim=2)
         if pad_b:
             x = torch.cat([x, fill.expand(B, pad_b, pad_W, x.shape[-1])], dim=1)
-    elif pad_r or pad_b:
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-    # a window at least as large as the map needs no shift (torchvision's rule)
-    shift = (0 if wh >= pad_H else shift_size[0], 0 if ww >= pad_W else shift_size[1])
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    num_windows = (pad_H // wh) * (pad_W // ww)
-    width = x.shape[-1]
-    x = x.view(B, pad_H // wh, wh, pad_W // ww, ww, width)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, wh * ww, width)
-    n, t = x.size(0), x.size(1)
-    qkv_out = x if skip else F.linear(x, qkv.weight, qkv.bias)
+        qkv_out = _to_windows(x, (wh, ww), shift)
+    elif norm is not None:  # the norm, the padding, the shift and the windows inside _NormLinear
+
+        def arrange(y: Tensor) -> Tensor:
+            return _to_windows(F.pad(y, (0, 0, 0, pad_r, 0, pad_b)) if pad_r or pad_b else y, (wh, ww), shift)
+
+        def unarrange(g: Tensor) -> Tensor:
+            return _from_windows(g, B, pad_H, pad_W, (wh, ww), shift)[:, :H, :W, :]
+
+        qkv_out = _NormLinear.apply(
+            x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, arrange, unarrange
+        )
+    else:
+        if pad_r or pad_b:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        qkv_out = F.linear(_to_windows(x, (wh, ww), shift), qkv.weight, qkv.bias)
+    n, t = qkv_out.size(0), qkv_out.size(1)
     # the views torchvision takes (qkv[0], qkv[1], qkv[2] of permute(2, 0, 3, 1, 4)), taken by unbind
     # along the 3: the backward pass stacks the three gradients straight into qkv's own layout
     q, k, v = (y.transpose(1, 2) for y in qkv_out.reshape(n, t, 3, num_heads, C // num_heads).unbind(2))
@@ -152,22 +221,25 @@ def shifted_window_attention(
     x = attn.matmul(v).transpose(1, 2).reshape(n, t, C)
     if not skip:
         x = F.linear(x, proj.weight, proj.bias)
-    x = x.view(B, pad_H // wh, pad_W // ww, wh, ww, C)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    x = _from_windows(x, B, pad_H, pad_W, (wh, ww), shift)
     if skip:  # the real tokens only through the output projection
         return F.linear(x[:, :H, :W, :].contiguous(), proj.weight, proj.bias)  # contiguous: addmm as before
     return x[:, :H, :W, :].contiguous()
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
 
 
 class WindowAttention(ShiftedWindowAttention):
     """torchvision's ``ShiftedWindowAttention`` (same parameters and names) computed by
     :func:`shifted_window_attention`."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """Attention on ``x``; with ``norm``, on ``norm(x)``, the norm's output recomputed in the
+        backward pass instead of kept."""
         if self.attention_dropout or self.dropout:  # never in DEO's Swins; torchvision's own code
-            return super().forward(x)
+            return super().forward(x if norm is None else norm(x))
         return shifted_window_attention(
             x,
             self.qkv,
@@ -176,33 +248,48 @@ class WindowAttention(ShiftedWindowAttention):
             self.window_size,
             self.num_heads,
             self.shift_size,
+            norm,
         )
 
 
-class _GeluLinear(torch.autograd.Function):
-    """``linear(gelu(h), weight, bias)`` that keeps ``h`` only for the backward pass.
+class _NormMlp(torch.autograd.Function):
+    """``linear(gelu(linear(layer_norm(x), w1, b1)), w2, b2)``, torchvision's ``norm2`` and MLP,
+    keeping only ``x``, the norm's statistics and the first layer's output ``h`` for the backward
+    pass.
 
-    Autograd keeps both the GELU's input (for its own gradient) and its output (for the
-    second layer's weight gradient): four times the block's width per token each, the largest
-    tensors a Swin block saves. Here the output is recomputed from the input in the backward pass
-    (the same function on the same values: the same bits), with the operations autograd runs for
-    ``addmm`` and ``gelu``: about a fifth less memory kept per block for one more GELU.
+    Autograd keeps the norm's output (for the first layer's weight gradient) and both the GELU's
+    input and output (the GELU's own gradient, the second layer's weight gradient): the norm's
+    output (the block's width per token) and the GELU's output (four times that) are the largest
+    tensors a Swin block keeps that the backward pass can recompute. Here both are recomputed
+    from what is kept (the same functions on the same values: the same bits), with the
+    operations autograd runs for ``layer_norm``, ``addmm`` and ``gelu``: about a quarter less
+    memory kept per block for one more layer norm and GELU.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight, bias)
+    def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, w1: Tensor, b1, w2: Tensor, b2) -> Tensor:
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        h = F.linear(y, w1, b1)
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w1, w2, h)
+        ctx.eps, ctx.has_bias = eps, (b1 is not None, b2 is not None)
+        return F.linear(F.gelu(h), w2, b2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h, weight = ctx.saved_tensors
+        x, mean, rstd, ln_w, ln_b, w1, w2, h = ctx.saved_tensors
         grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad2d.t().mm(F.gelu(h).reshape(-1, h.shape[-1]))
-        grad_bias = grad2d.sum(0) if ctx.has_bias else None
-        grad_h = torch.ops.aten.gelu_backward(grad2d.mm(weight).view(h.shape), h)
-        return grad_h, grad_weight, grad_bias
+        hidden = h.shape[-1]
+        grad_w2 = grad2d.t().mm(F.gelu(h).reshape(-1, hidden))
+        grad_b2 = grad2d.sum(0) if ctx.has_bias[1] else None
+        grad_h = torch.ops.aten.gelu_backward(grad2d.mm(w2).view(h.shape), h).reshape(-1, hidden)
+        y = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, ctx.eps)[0]
+        grad_w1 = grad_h.t().mm(y.reshape(-1, y.shape[-1]))
+        grad_b1 = grad_h.sum(0) if ctx.has_bias[0] else None
+        grad_y = grad_h.mm(w1).view(x.shape)
+        grad_x, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
+            grad_y, x, (x.shape[-1],), mean, rstd, ln_w, ln_b, ctx.needs_input_grad[:3]
+        )
+        return grad_x, grad_ln_w, grad_ln_b, None, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 class SwinBlock(SwinTransformerBlock):
@@ -227,23 +314,41 @@ class SwinBlock(SwinTransformerBlock):
     drawn: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self._residual(x, lambda y: self.attn(self.norm1(y)), 0)
-        return self._residual(x, lambda y: self._mlp(self.norm2(y)), 1)
+        x = self._residual(x, self._attention, 0)
+        return self._residual(x, self._mlp, 1)
+
+    def _recomputes(self, x: Tensor, norm: nn.Module) -> bool:
+        """Whether a branch recomputes ``norm``'s output (and the GELU's) in the backward pass:
+        when it trains on the CPU, eagerly, with a plain layer norm."""
+        return (
+            torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and type(norm) is nn.LayerNorm
+            and norm.normalized_shape == (x.shape[-1],)
+        )
+
+    def _attention(self, x: Tensor) -> Tensor:
+        """torchvision's ``norm1`` and attention; the norm's output recomputed in the backward pass
+        when :meth:`_recomputes` (:class:`_NormLinear`)."""
+        if type(self.attn) is WindowAttention and self._recomputes(x, self.norm1):
+            return self.attn(x, self.norm1)
+        return self.attn(self.norm1(x))
 
     def _mlp(self, x: Tensor) -> Tensor:
-        """torchvision's MLP (linear, GELU, dropout, linear, dropout); when it trains on the CPU
-        without dropout, the GELU's output is recomputed in the backward pass (:class:`_GeluLinear`)."""
+        """torchvision's ``norm2`` and MLP (linear, GELU, dropout, linear, dropout); when it trains on
+        the CPU without dropout, the norm's and the GELU's outputs are recomputed in the backward
+        pass (:class:`_NormMlp`)."""
         fc1, act, drop1, fc2, drop2 = self.mlp
+        norm = self.norm2
         if (
-            not torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
+            not self._recomputes(x, norm)
             or (self.training and (drop1.p > 0 or drop2.p > 0))
             or type(act) is not nn.GELU
             or act.approximate != "none"
         ):
-            return self.mlp(x)
-        return _GeluLinear.apply(fc1(x), fc2.weight, fc2.bias)
+            return self.mlp(norm(x))
+        return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
     def skips_dropped(self, x: Tensor) -> bool:
         """Whether this block draws its stochastic depth first and skips dropped samples on ``x``."""
@@ -478,7 +583,10 @@ class DeoSwin(DeoEncoder):
         is averaged input by input. DEO's student runs its multispectral and RGB crops of one
         size together: twice the rows per matrix product, half the operator calls, and the last
         stage, too small to skip its dropped samples alone at batch 2, large enough together.
-        Elsewhere (evaluation, GPU, ``torch.compile``) the inputs run one by one.
+        An input with fewer than :data:`MIN_ROWS_TO_SKIP_PADDING` tokens in its last stage runs
+        alone (a smaller matrix product may take another kernel, whose rows differ in the last
+        bits: 12 rows against 24 of width 512 do on a Sapphire Rapids Xeon). Elsewhere
+        (evaluation, GPU, ``torch.compile``) the inputs run one by one.
         """
         blocks = [m for m in self.features.modules() if isinstance(m, SwinBlock)]
         if not inputs or not any(b.skips_dropped(inputs[0]) for b in blocks):
@@ -489,7 +597,11 @@ class DeoSwin(DeoEncoder):
         ]
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
-            groups.setdefault(tuple(x.shape[2:]), []).append(i)
+            last_h, last_w = self.feature_grid(*x.shape[2:])[-1]
+            # a matrix product of fewer rows can take another kernel (MIN_ROWS_TO_SKIP_PADDING):
+            # an input that small in its last stage runs alone
+            alone = len(x) * last_h * last_w < MIN_ROWS_TO_SKIP_PADDING
+            groups.setdefault(("alone", i) if alone else tuple(x.shape[2:]), []).append(i)
         out: list = [None] * len(xs)
         for members in groups.values():
             stemmed = [self.stem_for(inputs[i])(xs[i]) for i in members]

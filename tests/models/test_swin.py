@@ -176,9 +176,12 @@ def test_forward_many_runs_same_size_inputs_together_with_the_separate_numbers()
     random draw equals running them one by one (as the official step does), in order."""
     torch.manual_seed(0)
     swin = build_encoder("deo_swin_test", weights=None, drop_path_rate=0.5).train()
-    g, loc = torch.randn(6, 10, 64, 64), torch.randn(12, 10, 32, 32)
+    # the globals' last stage has 10 x 4 x 4 = 160 tokens (merged); the locals' 12 (each alone)
+    g, loc = torch.randn(10, 10, 128, 128), torch.randn(12, 10, 32, 32)
     inputs, need_maps = [g, loc, g[:, :3], loc[:, :3]], [False, False, True, False]
-    runs = []
+    runs, trunk_batches = [], []
+    trunk = swin._trunk
+    swin._trunk = lambda x, maps: (trunk_batches.append(len(x)), trunk(x, maps))[1]
     for together in (False, True):
         torch.manual_seed(1)
         if together:
@@ -190,6 +193,7 @@ def test_forward_many_runs_same_size_inputs_together_with_the_separate_numbers()
             ]
         runs.append((out, torch.rand(3)))
     (alone, after_alone), (merged, after_merged) = runs
+    assert trunk_batches == [10, 12, 10, 12] + [20, 12, 12]  # one by one; globals together, locals alone
     assert torch.equal(after_alone, after_merged)  # the generator is left where the separate passes leave it
     for (maps_a, pooled_a), (maps_m, pooled_m), m in zip(alone, merged, need_maps, strict=True):
         assert torch.equal(pooled_a, pooled_m)
@@ -225,16 +229,19 @@ def test_patch_merging_is_torchvisions_bit_for_bit(swin, shape):
         assert torch.equal(a, b)
 
 
-def test_block_mlp_keeps_less_for_the_backward_pass_with_the_same_bits():
-    """The MLP's GELU output is recomputed in the backward pass: outputs and every gradient equal
-    torchvision's block bit for bit, and the tensors kept for the backward pass are smaller."""
+# window 6, shift 3: padded to 12 (projections on the real tokens); no padding; padded, too few rows to skip it
+@pytest.mark.parametrize("shape", [(3, 8, 8), (2, 12, 12), (1, 7, 7)])
+def test_block_keeps_less_for_the_backward_pass_with_the_same_bits(shape):
+    """Both norms' outputs and the GELU's are recomputed in the backward pass: outputs and every
+    gradient equal the block computed as torchvision does bit for bit, and the tensors kept for
+    the backward pass are smaller by all three."""
     from torchvision.models.swin_transformer import SwinTransformerBlock
 
     from deo_cli.models.swin import SwinBlock
 
     torch.manual_seed(0)
     block = build_encoder("deo_swin_test", weights=None).features[2][1].eval()  # no stochastic depth
-    x = torch.randn(3, 8, 8, 32)
+    x = torch.randn(*shape, 32)
     runs, kept = [], []
     for cls in (SwinTransformerBlock, SwinBlock):
         block.__class__ = cls
@@ -253,5 +260,6 @@ def test_block_mlp_keeps_less_for_the_backward_pass_with_the_same_bits():
         kept.append(sum(saved.values()))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
-    hidden = 3 * 8 * 8 * 4 * 32 * 4  # the GELU output: tokens x 4 widths x 4 bytes
-    assert kept[1] <= kept[0] - hidden
+    tokens = shape[0] * shape[1] * shape[2]
+    hidden, normed = tokens * 4 * 32 * 4, tokens * 32 * 4  # GELU output (4 widths), a norm output; 4 bytes
+    assert kept[1] <= kept[0] - hidden - 2 * normed
