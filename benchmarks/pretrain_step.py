@@ -163,6 +163,21 @@ def top_ops(prof, n: int = 25) -> list[dict]:
     return ops[:n]
 
 
+def backward_ops(prof, n: int = 15) -> list[dict]:
+    """The operators with the most self CPU time inside the backward phase (autograd's nodes
+    included), to compare the two backward passes operator by operator."""
+    events = list(prof.events())
+    ranges = [e.time_range for e in events if e.name == "phase::backward"]
+    totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.name.startswith("phase::") or not any(r.start <= e.time_range.start < r.end for r in ranges):
+            continue
+        totals[e.name][0] += 1
+        totals[e.name][1] += e.self_cpu_time_total / 1e6
+    rows = [{"name": k, "calls": c, "self_s": round(t, 3)} for k, (c, t) in totals.items()]
+    return sorted(rows, key=lambda r: -r["self_s"])[:n]
+
+
 def op_counts(
     prof, names=("aten::copy_", "aten::fill_", "aten::cat", "aten::contiguous", "aten::clone")
 ) -> dict:
@@ -181,7 +196,12 @@ def _profiled(step, phases: Phases, steps: int = 1) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
         phases.mark(None)
-    return {"phases_s": split, "top_ops": top_ops(prof), "op_counts": op_counts(prof)}
+    return {
+        "phases_s": split,
+        "top_ops": top_ops(prof),
+        "backward_ops": backward_ops(prof),
+        "op_counts": op_counts(prof),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,6 +702,8 @@ def _print_profile(r: dict) -> None:
     print(f"  {r['side']} op calls: {p['op_counts']}")
     ops = ", ".join(f"{o['name']} {o['self_s']:.2f}s/{o['calls']}" for o in p["top_ops"][:8])
     print(f"  {r['side']} top ops: {ops}")
+    ops = ", ".join(f"{o['name']} {o['self_s']:.2f}s/{o['calls']}" for o in p.get("backward_ops", [])[:12])
+    print(f"  {r['side']} backward ops: {ops}")
 
 
 def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
