@@ -8,10 +8,11 @@ as many threads as cores, batch 2 and 8. Every measurement is a fresh process:
    does (:func:`deo_cli.train.loop.build_models`), with weights from one file written once per run
    (so both sides below start from the same numbers), and identical random crops (seed 0);
 2. times :func:`deo_cli.train.loop.train_step` (forward of all crops, backward, per-parameter
-   clipping, AdamW, EMA update): 1 warm-up step (2 with ``compile``) excluded, then ``--steps``
+   clipping, AdamW, EMA update): ``--warmup`` steps (3; at least 2 with ``compile``) excluded,
+   then ``--steps``
    timed steps; the median step, images/s (one image = one sample with all its crops), CPU time;
 3. peak memory: the resident set's high-water mark over the steps (reset by
-   ``/proc/self/clear_refs`` before the warm-up step; ``step_peak_rss_gib``), the whole process's
+   ``/proc/self/clear_refs`` before the warm-up steps; ``step_peak_rss_gib``), the whole process's
    (``peak_rss_gib``), and ``max_memory_allocated`` on CUDA.
 
 With ``DEO_FM_ROOT`` set to a checkout of https://github.com/wolfilip/DEO-FM (its ``DEO/`` folder is
@@ -327,7 +328,7 @@ def child(args) -> dict:
     torch.manual_seed(0)
     reset = reset_peak_rss()
     first_loss = None
-    for _ in range(2 if compiled else 1):
+    for _ in range(max(args.warmup, 2 if compiled else 1)):
         terms = step()
         first_loss = float(terms["total"]) if first_loss is None else first_loss
     sync()
@@ -467,7 +468,7 @@ def official_child(args) -> dict:
     glob, loc = _crops(recipe, device, b)
     images = list(glob.unbind(0)) + (list(loc.unbind(0)) if loc is not None else [])
     batch = (images, None)
-    n = 1 + args.steps + (2 if args.profile else 0)
+    n = args.warmup + args.steps + (2 if args.profile else 0)
     lr = np.full(n, 1e-5)
     wd = np.full(n, 0.04)
     momentum = np.full(n, 0.996)
@@ -495,10 +496,10 @@ def official_child(args) -> dict:
 
     torch.manual_seed(0)
     reset = reset_peak_rss()
-    loader = TimedBatches(batch, 1 + args.steps)
+    loader = TimedBatches(batch, args.warmup + args.steps)
     run(loader)
     times, cpu_times = loader.times()
-    times, cpu_times = times[1:], cpu_times[1:]  # the warm-up step
+    times, cpu_times = times[args.warmup :], cpu_times[args.warmup :]  # the warm-up steps
     step_peak = peak_rss_gib(reset) if reset else None
     step_s = statistics.median(times)
 
@@ -647,6 +648,7 @@ def _run_child(
 ) -> dict:
     flag = {"deo": "--child", "official": "--child-official", "weights": "--child"}[side]
     cmd = [sys.executable, __file__, flag, recipe, "--device", args.device, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup)]
     cmd += ["--data", args.data, "--data-samples", str(args.data_samples if side == "deo" else 0)]
     if batch:
         cmd += ["--batch-size", str(batch)]
@@ -813,6 +815,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="timed steps per process (5; 3 with --recipes)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps first (3: both steps run slower until the allocator holds the memory a step needs)",
     )
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternating deo/official process pairs per batch"
