@@ -145,6 +145,96 @@ def _from_windows(
     return x
 
 
+#: Token orders of shifted windows by (batch, height, width, window, shift, device): :class:`_WindowOrder`.
+_ORDERS: dict[tuple, _WindowOrder] = {}
+
+
+class _WindowOrder:
+    """Where each token of a ``B x H x W`` map sits in torchvision's shifted windows, as row indices.
+
+    torchvision pads the map to a multiple of the window, shifts it (``torch.roll``, which copies the
+    tensor once per shifted dimension) and splits it into windows (a permuting copy), and after the
+    attention undoes the three. Each direction is one row gather here (``index_select`` of whole
+    rows): the same values moved, a third to a fifth of the copying, the gradient of one the
+    other. Rows: ``to_rows``, for each row of the windows ``(B * nW * wh * ww)``, the map row
+    ``(B * H * W)`` it holds (0 where it holds padding); ``pad_rows``, the padding rows of the
+    windows; ``from_rows``, for each map row, its row in the windows.
+    """
+
+    def __init__(self, B: int, H: int, W: int, window: tuple[int, int], shift: tuple[int, int], device):
+        wh, ww = window
+        pad_H, pad_W = H + (-H) % wh, W + (-W) % ww
+        # window order (window row, window column, row in window, column in window): the shifted map's
+        # position, which holds the padded map's token shift later (torch.roll by -shift)
+        h = (torch.arange(pad_H).view(pad_H // wh, 1, wh, 1) + shift[0]) % pad_H
+        w = (torch.arange(pad_W).view(1, pad_W // ww, 1, ww) + shift[1]) % pad_W
+        real = ((h < H) & (w < W)).reshape(-1)
+        source = (h * W + w).reshape(-1)
+        n, n_pad = H * W, pad_H * pad_W
+        position = torch.arange(n_pad)
+        back = torch.empty(n, dtype=torch.long)
+        back[source[real]] = position[real]
+        batch = torch.arange(B).view(B, 1)
+        self.to_rows = (torch.where(real, source, 0) + batch * n).reshape(-1).to(device)
+        self.pad_rows = (position[~real] + batch * n_pad).reshape(-1).to(device)
+        self.from_rows = (back + batch * n_pad).reshape(-1).to(device)
+
+    def to_windows(self, rows: Tensor, fill: Tensor | None) -> Tensor:
+        """Map rows ``(B * H * W, C)`` -> window rows ``(B * nW * wh * ww, C)``; padding is ``fill`` (or 0)."""
+        out = rows.index_select(0, self.to_rows)
+        if self.pad_rows.numel():
+            if fill is None:
+                out.index_fill_(0, self.pad_rows, 0.0)
+            else:
+                out[self.pad_rows] = fill
+        return out
+
+    def from_windows(self, rows: Tensor) -> Tensor:
+        """Window rows -> the map's rows (padding cut away)."""
+        return rows.index_select(0, self.from_rows)
+
+
+def _window_order(
+    B: int, H: int, W: int, window: tuple[int, int], shift: tuple[int, int], device
+) -> _WindowOrder:
+    key = (B, H, W, window, shift, device)
+    order = _ORDERS.get(key)
+    if order is None:
+        if len(_ORDERS) > 256:  # many input sizes (inference on varied tiles): start over
+            _ORDERS.clear()
+        order = _ORDERS[key] = _WindowOrder(B, H, W, window, shift, device)
+    return order
+
+
+class _ToWindows(torch.autograd.Function):
+    """:meth:`_WindowOrder.to_windows` with its gradient (the rows gathered back; ``fill``'s: the
+    padding rows' sum)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, fill: Tensor | None, order: _WindowOrder) -> Tensor:
+        ctx.order = order
+        return order.to_windows(rows, fill)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        order = ctx.order
+        grad_fill = grad.index_select(0, order.pad_rows).sum(0) if ctx.needs_input_grad[1] else None
+        return order.from_windows(grad), grad_fill, None
+
+
+class _FromWindows(torch.autograd.Function):
+    """:meth:`_WindowOrder.from_windows` with its gradient (zero on the padding rows)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, order: _WindowOrder) -> Tensor:
+        ctx.order = order
+        return order.from_windows(rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.order.to_windows(grad, None), None
+
+
 def shifted_window_attention(
     x: Tensor,
     qkv: nn.Linear,
@@ -180,29 +270,45 @@ def shifted_window_attention(
     # a window at least as large as the map needs no shift (torchvision's rule)
     shift = (0 if wh >= pad_H else shift_size[0], 0 if ww >= pad_W else shift_size[1])
     num_windows = (pad_H // wh) * (pad_W // ww)
+    # on the CPU in eager mode, the padding, the shift and the windows are one row gather each way
+    order = (
+        _window_order(B, H, W, (wh, ww), shift, x.device)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling()
+        else None
+    )
+    windows = (B * num_windows, wh * ww)
     if skip:  # the projection on the real tokens; the padded ones get its bias (what 0 gives)
         if norm is not None:
             x = _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, _same, _same)
         else:
             x = F.linear(x, qkv.weight, qkv.bias)
-        fill = qkv.bias if qkv.bias is not None else x.new_zeros(x.shape[-1])
-        if pad_r:
-            x = torch.cat([x, fill.expand(B, H, pad_r, x.shape[-1])], dim=2)
-        if pad_b:
-            x = torch.cat([x, fill.expand(B, pad_b, pad_W, x.shape[-1])], dim=1)
-        qkv_out = _to_windows(x, (wh, ww), shift)
-    elif norm is not None:  # the norm, the padding, the shift and the windows inside _NormLinear
+        if order is not None:
+            qkv_out = _ToWindows.apply(x.reshape(-1, x.shape[-1]), qkv.bias, order).view(*windows, -1)
+        else:
+            fill = qkv.bias if qkv.bias is not None else x.new_zeros(x.shape[-1])
+            if pad_r:
+                x = torch.cat([x, fill.expand(B, H, pad_r, x.shape[-1])], dim=2)
+            if pad_b:
+                x = torch.cat([x, fill.expand(B, pad_b, pad_W, x.shape[-1])], dim=1)
+            qkv_out = _to_windows(x, (wh, ww), shift)
+    elif norm is not None and order is not None:  # the norm and the window gather inside _NormLinear
 
         def arrange(y: Tensor) -> Tensor:
-            return _to_windows(F.pad(y, (0, 0, 0, pad_r, 0, pad_b)) if pad_r or pad_b else y, (wh, ww), shift)
+            return order.to_windows(y.reshape(-1, C), None).view(*windows, C)
 
         def unarrange(g: Tensor) -> Tensor:
-            return _from_windows(g, B, pad_H, pad_W, (wh, ww), shift)[:, :H, :W, :]
+            return order.from_windows(g.reshape(-1, C)).view(B, H, W, C)
 
         qkv_out = _NormLinear.apply(
             x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, arrange, unarrange
         )
+    elif order is not None:
+        qkv_out = F.linear(
+            _ToWindows.apply(x.reshape(-1, C), None, order).view(*windows, C), qkv.weight, qkv.bias
+        )
     else:
+        if norm is not None:
+            x = norm(x)
         if pad_r or pad_b:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         qkv_out = F.linear(_to_windows(x, (wh, ww), shift), qkv.weight, qkv.bias)
@@ -221,6 +327,9 @@ def shifted_window_attention(
     x = attn.matmul(v).transpose(1, 2).reshape(n, t, C)
     if not skip:
         x = F.linear(x, proj.weight, proj.bias)
+    if order is not None:
+        x = _FromWindows.apply(x.reshape(-1, C), order).view(B, H, W, C)
+        return F.linear(x, proj.weight, proj.bias) if skip else x  # skip: the real tokens only
     x = _from_windows(x, B, pad_H, pad_W, (wh, ww), shift)
     if skip:  # the real tokens only through the output projection
         return F.linear(x[:, :H, :W, :].contiguous(), proj.weight, proj.bias)  # contiguous: addmm as before
