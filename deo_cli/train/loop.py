@@ -455,6 +455,9 @@ def train_step(
     update of the teacher with ``momentum``. ``precision``: the autocast dtype (None: fp32). Returns the
     loss terms."""
     device = batch["global"].device
+    # the last step's gradients go before the forward pass, not after it: their memory is free for
+    # its activations
+    optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
         terms = meta(batch)
     loss = terms["total"]
@@ -463,7 +466,6 @@ def train_step(
             f"the loss is {loss.item()} at step {step + 1}",
             "lower optim.lr or use --precision fp32; resume from the last checkpoint with --resume",
         )
-    optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

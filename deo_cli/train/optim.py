@@ -47,7 +47,49 @@ def build_optimizer(
     kwargs: dict = {}
     if fused and device is not None and device.type in ("cuda", "cpu"):
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, betas=tuple(betas), **kwargs)
+    optimizer = torch.optim.AdamW(
+        param_groups(module), lr=0.0, weight_decay=0.0, betas=tuple(betas), **kwargs
+    )
+    allocate_state(optimizer)
+    return optimizer
+
+
+@torch.no_grad()
+def allocate_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimiser's state (AdamW's two moments, a step count) now, as its first step would.
+
+    PyTorch creates it lazily in the first ``step()``, after the first backward pass, wherever the
+    freed activations left room: memory the next forward pass then has to go around (on the CPU
+    the process grows by about the state's size, twice the student's parameters). Created here,
+    right after the weights, it sits beside them. How: one step with zero gradients at learning
+    rate and weight decay 0 (every parameter and moment stays exactly as it was: 0 moments, a
+    ``-0 * 0`` update), then the step counts are set back to 0. Parameters that already have a
+    state (a loaded checkpoint) are left alone."""
+    params = [
+        p
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.requires_grad and not optimizer.state.get(p)
+    ]
+    if not params:
+        return
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    saved = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    try:
+        optimizer.step()
+    finally:
+        for g, (lr, wd) in zip(optimizer.param_groups, saved, strict=True):
+            g["lr"], g["weight_decay"] = lr, wd
+        for p in params:
+            p.grad = None
+            step = optimizer.state[p].get("step")
+            if torch.is_tensor(step):
+                step.zero_()
+            elif step is not None:
+                optimizer.state[p]["step"] = 0
 
 
 @torch.no_grad()

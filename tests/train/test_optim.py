@@ -79,3 +79,32 @@ def test_schedules_follow_the_paper():
     assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == lr == s.lr[1500]
     assert opt.param_groups[0]["weight_decay"] == wd == s.weight_decay[1500]
     assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_state_is_allocated_up_front_and_changes_nothing(fused):
+    """build_optimizer creates AdamW's state before the first step (zero moments, step 0, weights
+    untouched, no gradients left), and the steps that follow give exactly the weights of an
+    optimiser whose state was created lazily."""
+    torch.manual_seed(0)
+    a, b = Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    opt_a = build_optimizer(a, fused=fused, device=torch.device("cpu"))
+    opt_b = torch.optim.AdamW(param_groups(b), lr=0.0, weight_decay=0.0, fused=fused or None)
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+    assert all(p.grad is None for p in a.parameters())
+    for p in a.parameters():
+        state = opt_a.state[p]
+        assert float(state["step"]) == 0.0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    x = torch.randn(2, 3, 6, 6)
+    for step in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = 1e-2 * (step + 1), 0.04 if g is opt.param_groups[0] else 0.0
+            opt.zero_grad(set_to_none=True)
+            (m.fc(m.norm(m.conv(x).mean(dim=(2, 3)))).square().sum() + m.table.sum()).backward()
+            opt.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
