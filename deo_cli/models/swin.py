@@ -63,6 +63,14 @@ def _stem(in_chans: int, embed_dim: int) -> nn.Sequential:
 #: MKL's matrix product gives each row the same bits whatever the number of rows from about this
 #: many rows on (fewer rows can take another kernel: e.g. 9 or 48-128 rows of width 1024).
 MIN_ROWS_TO_SKIP_PADDING = 160
+#: Most stage-1 tokens (all inputs together) that :meth:`DeoSwin.forward_many` runs through the
+#: trunk as one batch; 0 (the default): every input alone. A merged pass is the separate passes to
+#: the bit only where the matrix products give each row the same bits whatever the number of rows,
+#: and on a Sapphire Rapids Xeon MKL does not for wide inputs (1,536 or 3,072 columns: 180 rows
+#: against 360 differ in the last bits), so DEO's student merged at batch 2 (25,088 tokens for its
+#: global crops; 3.40 against 3.59 s a step on 2 cores) computes a loss 2e-5 away from the
+#: official one. Batch 8 gains nothing from merging (12.9 against 12.75 s).
+MAX_MERGED_TOKENS = 0
 #: Shifted-window attention masks by (padded height, padded width, window, shift, dtype, device).
 _MASKS: dict[tuple, Tensor] = {}
 
@@ -402,20 +410,20 @@ class _NormMlp(torch.autograd.Function):
 
 
 class SwinBlock(SwinTransformerBlock):
-    """torchvision's ``SwinTransformerBlock`` (same parameters and names) that does not compute
-    what stochastic depth throws away.
+    """torchvision's ``SwinTransformerBlock`` (same parameters and names) that keeps less for the
+    backward pass and can take its stochastic-depth draws from outside.
 
-    In training, torchvision computes each residual branch for the whole batch and then
-    multiplies a sample's branch by 0 when its Bernoulli draw drops it (by ``1 / survival``
-    when it is kept). Here the draw is made first, exactly as torchvision makes it (the same
-    generator calls in the same order: nothing in a branch draws random numbers), and the
-    branch runs on the kept samples only; their residual sums are the same operations on the
-    same values, and a dropped sample passes through unchanged. At Swin-T's rates
-    (0 to 0.2 by block) this skips about a tenth of the trunk's work in a training step.
+    When it trains on the CPU, both norms' outputs and the GELU's are recomputed in the backward
+    pass (:class:`_NormLinear`, :class:`_NormMlp`). Stochastic depth: torchvision multiplies each
+    residual branch by a per-sample draw (0 when dropped, ``1 / survival`` when kept); a merged
+    pass of several inputs (:meth:`DeoSwin.forward_many`) draws every block's masks first, in the
+    separate passes' order, and hands each block its share in ``drawn``; the block computes
+    ``x + branch(x) * draw`` as torchvision does.
 
-    The branch keeps the whole batch when fewer than :data:`MIN_ROWS_TO_SKIP_PADDING` tokens
-    would remain (a smaller matrix product may take another kernel), on a GPU (a data-dependent
-    batch would cost a device sync and recompilations), and under ``torch.compile``.
+    (Computing a branch for the kept samples only saves about a tenth of the trunk's arithmetic at
+    Swin-T's rates, but its tensors then change size at every step: glibc's heap fragments, the
+    process grew 0.4 GiB a step at batch 8 and the page faults cost more than the arithmetic saved,
+    so it was taken out.)
     """
 
     #: Stochastic depth's draws for this block's two residuals, made beforehand (one merged pass
@@ -459,8 +467,9 @@ class SwinBlock(SwinTransformerBlock):
             return self.mlp(norm(x))
         return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
-    def skips_dropped(self, x: Tensor) -> bool:
-        """Whether this block draws its stochastic depth first and skips dropped samples on ``x``."""
+    def draws_first(self, x: Tensor) -> bool:
+        """Whether a merged pass draws this block's stochastic depth for ``x`` beforehand: in
+        training with a non-zero rate, on the CPU, eagerly."""
         sd = self.stochastic_depth
         return (
             sd.training
@@ -481,17 +490,9 @@ class SwinBlock(SwinTransformerBlock):
         return noise
 
     def _residual(self, x: Tensor, branch, which: int) -> Tensor:
-        if not self.skips_dropped(x):
+        if self.drawn is None:
             return x + self.stochastic_depth(branch(x))
-        noise = self.drawn[which] if self.drawn is not None else self.draw(x.shape[0], x)
-        keep = noise.view(-1).nonzero().view(-1)
-        kept, tokens = keep.numel(), x[0].numel() // x.shape[-1]
-        if kept == x.shape[0] or kept * tokens < MIN_ROWS_TO_SKIP_PADDING:
-            # (none kept included: every parameter keeps a gradient, as DDP without
-            # find_unused_parameters needs)
-            return x + branch(x) * noise
-        y = branch(x.index_select(0, keep)) * noise.index_select(0, keep)
-        return x.index_add(0, keep, y)
+        return x + branch(x) * self.drawn[which]
 
 
 class PatchMerging(TorchvisionPatchMerging):
@@ -684,35 +685,40 @@ class DeoSwin(DeoEncoder):
         """Same-size inputs through the trunk as one batch (each through its own stem), with the
         numbers and random draws of running every input alone, in order.
 
-        In training on the CPU (where :class:`SwinBlock` skips dropped samples) every block's
-        stochastic depth is drawn first, input by input in the given order, exactly as the
-        separate passes would draw it, and each merged pass takes its inputs' draws. A merged
-        batch's rows go through the same row-wise operations (matrix products from
-        :data:`MIN_ROWS_TO_SKIP_PADDING` rows on, layer norms, softmax, GELU); the pooled vector
-        is averaged input by input. DEO's student runs its multispectral and RGB crops of one
-        size together: twice the rows per matrix product, half the operator calls, and the last
-        stage, too small to skip its dropped samples alone at batch 2, large enough together.
+        In training on the CPU every block's stochastic depth is drawn first, input by input in
+        the given order, exactly as the separate passes would draw it, and each merged pass takes
+        its inputs' draws. A merged batch's rows go through the same row-wise operations (matrix
+        products from :data:`MIN_ROWS_TO_SKIP_PADDING` rows on, layer norms, softmax, GELU); the
+        pooled vector is averaged input by input. Same-size inputs of at most
+        :data:`MAX_MERGED_TOKENS` stage-1 tokens together share a pass (twice the rows per matrix
+        product, half the operator calls); the default, 0, runs every input alone, because a
+        matrix product's rows need not keep their bits at another number of rows (see there).
         An input with fewer than :data:`MIN_ROWS_TO_SKIP_PADDING` tokens in its last stage runs
         alone (a smaller matrix product may take another kernel, whose rows differ in the last
         bits: 12 rows against 24 of width 512 do on a Sapphire Rapids Xeon). Elsewhere
         (evaluation, GPU, ``torch.compile``) the inputs run one by one.
         """
         blocks = [m for m in self.features.modules() if isinstance(m, SwinBlock)]
-        if not inputs or not any(b.skips_dropped(inputs[0]) for b in blocks):
+        if not inputs or not any(b.draws_first(inputs[0]) for b in blocks):
             return super().forward_many(inputs, need_maps)
         xs = [self.pad_input(x) for x in inputs]
-        draws = [
-            {b: (b.draw(len(x), x), b.draw(len(x), x)) for b in blocks if b.skips_dropped(x)} for x in xs
-        ]
-        groups: dict[tuple, list[int]] = {}
+        draws = [{b: (b.draw(len(x), x), b.draw(len(x), x)) for b in blocks if b.draws_first(x)} for x in xs]
+        by_size: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
             last_h, last_w = self.feature_grid(*x.shape[2:])[-1]
             # a matrix product of fewer rows can take another kernel (MIN_ROWS_TO_SKIP_PADDING):
             # an input that small in its last stage runs alone
             alone = len(x) * last_h * last_w < MIN_ROWS_TO_SKIP_PADDING
-            groups.setdefault(("alone", i) if alone else tuple(x.shape[2:]), []).append(i)
+            by_size.setdefault(("alone", i) if alone else tuple(x.shape[2:]), []).append(i)
+        groups = []
+        for members in by_size.values():
+            first_h, first_w = self.feature_grid(*xs[members[0]].shape[2:])[0]
+            if sum(len(xs[i]) for i in members) * first_h * first_w > MAX_MERGED_TOKENS:
+                groups += [[i] for i in members]  # large enough alone
+            else:
+                groups.append(members)
         out: list = [None] * len(xs)
-        for members in groups.values():
+        for members in groups:
             stemmed = [self.stem_for(inputs[i])(xs[i]) for i in members]
             tokens = stemmed[0] if len(stemmed) == 1 else torch.cat(stemmed)
             for b in blocks:
