@@ -68,7 +68,8 @@ class DeoStudent(nn.Module):
 
         # Multispectral pass: every crop -> pooled -> head_ms (docs/method.md §2.6); RGB pass:
         # channels 0-2 through the RGB stem, stage maps of the globals (§2.7). One call, so that
-        # the encoder may run the crops of one size through its trunk together (forward_many).
+        # the encoder may draw every pass's stochastic depth first and run crops of one size
+        # through its trunk together (forward_many; off by default, MAX_MERGED_TOKENS).
         inputs, need_maps = [globals_], [False]
         if locals_ is not None:
             inputs.append(locals_), need_maps.append(False)
