@@ -269,6 +269,8 @@ def shifted_window_attention(
       :data:`MIN_ROWS_TO_SKIP_PADDING` real tokens on; fewer keep torchvision's order); the weight
       gradients of these two layers are summed in another order (the same to rounding).
     - The shifted-window mask is built once per shape (:func:`_shift_mask`).
+    - On the CPU in eager mode the padding, the shift and the split into windows are one row gather,
+      and so is the way back (:class:`_WindowOrder`); elsewhere torchvision's pad, roll and reshape.
     """
     B, H, W, C = x.shape
     wh, ww = window_size
