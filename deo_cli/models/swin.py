@@ -68,8 +68,9 @@ MIN_ROWS_TO_SKIP_PADDING = 160
 #: the bit only where the matrix products give each row the same bits whatever the number of rows,
 #: and on a Sapphire Rapids Xeon MKL does not for wide inputs (1,536 or 3,072 columns: 180 rows
 #: against 360 differ in the last bits), so DEO's student merged at batch 2 (25,088 tokens for its
-#: global crops; 3.40 against 3.59 s a step on 2 cores) computes a loss 2e-5 away from the
-#: official one. Batch 8 gains nothing from merging (12.9 against 12.75 s).
+#: global crops) computes a loss 2e-5 away from the official one. What merging gains is within this
+#: machine's noise: batch 2, 3.40 against 3.59 s a step in one A/B on 2 cores, 3.46 against 3.30
+#: and 3.42 s in another; batch 8, 12.9 against 12.75 s.
 MAX_MERGED_TOKENS = 0
 #: Shifted-window attention masks by (padded height, padded width, window, shift, dtype, device).
 _MASKS: dict[tuple, Tensor] = {}
