@@ -98,6 +98,19 @@ def _shift_mask(
     return mask
 
 
+def _layer_norm(x: Tensor, weight, bias, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``layer_norm`` over the last dimension with its statistics (the kernel ``F.layer_norm`` runs)."""
+    return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _layer_norm_backward(ctx, grad_y: Tensor, x: Tensor, mean, rstd, weight, bias):
+    """The gradients of :func:`_layer_norm` for ``x``, ``weight`` and ``bias`` (the first three
+    inputs of ``ctx``'s Function), as autograd computes them."""
+    return torch.ops.aten.native_layer_norm_backward(
+        grad_y, x, (x.shape[-1],), mean, rstd, weight, bias, ctx.needs_input_grad[:3]
+    )
+
+
 class _NormLinear(torch.autograd.Function):
     """``linear(arrange(layer_norm(x)), weight, bias)`` keeping only ``x`` and the norm's statistics
     for the backward pass, where the norm's output is recomputed (the same function on the same
@@ -112,7 +125,7 @@ class _NormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, weight: Tensor, bias, arrange, unarrange) -> Tensor:
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        y, mean, rstd = _layer_norm(x, ln_w, ln_b, eps)
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, weight)
         ctx.eps, ctx.has_bias, ctx.arrange, ctx.unarrange = eps, bias is not None, arrange, unarrange
         return F.linear(arrange(y), weight, bias)
@@ -120,14 +133,12 @@ class _NormLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, mean, rstd, ln_w, ln_b, weight = ctx.saved_tensors
-        y = ctx.arrange(torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, ctx.eps)[0])
+        y = ctx.arrange(_layer_norm(x, ln_w, ln_b, ctx.eps)[0])
         grad2d = grad.reshape(-1, grad.shape[-1])
         grad_w = grad2d.t().mm(y.reshape(-1, y.shape[-1]))
         grad_b = grad2d.sum(0) if ctx.has_bias else None
         grad_y = ctx.unarrange(grad2d.mm(weight).view(y.shape))
-        grad_x, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
-            grad_y, x, (x.shape[-1],), mean, rstd, ln_w, ln_b, ctx.needs_input_grad[:3]
-        )
+        grad_x, grad_ln_w, grad_ln_b = _layer_norm_backward(ctx, grad_y, x, mean, rstd, ln_w, ln_b)
         return grad_x, grad_ln_w, grad_ln_b, None, grad_w, grad_b, None, None
 
 
@@ -388,7 +399,7 @@ class _NormMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, w1: Tensor, b1, w2: Tensor, b2) -> Tensor:
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        y, mean, rstd = _layer_norm(x, ln_w, ln_b, eps)
         h = F.linear(y, w1, b1)
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w1, w2, h)
         ctx.eps, ctx.has_bias = eps, (b1 is not None, b2 is not None)
@@ -402,13 +413,11 @@ class _NormMlp(torch.autograd.Function):
         grad_w2 = grad2d.t().mm(F.gelu(h).reshape(-1, hidden))
         grad_b2 = grad2d.sum(0) if ctx.has_bias[1] else None
         grad_h = torch.ops.aten.gelu_backward(grad2d.mm(w2).view(h.shape), h).reshape(-1, hidden)
-        y = torch.native_layer_norm(x, (x.shape[-1],), ln_w, ln_b, ctx.eps)[0]
+        y = _layer_norm(x, ln_w, ln_b, ctx.eps)[0]
         grad_w1 = grad_h.t().mm(y.reshape(-1, y.shape[-1]))
         grad_b1 = grad_h.sum(0) if ctx.has_bias[0] else None
         grad_y = grad_h.mm(w1).view(x.shape)
-        grad_x, grad_ln_w, grad_ln_b = torch.ops.aten.native_layer_norm_backward(
-            grad_y, x, (x.shape[-1],), mean, rstd, ln_w, ln_b, ctx.needs_input_grad[:3]
-        )
+        grad_x, grad_ln_w, grad_ln_b = _layer_norm_backward(ctx, grad_y, x, mean, rstd, ln_w, ln_b)
         return grad_x, grad_ln_w, grad_ln_b, None, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -702,7 +711,7 @@ class DeoSwin(DeoEncoder):
         (evaluation, GPU, ``torch.compile``) the inputs run one by one.
         """
         blocks = [m for m in self.features.modules() if isinstance(m, SwinBlock)]
-        if not inputs or not any(b.draws_first(inputs[0]) for b in blocks):
+        if MAX_MERGED_TOKENS <= 0 or not inputs or not any(b.draws_first(inputs[0]) for b in blocks):
             return super().forward_many(inputs, need_maps)
         xs = [self.pad_input(x) for x in inputs]
         draws = [{b: (b.draw(len(x), x), b.draw(len(x), x)) for b in blocks if b.draws_first(x)} for x in xs]
