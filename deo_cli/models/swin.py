@@ -111,6 +111,64 @@ def _layer_norm_backward(ctx, grad_y: Tensor, x: Tensor, mean, rstd, weight, bia
     )
 
 
+#: Kept samples of a batch as ``(start, stop)`` ranges (stochastic depth's draw): ``None``, all kept.
+Runs = tuple[tuple[int, int], ...] | None
+
+
+def _kept_runs(draw: Tensor) -> Runs:
+    """The ranges of samples a stochastic-depth ``draw`` (``(B, 1, ...)``, 0 where dropped) keeps;
+    ``None`` when it keeps every sample."""
+    kept = (draw.reshape(-1) != 0).tolist()
+    if all(kept):
+        return None
+    runs, start = [], None
+    for i, k in enumerate(kept + [False]):
+        if k and start is None:
+            start = i
+        elif not k and start is not None:
+            runs.append((start, i))
+            start = None
+    return tuple(runs)
+
+
+def _row_slices(runs: Runs, rows: int, batch: int) -> list[slice] | None:
+    """``runs`` of samples as slices of ``rows`` sample-major rows (``batch`` samples)."""
+    if runs is None:
+        return None
+    per = rows // batch
+    return [slice(a * per, b * per) for a, b in runs]
+
+
+def _grad_weight(grad2d: Tensor, inp2d: Tensor, rows: list[slice] | None) -> Tensor:
+    """``grad2d.t() @ inp2d`` (a linear layer's weight gradient), over ``rows`` only when given
+    (the other rows of ``grad2d`` are zero: samples stochastic depth dropped)."""
+    if rows is None:
+        return grad2d.t().mm(inp2d)
+    out = None
+    for r in rows:
+        if out is None:
+            out = grad2d[r].t().mm(inp2d[r])
+        else:
+            out.addmm_(grad2d[r].t(), inp2d[r])
+    return out if out is not None else grad2d.new_zeros(grad2d.shape[1], inp2d.shape[1])
+
+
+def _grad_input(grad2d: Tensor, weight: Tensor, rows: list[slice] | None) -> Tensor:
+    """``grad2d @ weight`` (a linear layer's input gradient); with ``rows``, computed there only
+    and zero elsewhere (where ``grad2d`` is zero). The result has one size whatever ``rows``: the
+    allocator sees the same blocks at every step."""
+    if rows is None:
+        return grad2d.mm(weight)
+    out = grad2d.new_empty(grad2d.shape[0], weight.shape[1])
+    end = 0
+    for r in rows:
+        out[end : r.start].zero_()
+        torch.mm(grad2d[r], weight, out=out[r])
+        end = r.stop
+    out[end:].zero_()
+    return out
+
+
 class _NormLinear(torch.autograd.Function):
     """``linear(arrange(layer_norm(x)), weight, bias)`` keeping only ``x`` and the norm's statistics
     for the backward pass, where the norm's output is recomputed (the same function on the same
@@ -124,10 +182,13 @@ class _NormLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, weight: Tensor, bias, arrange, unarrange) -> Tensor:
+    def forward(
+        ctx, x: Tensor, ln_w, ln_b, eps: float, weight: Tensor, bias, arrange, unarrange, keep: Runs = None
+    ) -> Tensor:
         y, mean, rstd = _layer_norm(x, ln_w, ln_b, eps)
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, weight)
         ctx.eps, ctx.has_bias, ctx.arrange, ctx.unarrange = eps, bias is not None, arrange, unarrange
+        ctx.keep, ctx.batch = keep, x.shape[0]
         return F.linear(arrange(y), weight, bias)
 
     @staticmethod
@@ -135,11 +196,40 @@ class _NormLinear(torch.autograd.Function):
         x, mean, rstd, ln_w, ln_b, weight = ctx.saved_tensors
         y = ctx.arrange(_layer_norm(x, ln_w, ln_b, ctx.eps)[0])
         grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_w = grad2d.t().mm(y.reshape(-1, y.shape[-1]))
+        rows = _row_slices(ctx.keep, grad2d.shape[0], ctx.batch)
+        grad_w = _grad_weight(grad2d, y.reshape(-1, y.shape[-1]), rows)
         grad_b = grad2d.sum(0) if ctx.has_bias else None
-        grad_y = ctx.unarrange(grad2d.mm(weight).view(y.shape))
+        grad_y = ctx.unarrange(_grad_input(grad2d, weight, rows).view(y.shape))
         grad_x, grad_ln_w, grad_ln_b = _layer_norm_backward(ctx, grad_y, x, mean, rstd, ln_w, ln_b)
-        return grad_x, grad_ln_w, grad_ln_b, None, grad_w, grad_b, None, None
+        return grad_x, grad_ln_w, grad_ln_b, None, grad_w, grad_b, None, None, None
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` whose backward pass computes the gradients on the rows of the kept samples only
+    (``keep``; the output gradient is zero on the others: stochastic depth dropped them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias, keep: Runs, batch: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.keep, ctx.batch, ctx.has_bias = keep, batch, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        rows = _row_slices(ctx.keep, grad2d.shape[0], ctx.batch)
+        grad_w = _grad_weight(grad2d, x.reshape(-1, x.shape[-1]), rows)
+        grad_b = grad2d.sum(0) if ctx.has_bias else None
+        return _grad_input(grad2d, weight, rows).view(x.shape), grad_w, grad_b, None, None
+
+
+def _linear(x: Tensor, layer: nn.Linear, keep: Runs, batch: int) -> Tensor:
+    """``layer(x)`` (``x``: rows of ``batch`` samples, sample-major); its weight and input
+    gradients skip the samples ``keep`` leaves out."""
+    if keep is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return _Linear.apply(x, layer.weight, layer.bias, keep, batch)
 
 
 def _to_windows(x: Tensor, window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
@@ -264,10 +354,13 @@ def shifted_window_attention(
     num_heads: int,
     shift_size: Sequence[int],
     norm: nn.LayerNorm | None = None,
+    keep: Runs = None,
 ) -> Tensor:
     """torchvision's ``shifted_window_attention`` (Swin v1, no dropout): the same forward values,
     bit for bit, with less work. With ``norm``, ``x`` is the block's input before its first norm,
-    which is recomputed in the backward pass instead of kept (:class:`_NormLinear`).
+    which is recomputed in the backward pass instead of kept (:class:`_NormLinear`). With ``keep``
+    (and ``norm``), the gradients of the two projections are computed for those samples only (the
+    others' output gradient is zero: stochastic depth dropped this branch for them).
 
     - Query, key and value are taken with ``unbind`` (torchvision's ``qkv[0], qkv[1], qkv[2]``
       each zero-fill a full-size gradient in the backward pass, which then adds the three and
@@ -299,9 +392,11 @@ def shifted_window_attention(
         else None
     )
     windows = (B * num_windows, wh * ww)
+    if norm is None:
+        keep = None
     if skip:  # the projection on the real tokens; the padded ones get its bias (what 0 gives)
         if norm is not None:
-            x = _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, _same, _same)
+            x = _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, _same, _same, keep)
         else:
             x = F.linear(x, qkv.weight, qkv.bias)
         if order is not None:
@@ -322,7 +417,7 @@ def shifted_window_attention(
             return order.from_windows(g.reshape(-1, C)).view(B, H, W, C)
 
         qkv_out = _NormLinear.apply(
-            x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, arrange, unarrange
+            x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, arrange, unarrange, keep
         )
     elif order is not None:
         qkv_out = F.linear(
@@ -348,10 +443,10 @@ def shifted_window_attention(
     attn = F.softmax(attn, dim=-1)
     x = attn.matmul(v).transpose(1, 2).reshape(n, t, C)
     if not skip:
-        x = F.linear(x, proj.weight, proj.bias)
+        x = _linear(x, proj, keep, B)
     if order is not None:
         x = _FromWindows.apply(x.reshape(-1, C), order).view(B, H, W, C)
-        return F.linear(x, proj.weight, proj.bias) if skip else x  # skip: the real tokens only
+        return _linear(x, proj, keep, B) if skip else x  # skip: the real tokens only
     x = _from_windows(x, B, pad_H, pad_W, (wh, ww), shift)
     if skip:  # the real tokens only through the output projection
         return F.linear(x[:, :H, :W, :].contiguous(), proj.weight, proj.bias)  # contiguous: addmm as before
@@ -366,9 +461,10 @@ class WindowAttention(ShiftedWindowAttention):
     """torchvision's ``ShiftedWindowAttention`` (same parameters and names) computed by
     :func:`shifted_window_attention`."""
 
-    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None, keep: Runs = None) -> Tensor:
         """Attention on ``x``; with ``norm``, on ``norm(x)``, the norm's output recomputed in the
-        backward pass instead of kept."""
+        backward pass instead of kept, and the projections' gradients computed for the samples
+        ``keep`` names only (:func:`shifted_window_attention`)."""
         if self.attention_dropout or self.dropout:  # never in DEO's Swins; torchvision's own code
             return super().forward(x if norm is None else norm(x))
         return shifted_window_attention(
@@ -380,6 +476,7 @@ class WindowAttention(ShiftedWindowAttention):
             self.num_heads,
             self.shift_size,
             norm,
+            keep,
         )
 
 
@@ -398,11 +495,11 @@ class _NormMlp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, w1: Tensor, b1, w2: Tensor, b2) -> Tensor:
+    def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, w1: Tensor, b1, w2: Tensor, b2, keep: Runs = None) -> Tensor:
         y, mean, rstd = _layer_norm(x, ln_w, ln_b, eps)
         h = F.linear(y, w1, b1)
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w1, w2, h)
-        ctx.eps, ctx.has_bias = eps, (b1 is not None, b2 is not None)
+        ctx.eps, ctx.has_bias, ctx.keep = eps, (b1 is not None, b2 is not None), keep
         return F.linear(F.gelu(h), w2, b2)
 
     @staticmethod
@@ -410,15 +507,16 @@ class _NormMlp(torch.autograd.Function):
         x, mean, rstd, ln_w, ln_b, w1, w2, h = ctx.saved_tensors
         grad2d = grad.reshape(-1, grad.shape[-1])
         hidden = h.shape[-1]
-        grad_w2 = grad2d.t().mm(F.gelu(h).reshape(-1, hidden))
+        rows = _row_slices(ctx.keep, grad2d.shape[0], x.shape[0])
+        grad_w2 = _grad_weight(grad2d, F.gelu(h).reshape(-1, hidden), rows)
         grad_b2 = grad2d.sum(0) if ctx.has_bias[1] else None
-        grad_h = torch.ops.aten.gelu_backward(grad2d.mm(w2).view(h.shape), h).reshape(-1, hidden)
+        grad_h = torch.ops.aten.gelu_backward(_grad_input(grad2d, w2, rows).view(h.shape), h).reshape(-1, hidden)
         y = _layer_norm(x, ln_w, ln_b, ctx.eps)[0]
-        grad_w1 = grad_h.t().mm(y.reshape(-1, y.shape[-1]))
+        grad_w1 = _grad_weight(grad_h, y.reshape(-1, y.shape[-1]), rows)
         grad_b1 = grad_h.sum(0) if ctx.has_bias[0] else None
-        grad_y = grad_h.mm(w1).view(x.shape)
+        grad_y = _grad_input(grad_h, w1, rows).view(x.shape)
         grad_x, grad_ln_w, grad_ln_b = _layer_norm_backward(ctx, grad_y, x, mean, rstd, ln_w, ln_b)
-        return grad_x, grad_ln_w, grad_ln_b, None, grad_w1, grad_b1, grad_w2, grad_b2
+        return grad_x, grad_ln_w, grad_ln_b, None, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 class SwinBlock(SwinTransformerBlock):
@@ -457,14 +555,15 @@ class SwinBlock(SwinTransformerBlock):
             and norm.normalized_shape == (x.shape[-1],)
         )
 
-    def _attention(self, x: Tensor) -> Tensor:
+    def _attention(self, x: Tensor, keep: Runs) -> Tensor:
         """torchvision's ``norm1`` and attention; the norm's output recomputed in the backward pass
-        when :meth:`_recomputes` (:class:`_NormLinear`)."""
+        when :meth:`_recomputes` (:class:`_NormLinear`), and the projections' gradients computed
+        for the samples ``keep`` names only."""
         if type(self.attn) is WindowAttention and self._recomputes(x, self.norm1):
-            return self.attn(x, self.norm1)
+            return self.attn(x, self.norm1, keep)
         return self.attn(self.norm1(x))
 
-    def _mlp(self, x: Tensor) -> Tensor:
+    def _mlp(self, x: Tensor, keep: Runs) -> Tensor:
         """torchvision's ``norm2`` and MLP (linear, GELU, dropout, linear, dropout); when it trains on
         the CPU without dropout, the norm's and the GELU's outputs are recomputed in the backward
         pass (:class:`_NormMlp`)."""
@@ -477,7 +576,9 @@ class SwinBlock(SwinTransformerBlock):
             or act.approximate != "none"
         ):
             return self.mlp(norm(x))
-        return _NormMlp.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return _NormMlp.apply(
+            x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, keep
+        )
 
     def draws_first(self, x: Tensor) -> bool:
         """Whether a merged pass draws this block's stochastic depth for ``x`` beforehand: in
@@ -502,9 +603,12 @@ class SwinBlock(SwinTransformerBlock):
         return noise
 
     def _residual(self, x: Tensor, branch, which: int) -> Tensor:
-        if self.drawn is None:
-            return x + self.stochastic_depth(branch(x))
-        return x + branch(x) * self.drawn[which]
+        draw = self.drawn[which] if self.drawn is not None else None
+        if draw is None and torch.is_grad_enabled() and self.draws_first(x):
+            draw = self.draw(len(x), x)  # what torchvision draws after the branch: nothing else draws
+        if draw is None:
+            return x + self.stochastic_depth(branch(x, None))
+        return x + branch(x, _kept_runs(draw)) * draw
 
 
 class PatchMerging(TorchvisionPatchMerging):

@@ -139,7 +139,8 @@ def test_window_attention_is_torchvisions_bit_for_bit(swin, side):
 @pytest.mark.parametrize(("batch", "side", "p"), [(6, 14, 0.5), (5, 8, 0.4), (3, 7, 0.9), (4, 14, 0.0)])
 def test_block_in_training_has_torchvisions_numbers(batch, side, p):
     """Stochastic depth, the recomputed norms and GELU, the window gathers: the same outputs,
-    gradients and random draws as torchvision's block, bit for bit."""
+    input gradients and random draws as torchvision's block, bit for bit; the weight gradients too
+    where nothing is padded or dropped (a dropped sample's rows are left out of the sums)."""
     from torchvision.models.swin_transformer import SwinTransformerBlock
 
     from deo_cli.models.swin import SwinBlock
@@ -164,9 +165,9 @@ def test_block_in_training_has_torchvisions_numbers(batch, side, p):
     assert torch.equal(outs[0], outs[1]) and torch.equal(draws[0], draws[1])
     assert torch.equal(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1:], grads[1][1:], strict=True):
-        if side % 7 == 0:  # nothing padded: torchvision's operations, the same sums
+        if side % 7 == 0 and p == 0.0:  # nothing padded or dropped: torchvision's operations, the same sums
             assert torch.equal(a, b)
-        else:  # the projections skip padded tokens: weight gradients summed in another order
+        else:  # padded tokens and dropped samples left out: weight gradients summed in another order
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     if p == 0.9:  # most samples dropped: one dropped from both branches is its input unchanged
         assert any(torch.equal(outs[1][i], x[i]) for i in range(batch))
@@ -272,3 +273,23 @@ def test_block_keeps_less_for_the_backward_pass_with_the_same_bits(shape):
     tokens = shape[0] * shape[1] * shape[2]
     hidden, normed = tokens * 4 * 32 * 4, tokens * 32 * 4  # GELU output (4 widths), a norm output; 4 bytes
     assert kept[1] <= kept[0] - hidden - 2 * normed
+
+
+@pytest.mark.parametrize("side", [14, 8])
+def test_block_with_every_sample_dropped_has_zero_weight_gradients(side):
+    """Stochastic depth at rate 1: both branches dropped for every sample; the block is the identity,
+    its weight gradients are zeros (not missing: the optimiser still decays those weights), as
+    torchvision's."""
+    from deo_cli.models.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = build_encoder("deo_swin_test", weights=None).features[2][0]
+    assert type(block) is SwinBlock
+    block.stochastic_depth.p = 1.0
+    block.train()
+    x = torch.randn(3, side, side, block.norm1.normalized_shape[0], requires_grad=True)
+    y = block(x)
+    y.sum().backward()
+    assert torch.equal(y, x) and torch.equal(x.grad, torch.ones_like(x))
+    for name, q in block.named_parameters():
+        assert q.grad is not None and not q.grad.any(), name
