@@ -139,10 +139,25 @@ def _row_slices(runs: Runs, rows: int, batch: int) -> list[slice] | None:
     return [slice(a * per, b * per) for a, b in runs]
 
 
+#: Fewest rows per kept run (on average) for which a weight gradient is summed run by run, and an
+#: input gradient computed run by run, instead of one product over all rows (the dropped rows are
+#: zero, so both give the same numbers): products of few rows are slow, each reads the whole weight.
+#: Measured on 2 cores (AMD EPYC): 60-row runs made an input gradient 1.7x slower than the full
+#: product, 230-row runs 5 % slower; weight gradients gained from 60-row runs on.
+MIN_RUN_ROWS_WEIGHT = 64
+MIN_RUN_ROWS_INPUT = 512
+
+
+def _worth_runs(rows: list[slice] | None, least: int) -> bool:
+    return rows is not None and sum(r.stop - r.start for r in rows) >= least * len(rows)
+
+
 def _grad_weight(grad2d: Tensor, inp2d: Tensor, rows: list[slice] | None) -> Tensor:
     """``grad2d.t() @ inp2d`` (a linear layer's weight gradient), over ``rows`` only when given
-    (the other rows of ``grad2d`` are zero: samples stochastic depth dropped)."""
-    if rows is None:
+    (the other rows of ``grad2d`` are zero: samples stochastic depth dropped) and long enough."""
+    if not rows and rows is not None:  # every sample dropped
+        return grad2d.new_zeros(grad2d.shape[1], inp2d.shape[1])
+    if not _worth_runs(rows, MIN_RUN_ROWS_WEIGHT):
         return grad2d.t().mm(inp2d)
     out = None
     for r in rows:
@@ -150,14 +165,16 @@ def _grad_weight(grad2d: Tensor, inp2d: Tensor, rows: list[slice] | None) -> Ten
             out = grad2d[r].t().mm(inp2d[r])
         else:
             out.addmm_(grad2d[r].t(), inp2d[r])
-    return out if out is not None else grad2d.new_zeros(grad2d.shape[1], inp2d.shape[1])
+    return out
 
 
 def _grad_input(grad2d: Tensor, weight: Tensor, rows: list[slice] | None) -> Tensor:
     """``grad2d @ weight`` (a linear layer's input gradient); with ``rows``, computed there only
     and zero elsewhere (where ``grad2d`` is zero). The result has one size whatever ``rows``: the
     allocator sees the same blocks at every step."""
-    if rows is None:
+    if not rows and rows is not None:  # every sample dropped
+        return grad2d.new_zeros(grad2d.shape[0], weight.shape[1])
+    if not _worth_runs(rows, MIN_RUN_ROWS_INPUT):
         return grad2d.mm(weight)
     out = grad2d.new_empty(grad2d.shape[0], weight.shape[1])
     end = 0
