@@ -892,7 +892,12 @@ def main() -> None:
         if (r.get("recipe"), r.get("device"), r.get("batch_size")) not in keys
     ] + results
     body = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": _cpus(),
+            "cpu_model": _cpu_model(),
+        },
         "note": "synthetic in-memory crops (seed 0) for the step; data throughput on the OSCD subset; random "
         "optical teacher; step_peak_rss_gib: resident high-water mark over the steps",
         "results": merged,
@@ -906,6 +911,18 @@ def main() -> None:
     tmp.write_text(json.dumps(body, indent=2) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``): the ratio depends on
+    it (a page fault cost 15 us on one 2-core VM, 2.5 us on another; MKL's kernels differ by vendor)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpus() -> int:

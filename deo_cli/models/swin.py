@@ -542,15 +542,21 @@ class SwinBlock(SwinTransformerBlock):
 
     When it trains on the CPU, both norms' outputs and the GELU's are recomputed in the backward
     pass (:class:`_NormLinear`, :class:`_NormMlp`). Stochastic depth: torchvision multiplies each
-    residual branch by a per-sample draw (0 when dropped, ``1 / survival`` when kept); a merged
-    pass of several inputs (:meth:`DeoSwin.forward_many`) draws every block's masks first, in the
-    separate passes' order, and hands each block its share in ``drawn``; the block computes
-    ``x + branch(x) * draw`` as torchvision does.
+    residual branch by a per-sample draw (0 when dropped, ``1 / survival`` when kept); the block
+    computes ``x + branch(x) * draw`` as torchvision does, with the draw made before the branch
+    (nothing in the branch draws, so the generator gives the same numbers) when it trains on the
+    CPU, so that the backward pass knows the dropped samples: their rows of the branch's output
+    gradient are zero, and the projections' and the MLP's weight and input gradients are computed
+    on the kept samples' rows only (:func:`_grad_weight`, :func:`_grad_input`; a tenth of the
+    trunk's backward arithmetic at Swin-T's rates; the same forward values and input gradients,
+    weight gradients summed over fewer rows). A merged pass of several inputs
+    (:meth:`DeoSwin.forward_many`) draws every block's masks first, in the separate passes' order,
+    and hands each block its share in ``drawn``.
 
-    (Computing a branch for the kept samples only saves about a tenth of the trunk's arithmetic at
-    Swin-T's rates, but its tensors then change size at every step: glibc's heap fragments, the
-    process grew 0.4 GiB a step at batch 8 and the page faults cost more than the arithmetic saved,
-    so it was taken out.)
+    (Computing the forward branch for the kept samples only as well changes the tensors' sizes at
+    every step: glibc's heap fragments, the process grew 0.4 GiB a step at batch 8 and the page
+    faults cost more than the arithmetic saved, so it was taken out. The backward pass's products
+    write into tensors of one size whatever the draw.)
     """
 
     #: Stochastic depth's draws for this block's two residuals, made beforehand (one merged pass
