@@ -374,7 +374,8 @@ def _driver() -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -415,7 +416,7 @@ def describe_machine(gpu: bool) -> tuple[dict, dict]:
     }
     device = {
         "type": "cuda" if gpu else "cpu",
-        "name": _cpu_name(),
+        "name": cpu_name(),
         "count": 0,
         "memory_gib": None,
         "capability": None,

@@ -914,15 +914,12 @@ def main() -> None:
 
 
 def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``): the ratio depends on
-    it (a page fault cost 15 us on one 2-core VM, 2.5 us on another; MKL's kernels differ by vendor)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name: the ratio depends on it (a page fault cost 15 us on one 2-core VM,
+    2.5 us on another; MKL's kernels differ by vendor)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check import cpu_name
+
+    return cpu_name()
 
 
 def _cpus() -> int:

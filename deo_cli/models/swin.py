@@ -413,7 +413,9 @@ def shifted_window_attention(
         keep = None
     if skip:  # the projection on the real tokens; the padded ones get its bias (what 0 gives)
         if norm is not None:
-            x = _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, _same, _same, keep)
+            x = _NormLinear.apply(
+                x, norm.weight, norm.bias, norm.eps, qkv.weight, qkv.bias, _same, _same, keep
+            )
         else:
             x = F.linear(x, qkv.weight, qkv.bias)
         if order is not None:
@@ -512,7 +514,9 @@ class _NormMlp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, ln_w, ln_b, eps: float, w1: Tensor, b1, w2: Tensor, b2, keep: Runs = None) -> Tensor:
+    def forward(
+        ctx, x: Tensor, ln_w, ln_b, eps: float, w1: Tensor, b1, w2: Tensor, b2, keep: Runs = None
+    ) -> Tensor:
         y, mean, rstd = _layer_norm(x, ln_w, ln_b, eps)
         h = F.linear(y, w1, b1)
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w1, w2, h)
@@ -527,7 +531,9 @@ class _NormMlp(torch.autograd.Function):
         rows = _row_slices(ctx.keep, grad2d.shape[0], x.shape[0])
         grad_w2 = _grad_weight(grad2d, F.gelu(h).reshape(-1, hidden), rows)
         grad_b2 = grad2d.sum(0) if ctx.has_bias[1] else None
-        grad_h = torch.ops.aten.gelu_backward(_grad_input(grad2d, w2, rows).view(h.shape), h).reshape(-1, hidden)
+        grad_h = torch.ops.aten.gelu_backward(_grad_input(grad2d, w2, rows).view(h.shape), h).reshape(
+            -1, hidden
+        )
         y = _layer_norm(x, ln_w, ln_b, ctx.eps)[0]
         grad_w1 = _grad_weight(grad_h, y.reshape(-1, y.shape[-1]), rows)
         grad_b1 = grad_h.sum(0) if ctx.has_bias[0] else None
