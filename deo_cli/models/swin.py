@@ -41,6 +41,7 @@ from torchvision.models.swin_transformer import PatchMerging as TorchvisionPatch
 from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformer, SwinTransformerBlock
 from torchvision.ops.misc import Permute
 
+from deo_cli.models import matmul
 from deo_cli.models.encoder import DeoEncoder, ceil_div
 from deo_cli.models.registry import DEO_SWIN_B_WEIGHTS, register_model
 from deo_cli.sensors import DEO_S2_MANIFEST
@@ -175,7 +176,7 @@ def _grad_input(grad2d: Tensor, weight: Tensor, rows: list[slice] | None) -> Ten
     if not rows and rows is not None:  # every sample dropped
         return grad2d.new_zeros(grad2d.shape[0], weight.shape[1])
     if not _worth_runs(rows, MIN_RUN_ROWS_INPUT):
-        return grad2d.mm(weight)
+        return matmul.input_grad(grad2d, weight)
     out = grad2d.new_empty(grad2d.shape[0], weight.shape[1])
     end = 0
     for r in rows:
@@ -243,8 +244,9 @@ class _Linear(torch.autograd.Function):
 
 def _linear(x: Tensor, layer: nn.Linear, keep: Runs, batch: int) -> Tensor:
     """``layer(x)`` (``x``: rows of ``batch`` samples, sample-major); its weight and input
-    gradients skip the samples ``keep`` leaves out."""
-    if keep is None:
+    gradients skip the samples ``keep`` leaves out, and the input gradient takes the faster
+    kernel (:func:`deo_cli.models.matmul.input_grad`)."""
+    if keep is None and not (torch.is_grad_enabled() and matmul.active(x, layer.weight)):
         return F.linear(x, layer.weight, layer.bias)
     return _Linear.apply(x, layer.weight, layer.bias, keep, batch)
 

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from deo_cli.errors import UsageError
-from deo_cli.models import build_encoder, get_model_spec
+from deo_cli.models import build_encoder, get_model_spec, matmul
 from deo_cli.models.swin import DeoSwin
+
+
+@pytest.fixture(autouse=True)
+def mkl_products():
+    """torch.mm's (MKL's) input-gradient products, as torchvision's blocks take them: these tests
+    compare with torchvision bit for bit (the faster-kernel choice is tests/models/test_matmul.py's)."""
+    with matmul.pinned():
+        yield
 
 
 @pytest.fixture
