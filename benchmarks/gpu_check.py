@@ -375,11 +375,28 @@ def _driver() -> str | None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``)."""
+    """The CPU's model name with its family/model numbers and widest vector unit
+    (``/proc/cpuinfo``; else ``platform.processor()``): virtual machines often show only the vendor
+    ("AMD EPYC"), and one 2-core VM of that name had AVX-512 (Zen 4) where another had AVX2."""
     try:
+        info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip() and info:
+                break  # the first processor's block only
+            info.setdefault(key.strip(), value.strip())
+        if "model name" in info:
+            flags = set(info.get("flags", "").split())
+            isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+            extra = ", ".join(
+                x
+                for x in (
+                    f"family {info['cpu family']} model {info['model']}" if "cpu family" in info else None,
+                    isa,
+                )
+                if x
+            )
+            return f"{info['model name']} ({extra})" if extra else info["model name"]
     except OSError:
         pass
     return platform.processor() or platform.machine()
