@@ -4,10 +4,8 @@ PyTorch's CPU build carries two fp32 matrix-product libraries: MKL (what ``torch
 oneDNN (``torch.ops.mkldnn._linear_pointwise``). Which is faster depends on the CPU and the
 shape. A linear layer's input gradient ``grad @ weight`` (rows x out times out x in) is one
 product where oneDNN was faster on every Swin-T shape on a 2-core AMD EPYC (Zen 4, AVX-512):
-1.1-1.6x in isolation; inside training steps (in-process, alternating with MKL) the products
-over all rows took 9-15 % less time (batch 2: 4.77 against 5.23 s over eight steps; batch 8:
-6.36 against 7.46 s over four) and those over the kept samples' rows 19 % less (batch 2: 0.65
-against 0.80 s over eight steps). So :func:`input_grad` times both kernels on the first product
+1.1-1.6x in isolation, 11 % less time over a training step's input gradients (4.09 against
+3.65 s over six steps at batch 2). So :func:`input_grad` times both kernels on the first product
 of each shape (best of three after one warm-up call each) and keeps the faster, as cuDNN's
 ``benchmark`` mode does; the two agree to rounding (fp32 both; only the order of the sums
 differs). Gradients are all that changes: the forward pass, and so the loss, never runs here.
@@ -99,40 +97,25 @@ def _choose(key: tuple, mkl: Callable[[], Tensor], onednn: Callable[[], Tensor])
     return use
 
 
-def _use_onednn(grad: Tensor, weight: Tensor) -> bool:
-    """Whether ``grad @ weight`` of this shape goes to oneDNN (timed on the first product)."""
+def input_grad(grad: Tensor, weight: Tensor) -> Tensor:
+    """``grad @ weight`` (``grad``: ``(rows, out)``, ``weight``: ``(out, in)``, both 2-D): a linear
+    layer's input gradient, on the faster kernel for its shape (equal to rounding)."""
     if (
         not active(grad, weight)
         or grad.dim() != 2
         or not weight.is_contiguous()
         or grad.shape[0] * weight.numel() < MIN_MACS
     ):
-        return False
+        return grad.mm(weight)
     key = (torch.get_num_threads(), tuple(grad.shape), grad.stride(), tuple(weight.shape))
+
+    def mkl() -> Tensor:
+        return grad.mm(weight)
+
+    def onednn() -> Tensor:  # linear(grad, weight.T) = grad @ weight
+        return _LP(grad, weight.t(), None, "none", [], "")
+
     use = _choices.get(key)
     if use is None:
-        use = _choose(key, lambda: grad.mm(weight), lambda: _LP(grad, weight.t(), None, "none", [], ""))
-    return use
-
-
-def input_grad(grad: Tensor, weight: Tensor, rows: list[slice] | None = None) -> Tensor:
-    """``grad @ weight`` (``grad``: ``(rows, out)``, ``weight``: ``(out, in)``, both 2-D): a linear
-    layer's input gradient, on the faster kernel for its shape (equal to rounding).
-
-    With ``rows`` (slices of ``grad``'s rows), the product is computed on those rows only and the
-    others are zero (where ``grad`` is zero: samples stochastic depth dropped), each slice on the
-    kernel chosen for the whole product's shape; the result has ``grad``'s number of rows."""
-    onednn = _use_onednn(grad, weight)
-    if rows is None:
-        return _LP(grad, weight.t(), None, "none", [], "") if onednn else grad.mm(weight)
-    out = grad.new_empty(grad.shape[0], weight.shape[1])
-    end = 0
-    for r in rows:
-        out[end : r.start].zero_()
-        if onednn:  # linear(grad, weight.T) = grad @ weight; oneDNN's op writes a new tensor
-            out[r].copy_(_LP(grad[r], weight.t(), None, "none", [], ""))
-        else:
-            torch.mm(grad[r], weight, out=out[r])
-        end = r.stop
-    out[end:].zero_()
-    return out
+        use = _choose(key, mkl, onednn)
+    return onednn() if use else mkl()

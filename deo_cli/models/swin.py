@@ -175,7 +175,16 @@ def _grad_input(grad2d: Tensor, weight: Tensor, rows: list[slice] | None) -> Ten
     allocator sees the same blocks at every step."""
     if not rows and rows is not None:  # every sample dropped
         return grad2d.new_zeros(grad2d.shape[0], weight.shape[1])
-    return matmul.input_grad(grad2d, weight, rows if _worth_runs(rows, MIN_RUN_ROWS_INPUT) else None)
+    if not _worth_runs(rows, MIN_RUN_ROWS_INPUT):
+        return matmul.input_grad(grad2d, weight)
+    out = grad2d.new_empty(grad2d.shape[0], weight.shape[1])
+    end = 0
+    for r in rows:
+        out[end : r.start].zero_()
+        torch.mm(grad2d[r], weight, out=out[r])
+        end = r.stop
+    out[end:].zero_()
+    return out
 
 
 class _NormLinear(torch.autograd.Function):

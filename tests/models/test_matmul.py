@@ -45,24 +45,6 @@ def test_input_grad_matches_mm_and_keeps_its_choice(monkeypatch, fast):
         assert torch.equal(matmul.input_grad(grad, weight), ref)
 
 
-@needs_onednn
-@pytest.mark.parametrize("fast", ["onednn", "mkl"])
-def test_input_grad_on_rows_is_zero_elsewhere(monkeypatch, fast):
-    """With row slices (the kept samples' rows), each slice on the kernel of the whole shape and
-    exact zeros between them."""
-    g = torch.Generator().manual_seed(2)
-    grad, weight = torch.randn(4096, 384, generator=g), torch.randn(384, 96, generator=g)
-    rows = [slice(512, 1536), slice(2048, 3584)]
-    kept = torch.zeros(4096, 1)
-    for r in rows:
-        kept[r] = 1
-    _pick(monkeypatch, fast)
-    got = matmul.input_grad(grad, weight, rows)
-    assert list(matmul.choices().values()) == [fast]
-    assert not got[~kept.bool().squeeze(1)].any()
-    torch.testing.assert_close(got, (grad * kept).mm(weight), rtol=1e-5, atol=1e-4)
-
-
 def test_input_grad_is_torch_mm_where_there_is_no_choice(monkeypatch):
     monkeypatch.setattr(matmul, "_best_seconds", lambda *a, **k: pytest.fail("timed"))
     g = torch.Generator().manual_seed(1)
