@@ -4,15 +4,19 @@ PyTorch's CPU build carries two fp32 matrix-product libraries: MKL (what ``torch
 oneDNN (``torch.ops.mkldnn._linear_pointwise``). Which is faster depends on the CPU and the
 shape. A linear layer's input gradient ``grad @ weight`` (rows x out times out x in) is one
 product where oneDNN was faster on every Swin-T shape on a 2-core AMD EPYC (Zen 4, AVX-512):
-1.1-1.6x in isolation, 11 % less time over a training step's input gradients (4.09 against
-3.65 s over six steps at batch 2). So :func:`input_grad` times both kernels on the first product
+1.1-1.6x in isolation; inside training steps (in-process, alternating with MKL) those products
+took 9-15 % less time (batch 2: 4.77 against 5.23 s over eight steps; batch 8: 6.36 against
+7.46 s over four). So :func:`input_grad` times both kernels on the first product
 of each shape (best of three after one warm-up call each) and keeps the faster, as cuDNN's
 ``benchmark`` mode does; the two agree to rounding (fp32 both; only the order of the sums
 differs). Gradients are all that changes: the forward pass, and so the loss, never runs here.
 
-Measured and left out: the weight gradients (``grad.T @ input``; MKL was faster on most shapes
-and, on the others, the choice made in isolation was slower inside the step) and the forward
-products (oneDNN gives MKL's bits only up to an inner dimension of about 192 and was slower
+Measured and left out: the products on the kept samples' row slices (stochastic depth; they stay
+``torch.mm`` writing into one output of fixed size): oneDNN was 19 % faster there inside the step,
+but its op returns a new tensor per slice, sized by the random draw, and the heap fragmented (a
+benchmark step at batch 8 peaked at 10.5 GiB against 8.75 GiB, and was slower); the weight
+gradients (``grad.T @ input``; MKL was faster on most shapes and, on the others, the choice made
+in isolation was slower inside the step) and the forward products (oneDNN gives MKL's bits only up to an inner dimension of about 192 and was slower
 inside the step there too).
 
 Everything else (CUDA, other dtypes, ``torch.compile``, a build without oneDNN, an fp32 matmul
