@@ -112,14 +112,12 @@ def input_grad(grad: Tensor, weight: Tensor) -> Tensor:
     ):
         return grad.mm(weight)
     key = (torch.get_num_threads(), tuple(grad.shape), grad.stride(), tuple(weight.shape))
-
-    def mkl() -> Tensor:
-        return grad.mm(weight)
-
-    def onednn() -> Tensor:  # linear(grad, weight.T) = grad @ weight
-        return _LP(grad, weight.t(), None, "none", [], "")
-
     use = _choices.get(key)
     if use is None:
-        use = _choose(key, mkl, onednn)
-    return onednn() if use else mkl()
+        use = _choose(key, lambda: grad.mm(weight), lambda: _onednn_mm(grad, weight))
+    return _onednn_mm(grad, weight) if use else grad.mm(weight)
+
+
+def _onednn_mm(grad: Tensor, weight: Tensor) -> Tensor:
+    """``grad @ weight`` on oneDNN: ``linear(grad, weight.T)``."""
+    return _LP(grad, weight.t(), None, "none", [], "")
