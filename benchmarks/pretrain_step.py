@@ -205,6 +205,14 @@ def _profiled(step, phases: Phases, steps: int = 1) -> dict:
     }
 
 
+def _kernel_counts() -> dict[str, int]:
+    """How many input-gradient shapes took each CPU kernel (:mod:`deo_cli.models.matmul`)."""
+    from deo_cli.models import matmul
+
+    chosen = list(matmul.choices().values())
+    return {k: chosen.count(k) for k in ("onednn", "mkl")}
+
+
 # ---------------------------------------------------------------------------------------------
 # deo's step (a child process)
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +405,7 @@ def child(args) -> dict:
         "compile": compiled,
         **_timing(b, c, student, args.steps, step_s, times, cpu_times),
         "first_loss": first_loss,
+        "matmul_kernels": _kernel_counts(),
         "step_peak_rss_gib": step_peak,
         "peak_rss_gib": peak_rss_gib(False),
         "peak_cuda_gib": round(peak_cuda / 2**30, 3) if peak_cuda is not None else None,
