@@ -25,6 +25,14 @@ threads: near 1 when it had its cores to itself) and the load average before the
 every process (which counts the measured process's own threads) are written to ``comparison`` in
 ``benchmarks/results/pretrain_step.json``.
 
+``--lockstep``: instead of whole processes in turn, each pair is two live processes, deo's and the
+official one, that build and warm up side by side and then take the timed steps in turn, one step
+each (deo first in even pairs, the official step first in odd ones), the other process idle while
+one runs. The speed of a shared machine drifts by 10-15 % over an hour; steps seconds apart see
+the same machine, so the ratio of the two medians (and the median of the per-pair ratios,
+``ratio_paired_median``) are measured on like terms. Both processes' memory is resident at once
+(about 21 GiB at batch 8).
+
 ``--profile``: after the timed steps, one step with the time split by phase (student
 multispectral pass, RGB pass, EMA teacher, optical teacher, heads, loss, backward, clipping,
 optimiser, EMA update) for deo and, in the comparison, the official step, and the operators that
@@ -37,6 +45,7 @@ achieved TFLOP/s and the model FLOP utilisation against the GPU's dense 16-bit p
 
     python benchmarks/pretrain_step.py                                  # batch 2 and 8 on the CPU
     DEO_FM_ROOT=/path/to/DEO-FM python benchmarks/pretrain_step.py      # ... and the official step
+    DEO_FM_ROOT=/path/to/DEO-FM python benchmarks/pretrain_step.py --lockstep --rounds 1 --steps 15
     python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda  # on a GPU node
     python benchmarks/pretrain_step.py --recipes deo_swin_b --device cuda --steps 50 --flops \
         --set precision=bf16 --set compile=true          # bf16, batch 64, compile, MFU
@@ -146,6 +155,34 @@ class Phases:
 
     def rounded(self, steps: int) -> dict[str, float]:
         return {k: round(self.totals.get(k, 0.0) / steps, 3) for k in PHASES if k in self.totals}
+
+
+class Gate:
+    """A child's side of ``--lockstep``: before the first timed step it says ``READY`` (its warm-up
+    done), before every timed step it waits for ``go`` on stdin, after it reports ``DONE <s>``
+    (on the real stdout: the official loop's prints are captured). Off: does nothing."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def before_step(self, k: int) -> None:
+        """Timed step ``k`` (negative: a warm-up step) is about to start."""
+        if not self.on or k < 0:
+            return
+        if k == 0:
+            self._say("READY")
+        line = sys.stdin.readline().strip()
+        if line != "go":
+            raise SystemExit(f"lockstep: expected 'go' from the parent, got {line!r}")
+
+    def after_step(self, k: int, seconds: float) -> None:
+        if self.on and k >= 0:
+            self._say(f"DONE {seconds:.6f}")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        sys.__stdout__.write(text + "\n")
+        sys.__stdout__.flush()
 
 
 def top_ops(prof, n: int = 25) -> list[dict]:
@@ -343,12 +380,15 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times = [], []
-    for _ in range(args.steps):
+    gate = Gate(args.gated)
+    for k in range(args.steps):
+        gate.before_step(k)
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+        gate.after_step(k, times[-1])
     step_peak = peak_rss_gib(reset) if reset else None
     step_s = statistics.median(times)
     step_threads = torch.get_num_threads()
@@ -422,27 +462,31 @@ def child(args) -> dict:
 
 
 class TimedBatches:
-    """The step's data loader: the same batch ``n`` times, the time stamped at every request."""
+    """The step's data loader: the same batch ``n`` times, each step timed from the batch's hand-over
+    to the request for the next (the loop's own work between steps included); the first
+    ``warmup`` steps are not timed and the others pass through ``gate`` (``--lockstep``)."""
 
-    def __init__(self, batch, n: int):
-        self.batch, self.n = batch, n
-        self.stamps: list[float] = []
+    def __init__(self, batch, n: int, warmup: int = 0, gate: Gate | None = None):
+        self.batch, self.n, self.warmup = batch, n, warmup
+        self.gate = gate or Gate(False)
+        self.wall: list[float] = []
         self.cpu: list[float] = []
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
-        for _ in range(self.n):
-            self.stamps.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-            yield self.batch
-        self.stamps.append(time.perf_counter())
-        self.cpu.append(time.process_time())
+        for i in range(self.n):
+            self.gate.before_step(i - self.warmup)
+            t0, c0 = time.perf_counter(), time.process_time()
+            yield self.batch  # resumed when the loop asks for the next batch: the step is done
+            self.wall.append(time.perf_counter() - t0)
+            self.cpu.append(time.process_time() - c0)
+            self.gate.after_step(i - self.warmup, self.wall[-1])
 
     def times(self) -> tuple[list[float], list[float]]:
-        d = lambda xs: [b - a for a, b in zip(xs, xs[1:])]  # noqa: E731
-        return d(self.stamps), d(self.cpu)
+        """Wall and CPU seconds of the timed steps."""
+        return self.wall[self.warmup :], self.cpu[self.warmup :]
 
 
 def official_child(args) -> dict:
@@ -505,10 +549,9 @@ def official_child(args) -> dict:
 
     torch.manual_seed(0)
     reset = reset_peak_rss()
-    loader = TimedBatches(batch, args.warmup + args.steps)
+    loader = TimedBatches(batch, args.warmup + args.steps, args.warmup, Gate(args.gated))
     run(loader)
     times, cpu_times = loader.times()
-    times, cpu_times = times[args.warmup :], cpu_times[args.warmup :]  # the warm-up steps
     step_peak = peak_rss_gib(reset) if reset else None
     step_s = statistics.median(times)
 
@@ -652,9 +695,7 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _run_child(
-    args, recipe: str, batch: int | None, *, side: str = "deo", weights: str | None = None
-) -> dict:
+def _child_cmd(args, recipe: str, batch: int | None, side: str, weights: str | None) -> list[str]:
     flag = {"deo": "--child", "official": "--child-official", "weights": "--child"}[side]
     cmd = [sys.executable, __file__, flag, recipe, "--device", args.device, "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup)]
@@ -673,21 +714,89 @@ def _run_child(
         cmd += ["--child-weights", weights]
     elif weights:
         cmd += ["--weights", weights]
-    t0, pressure, load = time.time(), cpu_pressure(), _load()
-    env = {
+    return cmd
+
+
+def _child_env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"benchmark of {recipe} ({side}) failed")
-    r = json.loads(line[len("RESULT ") :])
+
+
+def _result(stdout: str, stderr: str, returncode: int, what: str) -> dict:
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if returncode or line is None:
+        print(stdout[-2000:], stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"benchmark of {what} failed")
+    return json.loads(line[len("RESULT ") :])
+
+
+def _run_child(
+    args, recipe: str, batch: int | None, *, side: str = "deo", weights: str | None = None
+) -> dict:
+    cmd = _child_cmd(args, recipe, batch, side, weights)
+    t0, pressure, load = time.time(), cpu_pressure(), _load()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_child_env())
+    r = _result(proc.stdout, proc.stderr, proc.returncode, f"{recipe} ({side})")
     r["wall_s"] = round(time.time() - t0, 1)
     r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]  # before, after (0 = machine to itself)
     r["loadavg"] = [load, _load()]  # 1, 5, 15 min before and after
     return r
+
+
+def _lockstep(args, recipe: str, batch: int, weights: str) -> tuple[dict, dict]:
+    """deo and the official step in two live processes, one timed step each in turn (ABBA: deo
+    first in even pairs, the official step first in odd ones); each side's result as
+    :func:`_run_child` gives it, plus ``pair_order``."""
+    sides = ("deo", "official")
+    t0, pressure, load = time.time(), cpu_pressure(), _load()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, errs = {}, {}
+        try:
+            for side in sides:
+                errs[side] = open(Path(tmp) / f"{side}.err", "w+")  # noqa: SIM115 (closed below)
+                procs[side] = subprocess.Popen(
+                    _child_cmd(args, recipe, batch, side, weights) + ["--gated"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=errs[side],
+                    text=True,
+                    cwd=ROOT,
+                    env=_child_env(),
+                )
+
+            def expect(side: str, word: str) -> str:
+                for ln in procs[side].stdout:
+                    if ln.startswith(word):
+                        return ln
+                errs[side].seek(0)
+                _result("", errs[side].read(), 1, f"{recipe} ({side}, lockstep)")
+
+            for side in sides:  # both built and warmed up (they warm up side by side)
+                expect(side, "READY")
+            for k in range(args.steps):
+                for side in sides if k % 2 == 0 else sides[::-1]:
+                    procs[side].stdin.write("go\n")
+                    procs[side].stdin.flush()
+                    expect(side, "DONE")
+            results = {}
+            for side in sides:
+                out, _ = procs[side].communicate()
+                errs[side].seek(0)
+                results[side] = _result(out, errs[side].read(), procs[side].returncode, f"{recipe} ({side})")
+        finally:
+            for side, proc in procs.items():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                errs[side].close()
+    for r in results.values():
+        r["wall_s"] = round(time.time() - t0, 1)
+        r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]
+        r["loadavg"] = [load, _load()]
+        r["pair_order"] = "ABBA: deo first in even pairs, the official step first in odd ones"
+    return results["deo"], results["official"]
 
 
 def _line(r: dict) -> str:
@@ -728,8 +837,14 @@ def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
         for batch in args.batch_size:
             runs = {"deo": [], "official": []}
             for _ in range(args.rounds):
-                for side in ("deo", "official") if official else ("deo",):
-                    r = _run_child(args, recipe, batch, side=side, weights=weights)
+                if official and args.lockstep:
+                    pair = dict(zip(("deo", "official"), _lockstep(args, recipe, batch, weights)))
+                else:
+                    pair = {
+                        side: _run_child(args, recipe, batch, side=side, weights=weights)
+                        for side in (("deo", "official") if official else ("deo",))
+                    }
+                for side, r in pair.items():
                     runs[side].append(r)
                     print(_line(r), flush=True)
                     _print_profile(r)
@@ -768,7 +883,12 @@ def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
                     "loadavg_max_1min": max(
                         x[0] for r in runs["deo"] + runs["official"] for x in r["loadavg"]
                     ),
-                    "order": "alternating fresh processes: " + ", ".join(["deo, official"] * args.rounds),
+                    "order": (
+                        f"lockstep: {args.rounds} pair(s) of live processes, one timed step each in turn (ABBA)"
+                        if args.lockstep
+                        else "alternating fresh processes: " + ", ".join(["deo, official"] * args.rounds)
+                    ),
+                    **(_paired(runs) if args.lockstep else {}),
                     "official": off,
                 }
                 comparison.append(row)
@@ -777,10 +897,30 @@ def compare(args, official: bool) -> tuple[list[dict], list[dict]]:
                     f"({1 / ratio:.2f}x faster); step peak RSS deo {deo['step_peak_rss_gib']} GiB, official "
                     f"{off['step_peak_rss_gib']} GiB; load average (1 min) {load_before[0]} before, up to "
                     f"{row['loadavg_max_1min']} with the measured processes; CPU share deo "
-                    f"{deo['cpu_share_per_process']}, official {off['cpu_share_per_process']}",
+                    f"{deo['cpu_share_per_process']}, official {off['cpu_share_per_process']}"
+                    + (
+                        f"; median of the paired step ratios {row['ratio_paired_median']:.3f} "
+                        f"({1 / row['ratio_paired_median']:.2f}x)"
+                        if args.lockstep
+                        else ""
+                    ),
                     flush=True,
                 )
     return results, comparison
+
+
+def _paired(runs: dict[str, list[dict]]) -> dict:
+    """Lockstep: each timed deo step over the official step run next to it (same pair, same
+    index), so that drift of the machine's speed over minutes cancels out."""
+    ratios = [
+        d / o
+        for rd, ro in zip(runs["deo"], runs["official"])
+        for d, o in zip(rd["step_s_all"], ro["step_s_all"])
+    ]
+    return {
+        "ratio_paired_median": round(statistics.median(ratios), 4),
+        "ratio_paired_all": [round(x, 4) for x in ratios],
+    }
 
 
 def _pooled(runs: list[dict]) -> dict:
@@ -850,6 +990,12 @@ def main() -> None:
         "--profile", action="store_true", help="split one step by phase and list the top operators"
     )
     parser.add_argument("--no-official", action="store_true", help="deo only, even with DEO_FM_ROOT set")
+    parser.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="both sides in two live processes, one timed step each in turn (needs both peaks in memory)",
+    )
+    parser.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-official", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-weights", default=None, help=argparse.SUPPRESS)
@@ -857,6 +1003,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     work_shape = args.recipes is None
+    if args.lockstep and args.profile:
+        parser.error("--profile runs after the timed steps in each child: use it without --lockstep")
     if args.steps is None:
         args.steps = 5 if work_shape else 3
     if args.data_samples is None:
