@@ -160,10 +160,12 @@ class Phases:
 class Gate:
     """A child's side of ``--lockstep``: before the first timed step it says ``READY`` (its warm-up
     done), before every timed step it waits for ``go`` on stdin, after it reports ``DONE <s>``
-    (on the real stdout: the official loop's prints are captured). Off: does nothing."""
+    (on the real stdout: the official loop's prints are captured), and after the last one it
+    waits for ``end``, so that it winds down (frees its memory, exits) while nothing is timed.
+    Off: does nothing."""
 
-    def __init__(self, on: bool):
-        self.on = on
+    def __init__(self, on: bool, steps: int = 0):
+        self.on, self.steps = on, steps
 
     def before_step(self, k: int) -> None:
         """Timed step ``k`` (negative: a warm-up step) is about to start."""
@@ -171,13 +173,19 @@ class Gate:
             return
         if k == 0:
             self._say("READY")
-        line = sys.stdin.readline().strip()
-        if line != "go":
-            raise SystemExit(f"lockstep: expected 'go' from the parent, got {line!r}")
+        self._expect("go")
 
     def after_step(self, k: int, seconds: float) -> None:
         if self.on and k >= 0:
             self._say(f"DONE {seconds:.6f}")
+            if k == self.steps - 1:
+                self._expect("end")
+
+    @staticmethod
+    def _expect(word: str) -> None:
+        line = sys.stdin.readline().strip()
+        if line != word:
+            raise SystemExit(f"lockstep: expected {word!r} from the parent, got {line!r}")
 
     @staticmethod
     def _say(text: str) -> None:
@@ -380,7 +388,7 @@ def child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times = [], []
-    gate = Gate(args.gated)
+    gate = Gate(args.gated, args.steps)
     for k in range(args.steps):
         gate.before_step(k)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -549,7 +557,7 @@ def official_child(args) -> dict:
 
     torch.manual_seed(0)
     reset = reset_peak_rss()
-    loader = TimedBatches(batch, args.warmup + args.steps, args.warmup, Gate(args.gated))
+    loader = TimedBatches(batch, args.warmup + args.steps, args.warmup, Gate(args.gated, args.steps))
     run(loader)
     times, cpu_times = loader.times()
     step_peak = peak_rss_gib(reset) if reset else None
@@ -780,6 +788,9 @@ def _lockstep(args, recipe: str, batch: int, weights: str) -> tuple[dict, dict]:
                     procs[side].stdin.write("go\n")
                     procs[side].stdin.flush()
                     expect(side, "DONE")
+            for side in sides:  # both wind down only now, while nothing is timed
+                procs[side].stdin.write("end\n")
+                procs[side].stdin.flush()
             results = {}
             for side in sides:
                 out, _ = procs[side].communicate()

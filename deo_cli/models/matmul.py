@@ -17,7 +17,9 @@ but its op returns a new tensor per slice, sized by the random draw, and the hea
 benchmark step at batch 8 peaked at 10.5 GiB against 8.75 GiB, and was slower); the weight
 gradients (``grad.T @ input``; MKL was faster on most shapes and, on the others, the choice made
 in isolation was slower inside the step) and the forward products (oneDNN gives MKL's bits
-only up to an inner dimension of about 192 and was slower inside the step there too).
+only up to an inner dimension of about 192 and was slower inside the step there too;
+every forward product on oneDNN, which moves the loss off the official one in its last bits, took
+3 % off a batch-2 step in an in-process A/B on the Zen 4 host).
 
 Everything else (CUDA, other dtypes, ``torch.compile``, a build without oneDNN, an fp32 matmul
 precision other than ``highest``, products under 2^20 multiply-adds) calls ``torch.mm``.
