@@ -746,7 +746,13 @@ def _run_child(
     cmd = _child_cmd(args, recipe, batch, side, weights)
     t0, pressure, load = time.time(), cpu_pressure(), _load()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_child_env())
-    r = _result(proc.stdout, proc.stderr, proc.returncode, f"{recipe} ({side})")
+    return _with_context(
+        _result(proc.stdout, proc.stderr, proc.returncode, f"{recipe} ({side})"), t0, pressure, load
+    )
+
+
+def _with_context(r: dict, t0: float, pressure: float | None, load: list[float]) -> dict:
+    """``r`` with the wall time since ``t0``, CPU pressure and load average before and after."""
     r["wall_s"] = round(time.time() - t0, 1)
     r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]  # before, after (0 = machine to itself)
     r["loadavg"] = [load, _load()]  # 1, 5, 15 min before and after
@@ -803,9 +809,7 @@ def _lockstep(args, recipe: str, batch: int, weights: str) -> tuple[dict, dict]:
                     proc.wait()
                 errs[side].close()
     for r in results.values():
-        r["wall_s"] = round(time.time() - t0, 1)
-        r["cpu_pressure_avg60"] = [pressure, cpu_pressure()]
-        r["loadavg"] = [load, _load()]
+        _with_context(r, t0, pressure, load)
         r["pair_order"] = "ABBA: deo first in even pairs, the official step first in odd ones"
     return results["deo"], results["official"]
 
